@@ -5,5 +5,13 @@
 //! Data flows one way: `facts` → `queue` → `drainer` → `posture` → `publish`; `agent` wires
 //! them; `cli` is `outlivectl`.
 
+pub mod agent;
+pub mod audit;
+pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod drainer;
 pub mod facts;
+#[cfg(feature = "fault-hooks")]
+pub mod faults;
+pub mod publish;

@@ -18,6 +18,8 @@ pub mod process;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use classify::{Classification, FsClass, Rule};
@@ -53,11 +55,12 @@ impl fmt::Display for ClassifyError {
 
 impl std::error::Error for ClassifyError {}
 
-/// The facts service of one process: a worker thread and the statfs timeout.
+/// The facts service of one process: a worker thread and the statfs timeout. Clones share
+/// the worker and the timeout.
 #[derive(Clone)]
 pub struct Facts {
     worker: FactsWorker,
-    timeout: Duration,
+    timeout_ms: Arc<AtomicU64>,
 }
 
 impl Facts {
@@ -65,13 +68,19 @@ impl Facts {
     pub fn new(timeout: Duration) -> Facts {
         Facts {
             worker: FactsWorker::new(),
-            timeout,
+            timeout_ms: Arc::new(AtomicU64::new(timeout.as_millis() as u64)),
         }
     }
 
-    /// Change the statfs timeout (configuration reload).
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+    /// Change the statfs timeout (start and configuration reload).
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The statfs timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
     /// The worker (for tests and benchmarks).
@@ -85,7 +94,7 @@ impl Facts {
         if !path.is_absolute() {
             return Err(ClassifyError::NotAbsolute(path.to_path_buf()));
         }
-        let canonical = match self.worker.canonicalize(path, self.timeout) {
+        let canonical = match self.worker.canonicalize(path, self.timeout()) {
             Run::Done(Ok(p)) => p,
             Run::Done(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ClassifyError::NotFound(path.to_path_buf()));
@@ -110,7 +119,7 @@ impl Facts {
         Ok(classify::classify(
             &table,
             canonical,
-            &self.worker.probe(self.timeout),
+            &self.worker.probe(self.timeout()),
         ))
     }
 

@@ -1,0 +1,443 @@
+//! Wiring and lifecycle of `outlived` (SPEC, §8, §9): the one place that knows
+//! every part.
+//!
+//! Start: configuration (fatal on error, exit 78), logging, identity (fatal without a machine
+//! id), runtime directory, the watchdog monitor thread, the bus name (exit 75 if taken), then
+//! `READY=1`. Running: the drainer loop and the bus loop on one current-thread runtime, signals
+//! on the same runtime. SIGHUP reloads (`RELOADING=1` … `READY=1`); SIGTERM stops
+//! (`STOPPING=1`, finish the current tick, release). The agent never forks.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::audit::{Alert, AuditSink, Event, priority};
+use crate::config::{Config, Mode, Paths};
+use crate::drainer::{self, Timing, Wake};
+use crate::facts::{self, Facts};
+use crate::publish::dbus::auth::AuthPolicy;
+use crate::publish::dbus::{self, Agent1, Bus, BusTarget, HostState, Objects, StartError};
+use crate::publish::journal::JournalWriter;
+use crate::publish::notify::{Notifier, Supervisor};
+use crate::publish::watchdog::{self, Heartbeats};
+
+/// Exit statuses (sysexits.h where one fits).
+pub mod exit {
+    /// Identity or another start failure.
+    pub const FAILURE: i32 = 1;
+    /// The bus could not be reached (EX_UNAVAILABLE).
+    pub const UNAVAILABLE: i32 = 69;
+    /// A loop wedged and no watchdog acted (EX_SOFTWARE).
+    pub const WEDGED: i32 = super::watchdog::EXIT_WEDGED;
+    /// Another connection owns the name (EX_TEMPFAIL).
+    pub const NAME_TAKEN: i32 = 75;
+    /// The bus policy refused the name (EX_NOPERM).
+    pub const NO_PERMISSION: i32 = 77;
+    /// The configuration is invalid (EX_CONFIG).
+    pub const CONFIG: i32 = 78;
+}
+
+/// How long the agent keeps trying to reach the bus at start before giving up.
+const BUS_START_PATIENCE: Duration = Duration::from_secs(15);
+/// How long a stop waits for the current tick.
+const STOP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Command-line options of `outlived` (parsed in `src/bin/outlived.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub user: bool,
+    pub no_bus: bool,
+    pub check_config: bool,
+}
+
+/// The mode for these options: `--user`, implied for a non-root user.
+pub fn mode(opts: &Options) -> Mode {
+    if opts.user || !nix::unistd::getuid().is_root() {
+        Mode::User
+    } else {
+        Mode::System
+    }
+}
+
+/// Report a fatal start error to the operator (stderr) and the service manager (`STATUS=` +
+/// `ERRNO=`), and return the exit status.
+fn fatal(notifier: &Notifier, message: &str, errno: i32, status: i32) -> i32 {
+    eprintln!("outlived: {message}");
+    notifier.fatal(&format!("failed: {message}"), errno);
+    status
+}
+
+/// Run the agent; returns the process exit status.
+pub fn main(opts: Options) -> i32 {
+    let mode = mode(&opts);
+    let paths = Paths::from_env(mode);
+    let notifier = Arc::new(Notifier::from_env());
+    let config_path = opts
+        .config
+        .clone()
+        .unwrap_or_else(|| paths.config_file.clone());
+    let config = match Config::load(&config_path, opts.config.is_some(), &paths) {
+        Ok(c) => c,
+        Err(e) => {
+            return fatal(
+                &notifier,
+                &format!("configuration error: {e}"),
+                libc::EINVAL,
+                exit::CONFIG,
+            );
+        }
+    };
+    if opts.check_config {
+        match &config.source {
+            Some(p) => println!(
+                "# effective configuration of outlived, from {}",
+                p.display()
+            ),
+            None => println!(
+                "# effective configuration of outlived ({} not found: all defaults)",
+                config_path.display()
+            ),
+        }
+        print!("{}", config.to_toml());
+        return 0;
+    }
+
+    crate::publish::logging::init(&config.journal_socket);
+    let journal = Arc::new(JournalWriter::new(&config.journal_socket));
+    let audit: Arc<dyn AuditSink> = journal.clone();
+
+    let identity = match facts::identity::identity() {
+        Ok(i) => i,
+        Err(e) => return fatal(&notifier, &e.to_string(), e.errno(), exit::FAILURE),
+    };
+    if let Err(e) = ensure_runtime_dir(&config.runtime_dir, mode) {
+        return fatal(&notifier, &e, libc::EACCES, exit::FAILURE);
+    }
+    #[cfg(feature = "fault-hooks")]
+    crate::faults::init(config.runtime_dir.clone());
+
+    let supervisor = Supervisor::detect();
+    let wd = supervisor.watchdog_usec().map(Duration::from_micros);
+    let heartbeats = Heartbeats::new(wd);
+    let _monitor = watchdog::spawn_monitor(
+        Arc::clone(&heartbeats),
+        supervisor,
+        Arc::clone(&notifier),
+        Arc::clone(&audit),
+    );
+
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return fatal(
+                &notifier,
+                &format!("cannot start the runtime: {e}"),
+                libc::EAGAIN,
+                exit::FAILURE,
+            );
+        }
+    };
+    let agent = Agent {
+        opts,
+        mode,
+        paths,
+        config_path,
+        config,
+        notifier,
+        audit,
+        journal,
+        heartbeats,
+        watchdog: wd,
+        host: Arc::new(HostState::new(
+            Facts::new(Duration::from_millis(3000)),
+            identity,
+            AuthPolicy {
+                user_mode: mode == Mode::User,
+                agent_uid: nix::unistd::getuid().as_raw(),
+            },
+        )),
+    };
+    rt.block_on(agent.run())
+}
+
+/// Create the runtime directory if needed. In user mode it must be ours and private.
+fn ensure_runtime_dir(dir: &Path, mode: Mode) -> Result<(), String> {
+    let perm = if mode == Mode::User { 0o700 } else { 0o755 };
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) => {
+            if !m.is_dir() {
+                return Err(format!(
+                    "runtime_dir {} exists and is not a directory",
+                    dir.display()
+                ));
+            }
+            let me = nix::unistd::geteuid().as_raw();
+            if m.uid() != me {
+                return Err(format!(
+                    "runtime_dir {} is owned by uid {}, not by this agent (uid {me}); remove it or set runtime_dir",
+                    dir.display(),
+                    m.uid()
+                ));
+            }
+            if mode == Mode::User && m.permissions().mode() & 0o077 != 0 {
+                return Err(format!(
+                    "runtime_dir {} is accessible to others; chmod 700 it",
+                    dir.display()
+                ));
+            }
+            Ok(())
+        }
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(perm)
+            .create(dir)
+            .map_err(|e| format!("cannot create runtime_dir {}: {e}", dir.display())),
+    }
+}
+
+struct Agent {
+    opts: Options,
+    mode: Mode,
+    #[allow(dead_code)]
+    paths: Paths,
+    config_path: PathBuf,
+    config: Config,
+    notifier: Arc<Notifier>,
+    audit: Arc<dyn AuditSink>,
+    #[allow(dead_code)]
+    journal: Arc<JournalWriter>,
+    heartbeats: Arc<Heartbeats>,
+    watchdog: Option<Duration>,
+    host: Arc<HostState>,
+}
+
+impl Agent {
+    fn timing(&self) -> Timing {
+        Timing::new(
+            Duration::from_secs(self.config.drainer.interval_sec as u64),
+            self.watchdog,
+        )
+    }
+
+    fn status_line(&self, bus: Option<&Bus>) -> String {
+        status_line(&self.host, bus)
+    }
+
+    async fn start_bus(&self) -> Result<Arc<Bus>, (String, i32, i32)> {
+        let target = if self.mode == Mode::User {
+            BusTarget::Session
+        } else {
+            BusTarget::System
+        };
+        let objects = Objects {
+            agent1: Agent1 {
+                state: Arc::clone(&self.host),
+            },
+        };
+        let deadline = tokio::time::Instant::now() + BUS_START_PATIENCE;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match Bus::start(target, objects.clone(), Arc::clone(&self.audit)).await {
+                Ok(b) => return Ok(b),
+                Err(e @ StartError::NameTaken) => {
+                    return Err((e.to_string(), libc::EADDRINUSE, exit::NAME_TAKEN));
+                }
+                Err(e @ StartError::NameDenied(_)) => {
+                    return Err((e.to_string(), libc::EACCES, exit::NO_PERMISSION));
+                }
+                Err(e @ StartError::Unreachable(_)) => {
+                    if tokio::time::Instant::now() + backoff > deadline {
+                        return Err((e.to_string(), libc::ECONNREFUSED, exit::UNAVAILABLE));
+                    }
+                    tracing::warn!("{e}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(4));
+                }
+            }
+        }
+    }
+
+    async fn run(mut self) -> i32 {
+        let (mut sigterm, mut sigint, mut sighup) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+            _ => {
+                return fatal(
+                    &self.notifier,
+                    "cannot install signal handlers",
+                    libc::EINVAL,
+                    exit::FAILURE,
+                );
+            }
+        };
+        self.host.facts.set_timeout(Duration::from_millis(
+            self.config.facts.statfs_timeout_ms as u64,
+        ));
+
+        let bus = if self.opts.no_bus {
+            None
+        } else {
+            match self.start_bus().await {
+                Ok(b) => Some(b),
+                Err((msg, errno, status)) => return fatal(&self.notifier, &msg, errno, status),
+            }
+        };
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (timing_tx, timing_rx) = watch::channel(self.timing());
+        let drainer_beat = self
+            .heartbeats
+            .register(drainer::LOOP_NAME, self.timing().heartbeat_period());
+        let bus_task = bus.as_ref().map(|b| {
+            let period = self
+                .watchdog
+                .map(|w| w / 2)
+                .unwrap_or(Duration::from_secs(10))
+                .min(Duration::from_secs(10));
+            let beat = self.heartbeats.register("bus", period);
+            tokio::spawn(Arc::clone(b).run(beat, shutdown_rx.clone()))
+        });
+
+        let line = self.status_line(bus.as_deref());
+        self.host.set_status_text(&line);
+        self.notifier.ready(&line);
+        self.audit.record(
+            &Event::new(
+                "started",
+                format!(
+                    "outlived {} started ({} mode, host {}{})",
+                    env!("CARGO_PKG_VERSION"),
+                    if self.mode == Mode::User {
+                        "user"
+                    } else {
+                        "system"
+                    },
+                    self.host.identity().hostname,
+                    if bus.is_some() { "" } else { ", no bus" }
+                ),
+            )
+            .priority(priority::INFO)
+            .field("version", env!("CARGO_PKG_VERSION"))
+            .field("host_id", self.host.identity().host_id),
+        );
+
+        let host = Arc::clone(&self.host);
+        let notifier = Arc::clone(&self.notifier);
+        let bus_for_tick = bus.clone();
+        let drainer_task = tokio::spawn(drainer::run_loop(
+            drainer_beat,
+            timing_rx,
+            shutdown_rx.clone(),
+            async move |w| {
+                if w == Wake::Tick && host.refresh_hostname() {
+                    let line = status_line(&host, bus_for_tick.as_deref());
+                    notifier.status(&line);
+                    host.set_status_text(&line);
+                }
+                if let Some(b) = &bus_for_tick {
+                    b.sync().await;
+                }
+            },
+        ));
+
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+                _ = sighup.recv() => {
+                    self.reload(&timing_tx).await;
+                    let line = self.status_line(bus.as_deref());
+                    self.host.set_status_text(&line);
+                    self.notifier.ready(&line);
+                    if let Some(b) = &bus { b.sync().await; }
+                }
+            }
+        }
+
+        self.notifier.stopping();
+        let _ = shutdown_tx.send(true);
+        if tokio::time::timeout(STOP_PATIENCE, drainer_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the drainer did not finish its tick within {}s; stopping anyway",
+                STOP_PATIENCE.as_secs()
+            );
+        }
+        if let Some(t) = bus_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        if let Some(b) = &bus {
+            b.close().await;
+        }
+        self.audit
+            .record(&Event::new("stopped", "outlived stopped").priority(priority::INFO));
+        0
+    }
+
+    async fn reload(&mut self, timing_tx: &watch::Sender<Timing>) {
+        self.notifier.reloading();
+        let paths = Paths::from_env(self.mode);
+        match Config::load(&self.config_path, self.opts.config.is_some(), &paths) {
+            Ok(newer) => {
+                let (applied, pending) = self.config.apply_reload(&newer);
+                if !pending.is_empty() {
+                    self.audit.record(
+                        &Event::new(
+                            "config-reload-pending",
+                            format!(
+                                "reload cannot apply {}; the new value takes effect at the next start",
+                                pending.join(", ")
+                            ),
+                        )
+                        .priority(priority::NOTICE)
+                        .field("keys", pending.join(",")),
+                    );
+                }
+                self.config = applied;
+                self.host.facts.set_timeout(Duration::from_millis(
+                    self.config.facts.statfs_timeout_ms as u64,
+                ));
+                let _ = timing_tx.send(self.timing());
+                self.audit.record(
+                    &Event::new("config-reloaded", "configuration reloaded")
+                        .priority(priority::INFO),
+                );
+            }
+            Err(e) => {
+                self.audit.record(
+                    &Event::new(
+                        "config-unreadable",
+                        format!(
+                            "configuration reload failed, keeping the running configuration: {e}"
+                        ),
+                    )
+                    .alert(Alert::QueueNotice)
+                    .field("error", &e),
+                );
+            }
+        }
+    }
+}
+
+/// The `STATUS=` line, also the `StatusText` property.
+fn status_line(host: &HostState, bus: Option<&Bus>) -> String {
+    let b = match bus {
+        None => "no bus (--no-bus)".to_string(),
+        Some(b) if b.is_up() => format!("bus name {} owned", dbus::NAME),
+        Some(_) => "bus connection lost, reconnecting".to_string(),
+    };
+    format!("running on {} · {b}", host.identity().hostname)
+}

@@ -1,0 +1,299 @@
+//! Audit events and alerts (SPEC X-2, DESIGN §2): the vocabulary every layer uses to record a
+//! decision. An event has a kind (`OUTLIVE_EVENT`, kebab-case, e.g. `lock-host-renamed`), a
+//! plain-English message, a priority, fields (`OUTLIVE_<FIELD>`) and, for alerts, a fixed
+//! `MESSAGE_ID`. Where events go (journal, stderr, `audit.jsonl`) is decided by whoever
+//! implements [`AuditSink`]; lower layers only describe what happened.
+
+use std::fmt;
+
+/// Alert types, each with a `MESSAGE_ID` and priority kept forever (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Alert {
+    PostureDegraded,
+    PostureRestored,
+    QueueDisabled,
+    LockAutoHealed,
+    LockHostRenamed,
+    RunRevived,
+    RevivalGaveUp,
+    WatchdogTrigger,
+    StalePauseAutoResumed,
+    PausedWithRunsWaiting,
+    /// Queue notices without an alert of their own (breaker, overflow, TTL, …).
+    QueueNotice,
+}
+
+impl Alert {
+    /// Every alert type (for the catalog test).
+    pub const ALL: [Alert; 11] = [
+        Alert::PostureDegraded,
+        Alert::PostureRestored,
+        Alert::QueueDisabled,
+        Alert::LockAutoHealed,
+        Alert::LockHostRenamed,
+        Alert::RunRevived,
+        Alert::RevivalGaveUp,
+        Alert::WatchdogTrigger,
+        Alert::StalePauseAutoResumed,
+        Alert::PausedWithRunsWaiting,
+        Alert::QueueNotice,
+    ];
+
+    /// The journal `MESSAGE_ID` (32 lowercase hex digits).
+    pub fn message_id(self) -> &'static str {
+        match self {
+            Alert::PostureDegraded => "732c4bc9ef3f4dd98cb6b773fa36edb3",
+            Alert::PostureRestored => "1151efdae37c4b6e9cddb87dadbf6b50",
+            Alert::QueueDisabled => "16178756b76b464797d26fe3e163f095",
+            Alert::LockAutoHealed => "fab81cdfd22b43b3b0c2692062051f4b",
+            Alert::LockHostRenamed => "d6ad853e949d4505bf5ac339eedba367",
+            Alert::RunRevived => "234242b2aed347baac257c41c5caf85b",
+            Alert::RevivalGaveUp => "2b024c8048ec43d5bd93e3e01858924d",
+            Alert::WatchdogTrigger => "11c20c127c5f4bf48d18660cfba92206",
+            Alert::StalePauseAutoResumed => "c6f308fc68cd4cd590855194b55b9493",
+            Alert::PausedWithRunsWaiting => "11db55d58fda454ab22674b200f45ee7",
+            Alert::QueueNotice => "e72663eda21f4861949d502c83bd09d2",
+        }
+    }
+
+    /// syslog priority (3 err, 4 warning, 5 notice, 6 info).
+    pub fn priority(self) -> u8 {
+        match self {
+            Alert::RevivalGaveUp | Alert::WatchdogTrigger => 3,
+            Alert::PostureDegraded
+            | Alert::QueueDisabled
+            | Alert::StalePauseAutoResumed
+            | Alert::PausedWithRunsWaiting
+            | Alert::QueueNotice => 4,
+            Alert::PostureRestored | Alert::LockAutoHealed | Alert::RunRevived => 5,
+            Alert::LockHostRenamed => 6,
+        }
+    }
+}
+
+/// syslog priorities used for events that are not alerts.
+pub mod priority {
+    pub const ERR: u8 = 3;
+    pub const WARNING: u8 = 4;
+    pub const NOTICE: u8 = 5;
+    pub const INFO: u8 = 6;
+}
+
+/// One audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// `OUTLIVE_EVENT`.
+    pub kind: String,
+    /// `MESSAGE`: plain English for the operator.
+    pub message: String,
+    pub priority: u8,
+    pub alert: Option<Alert>,
+    /// `(FIELD, value)`, written as `OUTLIVE_FIELD=value`. Names are upper-case
+    /// `[A-Z0-9_]`, set through [`Event::field`], which normalises them.
+    pub fields: Vec<(String, String)>,
+    /// Wall-clock milliseconds when the event happened.
+    pub at_ms: u64,
+}
+
+impl Event {
+    /// An informational event of `kind`.
+    pub fn new(kind: &str, message: impl Into<String>) -> Event {
+        Event {
+            kind: kind.to_string(),
+            message: message.into(),
+            priority: priority::INFO,
+            alert: None,
+            fields: Vec::new(),
+            at_ms: crate::clock::wall_ms(),
+        }
+    }
+
+    /// Mark the event as an alert (sets `MESSAGE_ID` and the alert's priority).
+    pub fn alert(mut self, a: Alert) -> Event {
+        self.alert = Some(a);
+        self.priority = a.priority();
+        self
+    }
+
+    /// Set the priority.
+    pub fn priority(mut self, p: u8) -> Event {
+        self.priority = p.min(7);
+        self
+    }
+
+    /// Add a field; the name is normalised to `[A-Z0-9_]` (other characters become `_`).
+    pub fn field(mut self, name: &str, value: impl fmt::Display) -> Event {
+        self.fields.push((field_name(name), value.to_string()));
+        self
+    }
+
+    /// A field's value.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let n = field_name(name);
+        self.fields
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The event as one JSON object using journal field names (the stderr fallback and the
+    /// lines of `audit.jsonl`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "TIMESTAMP".into(),
+            crate::clock::rfc3339_ms(self.at_ms).into(),
+        );
+        m.insert("AT_MS".into(), self.at_ms.into());
+        m.insert("PRIORITY".into(), self.priority.to_string().into());
+        m.insert("SYSLOG_IDENTIFIER".into(), SYSLOG_IDENTIFIER.into());
+        if let Some(a) = self.alert {
+            m.insert("MESSAGE_ID".into(), a.message_id().into());
+        }
+        m.insert("OUTLIVE_EVENT".into(), self.kind.clone().into());
+        m.insert("MESSAGE".into(), self.message.clone().into());
+        for (k, v) in &self.fields {
+            m.insert(format!("OUTLIVE_{k}"), v.clone().into());
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// Parse a line of `audit.jsonl` back (for `outlivectl audit`).
+    pub fn from_json(v: &serde_json::Value) -> Option<Event> {
+        let o = v.as_object()?;
+        let s = |k: &str| o.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let alert =
+            s("MESSAGE_ID").and_then(|id| Alert::ALL.into_iter().find(|a| a.message_id() == id));
+        let fields = o
+            .iter()
+            .filter(|(k, _)| k.starts_with("OUTLIVE_") && *k != "OUTLIVE_EVENT")
+            .map(|(k, v)| {
+                (
+                    k["OUTLIVE_".len()..].to_string(),
+                    v.as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        Some(Event {
+            kind: s("OUTLIVE_EVENT")?,
+            message: s("MESSAGE").unwrap_or_default(),
+            priority: s("PRIORITY")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(priority::INFO),
+            alert,
+            fields,
+            at_ms: o.get("AT_MS").and_then(|x| x.as_u64()).unwrap_or(0),
+        })
+    }
+}
+
+/// `SYSLOG_IDENTIFIER` of every entry (DESIGN §2).
+pub const SYSLOG_IDENTIFIER: &str = "outlived";
+
+/// Normalise a field name to the journal's `[A-Z0-9_]`, not starting with a digit or `_`.
+pub fn field_name(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    while s.starts_with('_') {
+        s.remove(0);
+    }
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert(0, 'F');
+    }
+    s
+}
+
+/// Where events are recorded. Implemented by the publishing layer (journal + `audit.jsonl`).
+pub trait AuditSink: Send + Sync {
+    /// Record one event.
+    fn record(&self, event: &Event);
+}
+
+/// A sink that keeps events in memory (tests, and the CLI's direct calls).
+#[derive(Default)]
+pub struct MemorySink {
+    pub events: std::sync::Mutex<Vec<Event>>,
+}
+
+impl AuditSink for MemorySink {
+    fn record(&self, event: &Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(event.clone());
+    }
+}
+
+impl MemorySink {
+    /// Events of `kind` recorded so far.
+    pub fn of_kind(&self, kind: &str) -> Vec<Event> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|e| e.kind == kind)
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn x2_message_ids_are_distinct_32_hex() {
+        let mut seen = std::collections::HashSet::new();
+        for a in Alert::ALL {
+            let id = a.message_id();
+            assert_eq!(id.len(), 32);
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
+            assert!(seen.insert(id), "{a:?} reuses {id}");
+        }
+    }
+
+    #[test]
+    fn x2_priorities_follow_design_table() {
+        assert_eq!(Alert::PostureDegraded.priority(), 4);
+        assert_eq!(Alert::PostureRestored.priority(), 5);
+        assert_eq!(Alert::QueueDisabled.priority(), 4);
+        assert_eq!(Alert::LockAutoHealed.priority(), 5);
+        assert_eq!(Alert::LockHostRenamed.priority(), 6);
+        assert_eq!(Alert::RunRevived.priority(), 5);
+        assert_eq!(Alert::RevivalGaveUp.priority(), 3);
+        assert_eq!(Alert::WatchdogTrigger.priority(), 3);
+        assert_eq!(Alert::StalePauseAutoResumed.priority(), 4);
+        assert_eq!(Alert::PausedWithRunsWaiting.priority(), 4);
+        assert_eq!(Alert::QueueNotice.priority(), 4);
+    }
+
+    #[test]
+    fn field_names_are_normalised() {
+        assert_eq!(field_name("from_host"), "FROM_HOST");
+        assert_eq!(field_name("lock.path"), "LOCK_PATH");
+        assert_eq!(field_name("_x"), "X");
+        assert_eq!(field_name("9lives"), "F9LIVES");
+        assert_eq!(field_name(""), "F");
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let e = Event::new("lock-host-renamed", "renamed")
+            .alert(Alert::LockHostRenamed)
+            .field("from", "a")
+            .field("to", "b");
+        let back = Event::from_json(&e.to_json()).unwrap();
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,157 @@
+//! The drainer (SPEC §4, §5). This module holds the loop's timing (D-1, D-2 step 1): the first
+//! tick right after `READY=1`, then every `drainer.interval_sec`; between ticks the loop wakes
+//! every half watchdog period so its heartbeat and the lock's heartbeat (L-1) stay fresh
+//! while the queue is idle. What a tick does is the caller's (`agent.rs` wires the queue in).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::publish::watchdog::LoopBeat;
+
+/// The loop's name in heartbeats, `STATUS=wedged: …` and `OUTLIVE_LOOP`.
+pub const LOOP_NAME: &str = "drainer";
+
+/// Most time between two idle wakes when no watchdog asks for less.
+const MAX_WAKE: Duration = Duration::from_secs(15);
+
+/// When the loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Between ticks (`drainer.interval_sec`).
+    pub interval: Duration,
+    /// Between idle wakes: half the watchdog period, at most the interval and 15 s.
+    pub wake: Duration,
+}
+
+impl Timing {
+    /// Timing for an interval and an optional watchdog period.
+    pub fn new(interval: Duration, watchdog: Option<Duration>) -> Timing {
+        let half_wd = watchdog.map(|w| w / 2).unwrap_or(MAX_WAKE);
+        let wake = half_wd
+            .min(MAX_WAKE)
+            .min(interval)
+            .max(Duration::from_millis(50));
+        Timing { interval, wake }
+    }
+
+    /// The heartbeat period the loop promises: it beats at least every `wake`.
+    pub fn heartbeat_period(&self) -> Duration {
+        self.wake
+    }
+}
+
+/// What woke the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A scheduled tick (D-1).
+    Tick,
+    /// An idle wake between ticks: beat and touch, nothing else (D-2 step 1).
+    Idle,
+}
+
+/// Run the loop until `shutdown` is true. `on_wake` runs for every tick and idle wake; the loop
+/// beats its heartbeat before each. Timing changes (reload) apply from the next wait.
+pub async fn run_loop<F>(
+    beat: Arc<LoopBeat>,
+    mut timing: watch::Receiver<Timing>,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_wake: F,
+) where
+    F: AsyncFnMut(Wake),
+{
+    let mut next_tick = Instant::now();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let t = *timing.borrow();
+        beat.set_period(t.heartbeat_period());
+        let now = Instant::now();
+        let kind = if now >= next_tick {
+            next_tick = now + t.interval;
+            Wake::Tick
+        } else {
+            Wake::Idle
+        };
+        #[cfg(feature = "fault-hooks")]
+        if crate::faults::wedged(LOOP_NAME) {
+            // A tick that awaits something that never completes: exactly the wedge X-4 exists
+            // to catch. The other loops keep running; only this heartbeat stops.
+            tracing::warn!("fault hook: wedging the {LOOP_NAME} loop");
+            std::future::pending::<()>().await;
+        }
+        beat.beat();
+        on_wake(kind).await;
+        beat.beat();
+        let until = next_tick.min(Instant::now() + t.wake);
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = shutdown.changed() => {}
+            r = timing.changed() => {
+                if r.is_ok() {
+                    // A new interval restarts the schedule from now.
+                    next_tick = Instant::now() + timing.borrow().interval;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn d2_wake_is_half_the_watchdog_within_bounds() {
+        let t = Timing::new(Duration::from_secs(60), Some(Duration::from_secs(30)));
+        assert_eq!(t.wake, Duration::from_secs(15));
+        let t = Timing::new(Duration::from_secs(60), Some(Duration::from_secs(4)));
+        assert_eq!(t.wake, Duration::from_secs(2));
+        let t = Timing::new(Duration::from_secs(1), Some(Duration::from_secs(30)));
+        assert_eq!(
+            t.wake,
+            Duration::from_secs(1),
+            "never longer than the interval"
+        );
+        let t = Timing::new(Duration::from_secs(60), None);
+        assert_eq!(t.wake, Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn d1_first_tick_at_once_then_every_interval_with_idle_wakes_between() {
+        let hb = crate::publish::watchdog::Heartbeats::new(None);
+        let beat = hb.register(LOOP_NAME, Duration::from_secs(1));
+        let (_tt, timing) = watch::channel(Timing::new(
+            Duration::from_secs(10),
+            Some(Duration::from_secs(8)),
+        ));
+        let (stop_tx, stop) = watch::channel(false);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&seen);
+        let start = Instant::now();
+        let task = tokio::spawn(run_loop(beat, timing, stop, async move |w| {
+            s2.lock().unwrap().push((w, start.elapsed().as_secs()));
+        }));
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        let got = seen.lock().unwrap().clone();
+        use Wake::*;
+        assert_eq!(
+            got,
+            vec![
+                (Tick, 0),
+                (Idle, 4),
+                (Idle, 8),
+                (Tick, 10),
+                (Idle, 14),
+                (Idle, 18),
+                (Tick, 20),
+                (Idle, 24)
+            ]
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! Fault hooks for end-to-end tests (DESIGN §4.5), compiled only with the `fault-hooks`
+//! feature: `#[cfg(test)]` does not reach the binary that those tests start. A test asks for a
+//! fault by creating a file in the agent's runtime directory:
+//!
+//! - `fault-wedge-<loop>`: the named loop (e.g. `drainer`) wedges at its next wake.
+//!
+//! The release build is checked to lack this module (`.ci/run`).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+static DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Where fault request files are looked for (the runtime directory). Call once at start.
+pub fn init(runtime_dir: PathBuf) {
+    let _ = DIR.set(runtime_dir);
+}
+
+/// Whether a wedge of `loop_name` was requested.
+pub fn wedged(loop_name: &str) -> bool {
+    DIR.get()
+        .is_some_and(|d| d.join(format!("fault-wedge-{loop_name}")).exists())
+}

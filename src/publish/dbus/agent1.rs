@@ -1,0 +1,227 @@
+//! `/org/outlive/Agent1`, interface `org.outlive.Agent1` (SPEC X-1): the host's identity and
+//! facts, the status line, and `Degraded`.
+//!
+//! The object reads a shared snapshot (`&self` only); the agent changes the snapshot and then
+//! asks [`super::Bus::sync`] to emit PropertiesChanged for what changed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use zbus::message::Header;
+use zbus::wire::OwnedVariant;
+use zbus::{Connection, interface};
+
+use super::auth::{self, AuthPolicy, RateLimiter};
+use super::errors::OutliveError;
+use super::variant::to_dict;
+use crate::facts::{self, ClassifyError, Facts, Identity};
+
+/// Most bytes in a path argument (X-1 input limits).
+pub const MAX_PATH: usize = 4096;
+
+/// Requests by callers who may not touch paths: per uid, per window.
+const UNPRIVILEGED_CLASSIFY_LIMIT: u32 = 20;
+const UNPRIVILEGED_CLASSIFY_WINDOW_MS: u64 = 10_000;
+
+/// What the agent's main object shows.
+pub struct HostState {
+    pub facts: Facts,
+    pub identity: RwLock<Identity>,
+    pub status_text: RwLock<String>,
+    pub degraded: AtomicBool,
+    pub auth: AuthPolicy,
+    classify_limiter: RateLimiter,
+}
+
+impl HostState {
+    /// New state for `identity`.
+    pub fn new(facts: Facts, identity: Identity, auth: AuthPolicy) -> HostState {
+        HostState {
+            facts,
+            identity: RwLock::new(identity),
+            status_text: RwLock::new(String::new()),
+            degraded: AtomicBool::new(false),
+            auth,
+            classify_limiter: RateLimiter::new(
+                UNPRIVILEGED_CLASSIFY_LIMIT,
+                UNPRIVILEGED_CLASSIFY_WINDOW_MS,
+            ),
+        }
+    }
+
+    /// The current identity.
+    pub fn identity(&self) -> Identity {
+        self.identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Refresh the hostname (a rename must be seen); true when it changed.
+    pub fn refresh_hostname(&self) -> bool {
+        let now = facts::identity::hostname();
+        let mut id = self.identity.write().unwrap_or_else(|e| e.into_inner());
+        if id.hostname != now {
+            id.hostname = now;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Set the status text (the same line as `STATUS=`).
+    pub fn set_status_text(&self, s: &str) {
+        *self.status_text.write().unwrap_or_else(|e| e.into_inner()) = s.to_string();
+    }
+
+    /// The properties that may change, for change detection.
+    pub fn props(&self) -> Agent1Props {
+        Agent1Props {
+            hostname: self
+                .identity
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .hostname
+                .clone(),
+            status_text: self
+                .status_text
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            degraded: self.degraded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The changeable properties of `org.outlive.Agent1`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Agent1Props {
+    pub hostname: String,
+    pub status_text: String,
+    pub degraded: bool,
+}
+
+/// The interface object (a handle; cheap to clone for each connection).
+#[derive(Clone)]
+pub struct Agent1 {
+    pub state: Arc<HostState>,
+}
+
+/// Validate a path argument (X-1 input limits).
+pub fn check_path(field: &str, p: &str) -> Result<PathBuf, OutliveError> {
+    if p.is_empty() {
+        return Err(OutliveError::invalid(field, "empty path"));
+    }
+    if p.len() > MAX_PATH {
+        return Err(OutliveError::invalid(
+            field,
+            format!("longer than {MAX_PATH} bytes"),
+        ));
+    }
+    if p.contains('\0') {
+        return Err(OutliveError::invalid(field, "contains NUL"));
+    }
+    if !p.starts_with('/') {
+        return Err(OutliveError::invalid(
+            field,
+            format!("{p:?} is not absolute"),
+        ));
+    }
+    Ok(PathBuf::from(p))
+}
+
+fn classify_error(e: ClassifyError) -> OutliveError {
+    match e {
+        ClassifyError::NotAbsolute(p) => {
+            OutliveError::invalid("path", format!("{} is not absolute", p.display()))
+        }
+        ClassifyError::NotFound(p) => {
+            OutliveError::NotFound(format!("{}: no such file or directory", p.display()))
+        }
+        ClassifyError::Io(p, e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            OutliveError::AccessDenied(format!("{}: {e}", p.display()))
+        }
+        ClassifyError::Io(p, e) => OutliveError::invalid("path", format!("{}: {e}", p.display())),
+        ClassifyError::MountTable(e) => {
+            OutliveError::Busy(format!("cannot read the mount table: {e}"))
+        }
+    }
+}
+
+#[interface(name = "org.outlive.Agent1")]
+impl Agent1 {
+    /// The agent's version.
+    #[zbus(property)]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    /// H-1 `host_id` (never the raw machine id).
+    #[zbus(property)]
+    fn host_id(&self) -> String {
+        self.state.identity().host_id.to_hex()
+    }
+
+    /// The current hostname (display only).
+    #[zbus(property)]
+    fn hostname(&self) -> String {
+        self.state.props().hostname
+    }
+
+    /// This boot's id.
+    #[zbus(property)]
+    fn boot_id(&self) -> String {
+        self.state.identity().boot_id.to_hex()
+    }
+
+    /// The status line (as sent with `STATUS=`).
+    #[zbus(property)]
+    fn status_text(&self) -> String {
+        self.state.props().status_text
+    }
+
+    /// True iff the attention item is open (SPEC G-9).
+    #[zbus(property)]
+    fn degraded(&self) -> bool {
+        self.state.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Host facts (H-1, H-5) as a dictionary.
+    async fn get_host_facts(&self) -> HashMap<String, OwnedVariant> {
+        self.state.refresh_hostname();
+        to_dict(&facts::host_report(&self.state.identity()))
+    }
+
+    /// Classify a path (H-3). Callers who may not act on the queue get the mount-table
+    /// classification only (the path is not touched) and are rate-limited.
+    async fn classify_path(
+        &self,
+        path: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, OwnedVariant>, OutliveError> {
+        let p = check_path("path", &path)?;
+        let caller = auth::caller(conn, &hdr).await?;
+        let privileged = caller.may_mutate(&self.state.auth);
+        if !privileged && !self.state.classify_limiter.allow(caller.uid) {
+            return Err(OutliveError::Busy(format!(
+                "ClassifyPath is limited to {UNPRIVILEGED_CLASSIFY_LIMIT} calls per {} s for uid {}; try again shortly",
+                UNPRIVILEGED_CLASSIFY_WINDOW_MS / 1000,
+                caller.uid
+            )));
+        }
+        let facts = self.state.facts.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            if privileged {
+                facts.classify_path(&p)
+            } else {
+                facts.classify_untouched(&p)
+            }
+        })
+        .await
+        .map_err(|e| OutliveError::Busy(format!("classification failed: {e}")))?;
+        Ok(to_dict(&result.map_err(classify_error)?.to_json()))
+    }
+}

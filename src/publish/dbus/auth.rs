@@ -1,0 +1,255 @@
+//! Authorization of D-Bus callers (SPEC X-1).
+//!
+//! The caller's uid comes from the bus (`GetConnectionCredentials` of the sender), never from
+//! the message. Membership of group `outlive` means the groups of that uid in the user database
+//! (getgrouplist), the same rule dbus-daemon's policy applies; supplementary groups of the
+//! calling process are not trusted. The shipped bus policy filters first; the agent checks
+//! everything again.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::sync::Mutex;
+
+use zbus::Connection;
+use zbus::message::Header;
+
+use super::errors::OutliveError;
+use crate::clock::boottime_ms;
+
+/// The group whose members may act on the queue.
+pub const GROUP: &str = "outlive";
+
+/// Who may do what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthPolicy {
+    /// `--user` mode: the agent's own uid is the only privileged caller (besides root).
+    pub user_mode: bool,
+    pub agent_uid: u32,
+}
+
+/// An identified caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    /// The primary gid of the uid in the user database (when known).
+    pub gid: Option<u32>,
+    /// Member of group `outlive` by the user database.
+    pub member: bool,
+}
+
+impl Caller {
+    /// Whether the caller is root.
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// May call mutating methods: root, a member of `outlive`, or (user mode) the agent's uid.
+    pub fn may_mutate(&self, p: &AuthPolicy) -> bool {
+        if p.user_mode {
+            self.uid == p.agent_uid || self.is_root()
+        } else {
+            self.is_root() || self.member
+        }
+    }
+
+    /// May call root-only methods (`Reevaluate`, lock clear): root, or (user mode) the agent's uid.
+    pub fn may_administer(&self, p: &AuthPolicy) -> bool {
+        self.is_root() || (p.user_mode && self.uid == p.agent_uid)
+    }
+
+    /// `AccessDenied` unless `may_mutate`.
+    pub fn require_mutate(&self, p: &AuthPolicy, what: &str) -> Result<(), OutliveError> {
+        if self.may_mutate(p) {
+            Ok(())
+        } else if p.user_mode {
+            Err(OutliveError::AccessDenied(format!(
+                "{what}: only uid {} may do this on this user agent",
+                p.agent_uid
+            )))
+        } else {
+            Err(OutliveError::AccessDenied(format!(
+                "{what}: uid {} is neither root nor a member of group `{GROUP}` (ask an administrator: \
+                 `usermod -aG {GROUP} <user>`, then log in again)",
+                self.uid
+            )))
+        }
+    }
+
+    /// `AccessDenied` unless `may_administer`.
+    pub fn require_admin(&self, p: &AuthPolicy, what: &str) -> Result<(), OutliveError> {
+        if self.may_administer(p) {
+            Ok(())
+        } else {
+            Err(OutliveError::AccessDenied(format!(
+                "{what}: only root may do this (uid {} asked)",
+                self.uid
+            )))
+        }
+    }
+}
+
+/// The uid of the sender of `hdr`: from the bus daemon on a bus connection, from the socket's
+/// peer credentials on a peer-to-peer one.
+pub async fn caller_uid(conn: &Connection, hdr: &Header<'_>) -> Result<u32, OutliveError> {
+    if conn.is_bus() {
+        let sender = hdr
+            .sender()
+            .ok_or_else(|| OutliveError::AccessDenied("the call has no sender".into()))?
+            .to_owned();
+        let proxy = zbus::fdo::DBusProxy::new(conn).await?;
+        let creds = proxy.get_connection_credentials(sender.into()).await?;
+        creds.unix_user_id().ok_or_else(|| {
+            OutliveError::AccessDenied("the bus does not know the caller's uid".into())
+        })
+    } else {
+        let creds = conn
+            .peer_creds()
+            .await
+            .map_err(|e| OutliveError::ZBus(e.into()))?;
+        creds
+            .unix_user_id()
+            .ok_or_else(|| OutliveError::AccessDenied("the peer's uid is unknown".into()))
+    }
+}
+
+/// Identify the sender of `hdr`.
+pub async fn caller(conn: &Connection, hdr: &Header<'_>) -> Result<Caller, OutliveError> {
+    let uid = caller_uid(conn, hdr).await?;
+    Ok(identify(uid))
+}
+
+/// A caller by uid, with membership from the user database.
+pub fn identify(uid: u32) -> Caller {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten();
+    let gid = user.as_ref().map(|u| u.gid.as_raw());
+    let member = user
+        .as_ref()
+        .is_some_and(|u| is_member(&u.name, u.gid.as_raw(), GROUP));
+    Caller { uid, gid, member }
+}
+
+/// Whether `user` (with primary group `gid`) is in `group` by the user database.
+pub fn is_member(user: &str, gid: u32, group: &str) -> bool {
+    let Ok(Some(g)) = nix::unistd::Group::from_name(group) else {
+        return false;
+    };
+    if g.gid.as_raw() == gid {
+        return true;
+    }
+    let Ok(name) = CString::new(user) else {
+        return false;
+    };
+    match nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)) {
+        Ok(groups) => groups.contains(&g.gid),
+        Err(_) => g.mem.iter().any(|m| m == user),
+    }
+}
+
+/// A per-uid fixed-window rate limiter (unprivileged `ClassifyPath`).
+pub struct RateLimiter {
+    limit: u32,
+    window_ms: u64,
+    seen: Mutex<HashMap<u32, (u64, u32)>>,
+}
+
+impl RateLimiter {
+    /// At most `limit` calls per `window_ms` per uid.
+    pub fn new(limit: u32, window_ms: u64) -> RateLimiter {
+        RateLimiter {
+            limit,
+            window_ms,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Count a call; false when over the limit.
+    pub fn allow(&self, uid: u32) -> bool {
+        self.allow_at(uid, boottime_ms())
+    }
+
+    fn allow_at(&self, uid: u32, now: u64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() > 4096 {
+            seen.retain(|_, (start, _)| now.saturating_sub(*start) < self.window_ms);
+        }
+        let e = seen.entry(uid).or_insert((now, 0));
+        if now.saturating_sub(e.0) >= self.window_ms {
+            *e = (now, 0);
+        }
+        if e.1 >= self.limit {
+            return false;
+        }
+        e.1 += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(uid: u32, member: bool) -> Caller {
+        Caller {
+            uid,
+            gid: None,
+            member,
+        }
+    }
+
+    #[test]
+    fn x1_mutation_needs_root_or_membership() {
+        let sys = AuthPolicy {
+            user_mode: false,
+            agent_uid: 0,
+        };
+        assert!(c(0, false).may_mutate(&sys));
+        assert!(c(1000, true).may_mutate(&sys));
+        assert!(!c(1000, false).may_mutate(&sys));
+        assert!(c(0, false).may_administer(&sys));
+        assert!(
+            !c(1000, true).may_administer(&sys),
+            "membership does not grant root-only methods"
+        );
+        let user = AuthPolicy {
+            user_mode: true,
+            agent_uid: 1000,
+        };
+        assert!(c(1000, false).may_mutate(&user));
+        assert!(c(1000, false).may_administer(&user));
+        assert!(
+            !c(1001, true).may_mutate(&user),
+            "in user mode, group membership grants nothing"
+        );
+    }
+
+    #[test]
+    fn x1_denials_say_what_to_do() {
+        let sys = AuthPolicy {
+            user_mode: false,
+            agent_uid: 0,
+        };
+        let e = c(1000, false).require_mutate(&sys, "Cancel").unwrap_err();
+        assert!(
+            matches!(&e, OutliveError::AccessDenied(m) if m.contains("usermod -aG outlive")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn membership_of_root_in_root_group() {
+        // root's primary group is root: membership by primary gid counts.
+        assert!(is_member("root", 0, "root"));
+        assert!(!is_member("root", 0, "no-such-group-outlive-test"));
+    }
+
+    #[test]
+    fn rate_limiter_windows() {
+        let r = RateLimiter::new(2, 1000);
+        assert!(r.allow_at(5, 0) && r.allow_at(5, 10));
+        assert!(!r.allow_at(5, 20));
+        assert!(r.allow_at(6, 20), "per uid");
+        assert!(r.allow_at(5, 1000), "a new window");
+    }
+}

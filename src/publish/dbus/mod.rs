@@ -1,0 +1,325 @@
+//! D-Bus publication (SPEC X-1): the well-known name `org.outlive.Agent1`, its objects, and the
+//! connection's life.
+//!
+//! The name is requested without queueing after the startup decisions; if another connection
+//! owns it, start fails (exit 75, `ERRNO=EADDRINUSE`). While running, the bus loop pings its own
+//! object through the bus daemon; each answered ping is a heartbeat (X-4), so a dispatcher that
+//! stops answering is seen by the watchdog. If the connection drops, the loop rebuilds it with
+//! backoff, re-serves every object and re-requests the name; the gap is recorded for the
+//! posture (`publish.dbus` reads `off-runtime-divergent` meanwhile).
+
+pub mod agent1;
+pub mod auth;
+pub mod errors;
+pub mod variant;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use zbus::Connection;
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+
+use crate::audit::{AuditSink, Event, priority};
+use crate::clock::boottime_ms;
+use crate::publish::watchdog::LoopBeat;
+
+pub use agent1::{Agent1, HostState};
+pub use errors::OutliveError;
+
+/// The well-known name.
+pub const NAME: &str = "org.outlive.Agent1";
+/// The main object.
+pub const AGENT_PATH: &str = "/org/outlive/Agent1";
+/// The posture object.
+pub const GUARDS_PATH: &str = "/org/outlive/Agent1/Guards";
+/// The queue object.
+pub const QUEUE_PATH: &str = "/org/outlive/Agent1/ResumeQueue";
+
+/// How long one self-ping may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Which bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusTarget {
+    /// The system bus (`DBUS_SYSTEM_BUS_ADDRESS` or the default socket).
+    System,
+    /// The session bus (`--user`).
+    Session,
+}
+
+/// Why the bus could not be used at start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Another connection owns the name.
+    NameTaken,
+    /// The bus policy does not let us own the name.
+    NameDenied(String),
+    /// The bus could not be reached.
+    Unreachable(zbus::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::NameTaken => write!(
+                f,
+                "the D-Bus name {NAME} is owned by another connection: is another outlived running? \
+                 (`busctl status {NAME}` names it)"
+            ),
+            StartError::NameDenied(e) => write!(
+                f,
+                "the bus policy does not allow this process to own {NAME} ({e}); the system agent runs as \
+                 root with the shipped policy org.outlive.Agent1.conf; run as a user with --user"
+            ),
+            StartError::Unreachable(e) => write!(f, "cannot connect to the message bus: {e}"),
+        }
+    }
+}
+
+/// The objects served on every connection (handles over the agent's shared state).
+#[derive(Clone)]
+pub struct Objects {
+    pub agent1: Agent1,
+}
+
+/// The agent's bus connection and its publication state.
+pub struct Bus {
+    target: BusTarget,
+    objects: Objects,
+    audit: Arc<dyn AuditSink>,
+    conn: Mutex<Option<Connection>>,
+    up: AtomicBool,
+    /// Boottime when the current gap began (0: none).
+    gap_since_ms: AtomicU64,
+    gaps: AtomicU64,
+    published: Mutex<agent1::Agent1Props>,
+}
+
+impl Bus {
+    /// Connect, serve the objects and own the name.
+    pub async fn start(
+        target: BusTarget,
+        objects: Objects,
+        audit: Arc<dyn AuditSink>,
+    ) -> Result<Arc<Bus>, StartError> {
+        let conn = connect(target, &objects).await?;
+        let published = objects.agent1.state.props();
+        Ok(Arc::new(Bus {
+            target,
+            objects,
+            audit,
+            conn: Mutex::new(Some(conn)),
+            up: AtomicBool::new(true),
+            gap_since_ms: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            published: Mutex::new(published),
+        }))
+    }
+
+    /// The live connection, if any.
+    pub fn connection(&self) -> Option<Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the name is owned now.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Boottime when the current gap began, if the bus is down.
+    pub fn gap_since_ms(&self) -> Option<u64> {
+        match self.gap_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    /// How many times the connection was lost.
+    pub fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::Relaxed)
+    }
+
+    /// Emit PropertiesChanged for every property of the main object that changed since the
+    /// last call, and only for those.
+    pub async fn sync(&self) {
+        let Some(conn) = self.connection() else {
+            return;
+        };
+        let now = self.objects.agent1.state.props();
+        let last = {
+            let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+            if *p == now {
+                return;
+            }
+            std::mem::replace(&mut *p, now.clone())
+        };
+        let Ok(iref) = conn
+            .object_server()
+            .interface::<_, Agent1>(AGENT_PATH)
+            .await
+        else {
+            return;
+        };
+        let iface = iref.get().await;
+        let em = iref.signal_emitter();
+        let mut results = Vec::new();
+        if now.hostname != last.hostname {
+            results.push(iface.hostname_changed(em).await);
+        }
+        if now.status_text != last.status_text {
+            results.push(iface.status_text_changed(em).await);
+        }
+        if now.degraded != last.degraded {
+            results.push(iface.degraded_changed(em).await);
+        }
+        for r in results {
+            if let Err(e) = r {
+                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            }
+        }
+    }
+
+    fn set_conn(&self, c: Option<Connection>) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+
+    fn lost(&self, why: &str) {
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.gaps.fetch_add(1, Ordering::Relaxed);
+            self.gap_since_ms
+                .store(boottime_ms().max(1), Ordering::Relaxed);
+            self.set_conn(None);
+            self.audit.record(
+                &Event::new(
+                    "bus-lost",
+                    format!("lost the D-Bus connection ({why}); reconnecting with backoff"),
+                )
+                .priority(priority::WARNING)
+                .field("reason", why),
+            );
+        }
+    }
+
+    /// The bus loop: self-ping as heartbeat, reconnect when the connection is lost. Returns
+    /// when `shutdown` flips to true.
+    pub async fn run(
+        self: Arc<Self>,
+        beat: Arc<LoopBeat>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.connection() {
+                Some(conn) => {
+                    let period = beat.period();
+                    tokio::select! {
+                        _ = conn.closed() => self.lost("the bus closed the connection"),
+                        _ = tokio::time::sleep(period) => {
+                            match tokio::time::timeout(PING_TIMEOUT, self_ping(&conn)).await {
+                                Ok(Ok(())) => beat.beat(),
+                                Ok(Err(e)) if conn.is_closed() => self.lost(&e.to_string()),
+                                Ok(Err(e)) => tracing::warn!("the bus did not return our own ping: {e}"),
+                                Err(_) => tracing::warn!("our own ping through the bus timed out"),
+                            }
+                        }
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                None => {
+                    // Reconnecting is progress: the loop is not wedged, the bus is gone.
+                    beat.beat();
+                    match connect(self.target, &self.objects).await {
+                        Ok(c) => {
+                            self.set_conn(Some(c));
+                            self.up.store(true, Ordering::Relaxed);
+                            let gap_ms = self
+                                .gap_since_ms()
+                                .map(|t| boottime_ms().saturating_sub(t))
+                                .unwrap_or(0);
+                            self.gap_since_ms.store(0, Ordering::Relaxed);
+                            *self.published.lock().unwrap_or_else(|e| e.into_inner()) =
+                                self.objects.agent1.state.props();
+                            backoff = BACKOFF_MIN;
+                            self.audit.record(
+                                &Event::new(
+                                    "bus-reconnected",
+                                    format!(
+                                        "reconnected to D-Bus and own {NAME} again after {} ms",
+                                        gap_ms
+                                    ),
+                                )
+                                .priority(priority::NOTICE)
+                                .field("gap_ms", gap_ms),
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "reconnecting to D-Bus failed: {e}; next try in {}s",
+                                backoff.as_secs()
+                            );
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = shutdown.changed() => {}
+                            }
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Release the name and close the connection (orderly stop).
+    pub async fn close(&self) {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(c) = c {
+            let _ = c.release_name(NAME).await;
+            let _ = c.close().await;
+        }
+    }
+}
+
+async fn connect(target: BusTarget, objects: &Objects) -> Result<Connection, StartError> {
+    let builder = match target {
+        BusTarget::System => zbus::connection::Builder::system(),
+        BusTarget::Session => zbus::connection::Builder::session(),
+    };
+    let conn = builder
+        .serve_at(AGENT_PATH, objects.agent1.clone())
+        .build()
+        .await
+        .map_err(StartError::Unreachable)?;
+    match conn
+        .request_name_with_flags(NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+    {
+        Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => Ok(conn),
+        Ok(RequestNameReply::InQueue | RequestNameReply::Exists) => Err(StartError::NameTaken),
+        Err(zbus::Error::MethodError(name, msg, _))
+            if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied" =>
+        {
+            Err(StartError::NameDenied(msg.unwrap_or_default()))
+        }
+        Err(e) => Err(StartError::Unreachable(e)),
+    }
+}
+
+async fn self_ping(conn: &Connection) -> zbus::Result<()> {
+    let me = conn.unique_name().map(|n| n.to_string());
+    conn.call_method(
+        me.as_deref(),
+        AGENT_PATH,
+        Some("org.freedesktop.DBus.Peer"),
+        "Ping",
+        &(),
+    )
+    .await?;
+    Ok(())
+}

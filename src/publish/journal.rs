@@ -1,0 +1,336 @@
+//! The journal writer (SPEC X-2): audit events and alerts as structured journal entries over
+//! the journal's native protocol, with a configurable socket path (`journal.socket`).
+//!
+//! Each entry carries `MESSAGE`, `PRIORITY`, `SYSLOG_IDENTIFIER=outlived`,
+//! `OUTLIVE_EVENT=<kind>`, the event's fields as `OUTLIVE_<FIELD>` and, for alerts, the fixed
+//! `MESSAGE_ID`. The writer knows whether the journal accepted an entry (the datagram was
+//! delivered to its socket); when no journal is reachable the entry goes to stderr as one JSON
+//! object per line, so nothing is lost silently.
+//!
+//! Protocol (systemd's "Native Journal Protocol"): `KEY=value\n` per field; a value holding a
+//! newline is sent as `KEY\n`, a little-endian u64 length, the bytes, `\n`. An entry too large
+//! for one datagram is written to a sealed memfd whose descriptor is passed with SCM_RIGHTS.
+
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use crate::audit::{Event, SYSLOG_IDENTIFIER};
+
+/// How the last entry was delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Nothing written yet.
+    None,
+    /// The journal's socket accepted the entry.
+    Journal,
+    /// No journal was reachable; the entry went to stderr as JSON.
+    Stderr,
+}
+
+/// Serialise an event in the native protocol.
+pub fn serialize(ev: &Event) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let mut put = |k: &str, v: &str| {
+        if v.contains('\n') {
+            out.extend_from_slice(k.as_bytes());
+            out.push(b'\n');
+            out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+            out.extend_from_slice(v.as_bytes());
+            out.push(b'\n');
+        } else {
+            out.extend_from_slice(k.as_bytes());
+            out.push(b'=');
+            out.extend_from_slice(v.as_bytes());
+            out.push(b'\n');
+        }
+    };
+    put("MESSAGE", &ev.message);
+    put("PRIORITY", &ev.priority.to_string());
+    put("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER);
+    if let Some(a) = ev.alert {
+        put("MESSAGE_ID", a.message_id());
+    }
+    put("OUTLIVE_EVENT", &ev.kind);
+    for (k, v) in &ev.fields {
+        put(&format!("OUTLIVE_{k}"), v);
+    }
+    out
+}
+
+/// Parse a native-protocol payload back into `(field, value)` pairs (tests, and the test
+/// harness that plays the journal).
+pub fn parse_native(mut b: &[u8]) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let nl = b.iter().position(|&c| c == b'\n')?;
+        let line = &b[..nl];
+        if let Some(eq) = line.iter().position(|&c| c == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
+            b = &b[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &b[nl + 1..];
+            if rest.len() < 8 {
+                return None;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().ok()?) as usize;
+            let val = rest.get(8..8 + len)?;
+            if rest.get(8 + len) != Some(&b'\n') {
+                return None;
+            }
+            out.push((key, String::from_utf8_lossy(val).into_owned()));
+            b = &rest[8 + len + 1..];
+        }
+    }
+    Some(out)
+}
+
+/// Writes events to the journal, or to stderr when it is unreachable.
+pub struct JournalWriter {
+    socket_path: PathBuf,
+    sock: Option<UnixDatagram>,
+    last: AtomicU8,
+    accepted: AtomicU64,
+    fallbacks: AtomicU64,
+    stderr: Mutex<()>,
+}
+
+impl JournalWriter {
+    /// A writer for the socket at `path`.
+    pub fn new(path: &Path) -> JournalWriter {
+        JournalWriter {
+            socket_path: path.to_path_buf(),
+            sock: UnixDatagram::unbound().ok(),
+            last: AtomicU8::new(0),
+            accepted: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            stderr: Mutex::new(()),
+        }
+    }
+
+    /// The configured socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// How the last entry went.
+    pub fn last_delivery(&self) -> Delivery {
+        match self.last.load(Ordering::Relaxed) {
+            1 => Delivery::Journal,
+            2 => Delivery::Stderr,
+            _ => Delivery::None,
+        }
+    }
+
+    /// Entries the journal accepted, and entries that fell back to stderr.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.fallbacks.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether the journal socket exists (a cheap reachability hint before any entry).
+    pub fn socket_present(&self) -> bool {
+        std::fs::symlink_metadata(&self.socket_path).is_ok()
+    }
+
+    /// Write one event; returns where it went.
+    pub fn write(&self, ev: &Event) -> Delivery {
+        let payload = serialize(ev);
+        match self.send(&payload) {
+            Ok(()) => {
+                self.last.store(1, Ordering::Relaxed);
+                self.accepted.fetch_add(1, Ordering::Relaxed);
+                Delivery::Journal
+            }
+            Err(_) => {
+                self.to_stderr(ev);
+                self.last.store(2, Ordering::Relaxed);
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                Delivery::Stderr
+            }
+        }
+    }
+
+    fn send(&self, payload: &[u8]) -> io::Result<()> {
+        let sock = self
+            .sock
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no socket"))?;
+        match sock.send_to(payload, &self.socket_path) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMSGSIZE) | Some(libc::ENOBUFS)) => {
+                self.send_memfd(sock, payload)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn send_memfd(&self, sock: &UnixDatagram, payload: &[u8]) -> io::Result<()> {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+
+        let fd = memfd_create(
+            c"journal-entry",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let mut f = std::fs::File::from(fd);
+        f.write_all(payload)?;
+        fcntl(
+            &f,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK
+                    | SealFlag::F_SEAL_GROW
+                    | SealFlag::F_SEAL_WRITE
+                    | SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
+        let addr = UnixAddr::new(self.socket_path.as_path())?;
+        let fds = [f.as_raw_fd()];
+        sendmsg(
+            sock.as_raw_fd(),
+            &[],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&addr),
+        )?;
+        Ok(())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn send_memfd(&self, _sock: &UnixDatagram, _payload: &[u8]) -> io::Result<()> {
+        Err(io::Error::other("no journal on this platform"))
+    }
+
+    fn to_stderr(&self, ev: &Event) {
+        let mut line = ev.to_json().to_string();
+        line.push('\n');
+        let _guard = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = io::stderr().lock().write_all(line.as_bytes());
+    }
+}
+
+impl crate::audit::AuditSink for JournalWriter {
+    fn record(&self, event: &Event) {
+        self.write(event);
+    }
+}
+
+/// Whether stderr is connected to the journal (`JOURNAL_STREAM` names its device and inode).
+pub fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let fd = io::stderr().as_raw_fd();
+    // SAFETY: fd 2 stays open for the life of the process; the File is not dropped (into_raw).
+    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let meta = f.metadata();
+    let _ = std::os::fd::IntoRawFd::into_raw_fd(f);
+    meta.map(|m| m.dev() == dev && m.ino() == ino)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Alert;
+
+    #[test]
+    fn x2_native_protocol_round_trip() {
+        let ev = Event::new("lock-host-renamed", "host renamed from a to b")
+            .alert(Alert::LockHostRenamed)
+            .field("from", "a")
+            .field("detail", "two\nlines");
+        let fields = parse_native(&serialize(&ev)).unwrap();
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("MESSAGE"), Some("host renamed from a to b"));
+        assert_eq!(get("PRIORITY"), Some("6"));
+        assert_eq!(get("SYSLOG_IDENTIFIER"), Some("outlived"));
+        assert_eq!(get("MESSAGE_ID"), Some("d6ad853e949d4505bf5ac339eedba367"));
+        assert_eq!(get("OUTLIVE_EVENT"), Some("lock-host-renamed"));
+        assert_eq!(get("OUTLIVE_FROM"), Some("a"));
+        assert_eq!(get("OUTLIVE_DETAIL"), Some("two\nlines"));
+    }
+
+    #[test]
+    fn x2_newline_values_use_the_binary_length_form() {
+        let ev = Event::new("x", "a\nb");
+        let bytes = serialize(&ev);
+        assert!(bytes.starts_with(b"MESSAGE\n\x03\0\0\0\0\0\0\0a\nb\n"));
+    }
+
+    #[test]
+    fn x2_writer_delivers_to_its_socket_and_knows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socket");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let w = JournalWriter::new(&path);
+        assert_eq!(w.last_delivery(), Delivery::None);
+        assert_eq!(
+            w.write(&Event::new("probe", "hello").alert(Alert::QueueNotice)),
+            Delivery::Journal
+        );
+        let mut buf = vec![0u8; 65536];
+        let n = rx.recv(&mut buf).unwrap();
+        let fields = parse_native(&buf[..n]).unwrap();
+        assert!(fields.contains(&(
+            "MESSAGE_ID".into(),
+            "e72663eda21f4861949d502c83bd09d2".into()
+        )));
+        assert_eq!(w.counts(), (1, 0));
+    }
+
+    #[test]
+    fn x2_large_entries_go_through_a_sealed_memfd() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("socket");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let w = JournalWriter::new(&path);
+        let big = "x".repeat(1 << 20);
+        assert_eq!(w.write(&Event::new("big", big.clone())), Delivery::Journal);
+        // The datagram is empty and carries one descriptor.
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut data = [0u8; 16];
+        let mut iov = [std::io::IoSliceMut::new(&mut data)];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg =
+            recvmsg::<()>(rx.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).unwrap();
+        assert_eq!(msg.bytes, 0);
+        let fd = match msg.cmsgs().unwrap().next() {
+            Some(ControlMessageOwned::ScmRights(fds)) => fds[0],
+            other => panic!("{other:?}"),
+        };
+        // SAFETY: the descriptor was just received and is owned by nobody else.
+        let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut content = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut content).unwrap();
+        let fields = parse_native(&content).unwrap();
+        assert_eq!(fields[0], ("MESSAGE".to_string(), big));
+    }
+
+    #[test]
+    fn x2_unreachable_journal_falls_back_to_stderr() {
+        let w = JournalWriter::new(Path::new("/nonexistent/journal/socket"));
+        assert!(!w.socket_present());
+        assert_eq!(w.write(&Event::new("probe", "hello")), Delivery::Stderr);
+        assert_eq!(w.last_delivery(), Delivery::Stderr);
+        assert_eq!(w.counts(), (0, 1));
+    }
+}

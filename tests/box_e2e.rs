@@ -1,0 +1,131 @@
+//! End to end under a real systemd (DESIGN §4.3): the shipped unit and binaries, installed by
+//! the project's `make install` into a box with journald and the system bus. Each test asserts
+//! what an operator sees (`systemctl show`, `busctl`, `journalctl`, `outlivectl`) and that the
+//! machine's own /tmp, /etc, /var, /usr, /run and /dev are unchanged afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::boxed::{HostSnapshot, Stage, SystemdBox, available};
+
+fn box_available() -> bool {
+    common::require(available().is_ok(), &available().err().unwrap_or_default())
+}
+
+fn journal_json(b: &SystemdBox, filter: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["journalctl", "--no-pager", "-o", "json"];
+    args.extend_from_slice(filter);
+    let (_, out, _) = b.run(&args);
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// X-3, X-4, X-1 (HostId), X-2: the agent under the shipped unit: active with a status, the
+/// same host id over the bus as `outlivectl host`, journal entries, and a watchdog restart of
+/// a stopped agent.
+#[test]
+fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
+    if !box_available() {
+        return;
+    }
+    let before = HostSnapshot::take(&[]);
+    {
+        let stage = Stage::new("lifecycle");
+        stage.state_image(64);
+        stage.want("outlived.service");
+        // A short watchdog for the test; TimeoutAbortSec bounds the wait for a stopped process
+        // to die after the watchdog's SIGABRT.
+        stage.file(
+            "/etc/systemd/system/outlived.service.d/test.conf",
+            "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n",
+        );
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived to be active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+
+        let status = b.show("outlived", "StatusText");
+        assert!(!status.is_empty(), "StatusText is empty");
+        assert!(status.contains("org.outlive.Agent1"), "{status}");
+
+        // HostId over the real system bus equals outlivectl's, in the box and on the machine.
+        let (code, out, err) = b.run(&[
+            "busctl",
+            "get-property",
+            "org.outlive.Agent1",
+            "/org/outlive/Agent1",
+            "org.outlive.Agent1",
+            "HostId",
+        ]);
+        assert_eq!(code, 0, "busctl: {err}");
+        let bus_host_id = out
+            .trim()
+            .trim_start_matches("s ")
+            .trim_matches('"')
+            .to_string();
+        let (code, out, err) = b.run(&["/usr/local/bin/outlivectl", "host", "--json"]);
+        assert_eq!(code, 0, "outlivectl in the box: {err}");
+        let inside: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(inside["host_id"].as_str(), Some(bus_host_id.as_str()));
+        assert_eq!(
+            common::host_json(None)["host_id"].as_str(),
+            Some(bus_host_id.as_str())
+        );
+
+        // The state directory is on the ext4 image, seen as local-persistent by the agent.
+        let (code, out, err) = b.run(&[
+            "/usr/local/bin/outlivectl",
+            "host",
+            "--json",
+            "--path",
+            "/var/lib/outlive",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["path"]["class"], "local-persistent", "{v}");
+        assert_eq!(v["path"]["fstype"], "ext4");
+
+        // Journal entries with SYSLOG_IDENTIFIER=outlived, written by the native writer.
+        let started = journal_json(&b, &["SYSLOG_IDENTIFIER=outlived", "OUTLIVE_EVENT=started"]);
+        assert!(
+            !started.is_empty(),
+            "no `started` entry from outlived in the journal"
+        );
+        assert_eq!(
+            started[0]["OUTLIVE_HOST_ID"].as_str(),
+            Some(bus_host_id.as_str())
+        );
+
+        // kill -STOP: no more WATCHDOG=1; systemd's watchdog fires and restarts the agent.
+        let pid = b.show("outlived", "MainPID");
+        let restarts: u32 = b.show("outlived", "NRestarts").parse().unwrap();
+        let (code, _, err) = b.run(&["kill", "-STOP", &pid]);
+        assert_eq!(code, 0, "{err}");
+        let t0 = std::time::Instant::now();
+        b.wait_for("a watchdog restart", Duration::from_secs(15), |b| {
+            b.show("outlived", "NRestarts").parse::<u32>().unwrap_or(0) > restarts
+        });
+        let took = t0.elapsed();
+        b.wait_for("outlived active again", Duration::from_secs(15), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        assert_ne!(b.show("outlived", "MainPID"), pid, "a new process");
+        let (_, j, _) = b.run(&["journalctl", "--no-pager", "-u", "outlived"]);
+        assert!(
+            j.contains("Watchdog timeout"),
+            "no watchdog timeout in the journal:\n{j}"
+        );
+        // WatchdogSec 3 s + abort 2 s + restart 1 s, with room for a loaded machine.
+        assert!(took < Duration::from_secs(12), "restart took {took:?}");
+        b.halt();
+    }
+    let after = HostSnapshot::take(&[]);
+    let diff = before.diff(&after);
+    assert!(
+        diff.is_empty(),
+        "the box changed the machine:\n{}",
+        diff.join("\n")
+    );
+}

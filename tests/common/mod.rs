@@ -1,0 +1,394 @@
+//! Test harness shared by the integration tests (DESIGN §4): sockets the tests bind for
+//! service-manager notifications and the journal, a private dbus-daemon with the shipped
+//! policy, the agent as a child process, and the systemd box (`boxed.rs`).
+//!
+//! A test that needs root, FUSE, a tool or systemd calls [`require`]: outside CI it prints why
+//! it skips; under `CI=true` a skip is a failure.
+
+#![allow(dead_code)]
+
+pub mod boxed;
+pub mod bus;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The built agent.
+pub fn outlived() -> &'static str {
+    env!("CARGO_BIN_EXE_outlived")
+}
+
+/// The built CLI.
+pub fn outlivectl() -> &'static str {
+    env!("CARGO_BIN_EXE_outlivectl")
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// An unprivileged uid/gid for tests that must not be root (`nobody`).
+pub const NOBODY: u32 = 65534;
+
+/// Whether this process is root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Whether a command is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Check a precondition. False (with a message) means "skip"; under CI=true it panics, since
+/// CI must run every test.
+pub fn require(ok: bool, why: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("required for this test and missing in CI: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+/// Require root (and say why the test needs it).
+pub fn require_root(why: &str) -> bool {
+    require(is_root(), &format!("root ({why})"))
+}
+
+/// Require commands on PATH.
+pub fn require_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    require(
+        missing.is_empty(),
+        &format!("tools {missing:?} (run .ci/run to install them)"),
+    )
+}
+
+/// A temporary directory readable by unprivileged test users (tempfile makes 0700 ones).
+pub fn open_tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("outlive-test-")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    d
+}
+
+/// One datagram received on a test socket.
+#[derive(Debug, Clone)]
+pub struct Datagram {
+    pub at: Instant,
+    pub fields: Vec<(String, String)>,
+}
+
+impl Datagram {
+    /// A field's value.
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+    /// Whether a field is present with a value.
+    pub fn has(&self, k: &str, v: &str) -> bool {
+        self.get(k) == Some(v)
+    }
+}
+
+/// A datagram socket a test binds to play systemd's notify socket or the journal.
+pub struct TestSocket {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+    sock: UnixDatagram,
+    seen: std::cell::RefCell<Vec<Datagram>>,
+    journal: bool,
+}
+
+impl TestSocket {
+    fn bind(name: &str, journal: bool) -> TestSocket {
+        let dir = open_tempdir();
+        let path = dir.path().join(name);
+        let sock = UnixDatagram::bind(&path).expect("bind test socket");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        TestSocket {
+            _dir: dir,
+            path,
+            sock,
+            seen: Default::default(),
+            journal,
+        }
+    }
+
+    /// A socket speaking sd_notify's protocol (`KEY=VALUE` lines).
+    pub fn notify() -> TestSocket {
+        TestSocket::bind("notify", false)
+    }
+
+    /// A socket speaking the journal's native protocol.
+    pub fn journal() -> TestSocket {
+        TestSocket::bind("journal", true)
+    }
+
+    fn parse(&self, b: &[u8]) -> Vec<(String, String)> {
+        if self.journal {
+            outlive::publish::journal::parse_native(b).unwrap_or_default()
+        } else {
+            String::from_utf8_lossy(b)
+                .lines()
+                .filter_map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect()
+        }
+    }
+
+    /// Receive everything that arrives within `d`.
+    pub fn drain(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            self.recv_one();
+        }
+    }
+
+    fn recv_one(&self) -> bool {
+        let mut buf = vec![0u8; 1 << 17];
+        match self.sock.recv(&mut buf) {
+            Ok(n) => {
+                let d = Datagram {
+                    at: Instant::now(),
+                    fields: self.parse(&buf[..n]),
+                };
+                self.seen.borrow_mut().push(d);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Wait until a datagram satisfies `pred`; returns it. Panics with what was seen after
+    /// `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Datagram) -> bool,
+    ) -> Datagram {
+        let end = Instant::now() + timeout;
+        let mut checked = 0;
+        loop {
+            {
+                let seen = self.seen.borrow();
+                if let Some(d) = seen[checked..].iter().find(|d| pred(d)) {
+                    return d.clone();
+                }
+                checked = seen.len();
+            }
+            if Instant::now() > end {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; received: {:#?}",
+                    self.seen.borrow()
+                );
+            }
+            self.recv_one();
+        }
+    }
+
+    /// Everything received so far.
+    pub fn seen(&self) -> Vec<Datagram> {
+        self.seen.borrow().clone()
+    }
+}
+
+/// The agent running as a child process.
+pub struct Agent {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    stderr_path: PathBuf,
+}
+
+/// How to start an agent.
+pub struct AgentSpec {
+    pub args: Vec<String>,
+    pub env: HashMap<String, String>,
+    /// Extra TOML appended to the generated configuration.
+    pub toml: String,
+    pub journal: Option<PathBuf>,
+    pub notify: Option<PathBuf>,
+    pub watchdog_usec: Option<u64>,
+    /// Run the agent through this wrapper command (e.g. `unshare --uts`).
+    pub wrapper: Vec<String>,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        AgentSpec {
+            args: vec!["--no-bus".into()],
+            env: HashMap::new(),
+            toml: String::new(),
+            journal: None,
+            notify: None,
+            watchdog_usec: None,
+            wrapper: Vec::new(),
+        }
+    }
+}
+
+impl Agent {
+    /// Start an agent with a private state and runtime directory.
+    pub fn start(spec: AgentSpec) -> Agent {
+        let dir = open_tempdir();
+        let state_dir = dir.path().join("state");
+        let runtime_dir = dir.path().join("run");
+        let config = dir.path().join("outlive.toml");
+        let journal = spec
+            .journal
+            .clone()
+            .unwrap_or_else(|| dir.path().join("no-journal-socket"));
+        let mut toml = format!(
+            "state_dir = {:?}\nruntime_dir = {:?}\n[journal]\nsocket = {:?}\n",
+            state_dir.display().to_string(),
+            runtime_dir.display().to_string(),
+            journal.display().to_string()
+        );
+        toml.push_str(&spec.toml);
+        std::fs::write(&config, toml).unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut argv: Vec<String> = spec.wrapper.clone();
+        argv.push(outlived().to_string());
+        argv.push("--config".into());
+        argv.push(config.display().to_string());
+        argv.extend(spec.args.iter().cloned());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        cmd.env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
+        cmd.env_remove("JOURNAL_STREAM").env("OUTLIVE_LOG", "debug");
+        if let Some(n) = &spec.notify {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        if let Some(w) = spec.watchdog_usec {
+            cmd.env("WATCHDOG_USEC", w.to_string());
+        }
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        // Own process group, so a test failure never leaves the agent behind.
+        cmd.process_group(0);
+        let child = cmd.spawn().expect("spawn outlived");
+        Agent {
+            child,
+            dir,
+            config,
+            state_dir,
+            runtime_dir,
+            stderr_path,
+        }
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Wait for the agent to exit; its exit code (or 128+signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                use std::os::unix::process::ExitStatusExt;
+                return Some(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)));
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the agent wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Append to the configuration file (for reload tests).
+    pub fn append_config(&self, toml: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .unwrap();
+        f.write_all(toml.as_bytes()).unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a command and return (status code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A command that runs as uid/gid `NOBODY`.
+pub fn as_nobody(program: &str) -> Command {
+    let mut c = Command::new(program);
+    // std drops supplementary groups when root changes uid.
+    c.uid(NOBODY).gid(NOBODY);
+    c
+}
+
+/// `outlivectl host --json [--path P]` parsed.
+pub fn host_json(path: Option<&Path>) -> serde_json::Value {
+    let mut c = Command::new(outlivectl());
+    c.args(["host", "--json"]);
+    if let Some(p) = path {
+        c.arg("--path").arg(p);
+    }
+    let (code, out, err) = run(&mut c);
+    assert_eq!(code, 0, "outlivectl host failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON {e}: {out}"))
+}
