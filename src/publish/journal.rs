@@ -319,6 +319,8 @@ mod tests {
         };
         // SAFETY: the descriptor was just received and is owned by nobody else.
         let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // The descriptor shares the writer's file offset (at the end); journald maps from 0.
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).unwrap();
         let mut content = Vec::new();
         std::io::Read::read_to_end(&mut f, &mut content).unwrap();
         let fields = parse_native(&content).unwrap();
