@@ -816,9 +816,38 @@ pub fn is_unit_glob(s: &str) -> bool {
 
 fn suggest(key: &str) -> Option<&'static str> {
     let last = key.rsplit('.').next().unwrap_or(key);
+    let name = |k: &'static str| k.rsplit('.').next().unwrap_or(k);
+    // The same name in another section, then a prefix of a name, then a near miss.
     KEYS.iter()
         .map(|k| k.key)
-        .find(|k| k.rsplit('.').next() == Some(last) && *k != key)
+        .find(|k| name(k) == last && *k != key)
+        .or_else(|| {
+            KEYS.iter()
+                .map(|k| k.key)
+                .filter(|k| {
+                    name(k).starts_with(last)
+                        || last.starts_with(name(k))
+                        || edit_distance(name(k), last) <= 2
+                })
+                .min_by_key(|k| (edit_distance(k, key), edit_distance(name(k), last)))
+        })
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// The commented default file shipped as `/etc/outlive/outlive.toml`: every key, commented
@@ -985,6 +1014,17 @@ mod tests {
         let e = parse("[drainer]\nmax_size = 5\n").unwrap_err();
         assert!(
             e.to_string().contains("did you mean `queue.max_size`"),
+            "{e}"
+        );
+        let e = parse("[drainer]\ninterval = 5\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("did you mean `drainer.interval_sec`"),
+            "{e}"
+        );
+        let e = parse("[queue]\nmax_atempts = 5\n").unwrap_err();
+        assert!(
+            e.to_string().contains("did you mean `queue.max_attempts`"),
             "{e}"
         );
         let e = parse("bogus = 1\n").unwrap_err();

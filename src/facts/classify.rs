@@ -279,12 +279,14 @@ pub fn table_class(m: &MountEntry) -> Option<FsClass> {
     })
 }
 
-/// 9p is shared with a hypervisor (virtio) or Windows (WSL's drvfs over 9p), else a network
-/// filesystem.
+/// 9p is shared with a hypervisor (virtio) or with Windows (WSL2 serves drives as
+/// `aname=drvfs` and its driver store as `aname=drivers` over 9p), else a network filesystem.
 fn is_host_9p(m: &MountEntry) -> bool {
     m.super_option("trans") == Some("virtio")
         || m.source == "drvfs"
-        || m.super_options.contains("aname=drvfs")
+        || m.super_options
+            .split([',', ';'])
+            .any(|o| o == "aname=drvfs" || o == "aname=drivers")
 }
 
 // Magic numbers from linux/magic.h and the filesystems' own headers.

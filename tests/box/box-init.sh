@@ -33,6 +33,24 @@ if [ -f "$STAGE/state.img" ]; then
   mount -n -o loop "$STAGE/state.img" /var/lib/outlive
 fi
 
+# systemd remounts /sys/fs/cgroup (a tmpfs on hybrid hosts) read-only and resizes it, and a
+# remount changes the superblock, which the box would share with the machine. The box gets a
+# tmpfs of its own with the machine's hierarchies bound into it.
+if mountpoint -q /sys/fs/cgroup && [ "$(stat -f -c %T /sys/fs/cgroup)" = tmpfs ]; then
+  mkdir /mnt/cgroup
+  mount -n -t tmpfs -o mode=755,nosuid,nodev,noexec tmpfs /mnt/cgroup
+  for d in /sys/fs/cgroup/*; do
+    name=${d##*/}
+    if [ -L "$d" ]; then
+      cp -P "$d" /mnt/cgroup/
+    elif mountpoint -q "$d"; then
+      mkdir "/mnt/cgroup/$name"
+      mount -n --bind "$d" "/mnt/cgroup/$name"
+    fi
+  done
+  mount -n --move /mnt/cgroup /sys/fs/cgroup
+fi
+
 # A private /dev with just the nodes the tests use.
 mkdir /mnt/dev
 mount -n -t tmpfs -o mode=755,nosuid tmpfs /mnt/dev

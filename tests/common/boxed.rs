@@ -321,6 +321,51 @@ impl HostSnapshot {
                 }
             }
         }
+        // Superblock options are shared with every namespace: a remount inside the box (systemd
+        // remounts /sys/fs/cgroup read-only on hybrid hosts) would change the machine without
+        // touching a single file.
+        if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+            out.extend(mi.lines().map(|l| format!("mount: {l}")));
+        }
+        // Kernel settings (the box masks systemd-sysctl, and container= keeps PID 1 from writing
+        // core_pattern and friends); counters that change by themselves are left out.
+        const VOLATILE: [&str; 12] = [
+            "fs/quota/",
+            "fs/dentry-state",
+            "fs/file-nr",
+            "fs/inode-nr",
+            "fs/inode-state",
+            "fs/aio-nr",
+            "kernel/ns_last_pid",
+            "kernel/random/uuid",
+            "kernel/random/entropy_avail",
+            "kernel/pty/nr",
+            "kernel/perf_event_max_sample_rate",
+            "net/",
+        ];
+        let mut stack = vec![PathBuf::from("/proc/sys")];
+        while let Some(p) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&p) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let path = e.path();
+                let rel = path
+                    .strip_prefix("/proc/sys")
+                    .unwrap()
+                    .display()
+                    .to_string();
+                if VOLATILE.iter().any(|v| rel.starts_with(v)) {
+                    continue;
+                }
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                } else if let Ok(v) = std::fs::read(&path) {
+                    let v = String::from_utf8_lossy(&v[..v.len().min(300)]).replace('\n', " ");
+                    out.insert(format!("sysctl: {rel}={v}"));
+                }
+            }
+        }
         HostSnapshot(out)
     }
 

@@ -118,11 +118,15 @@ fn spawn(config: &Path) -> (Child, String) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .expect("dbus-daemon address");
-    let address = line.trim().to_string();
-    assert!(
-        address.starts_with("unix:"),
-        "dbus-daemon printed {address:?}"
-    );
+    // Without the server guid, like the real system bus address: a client that reconnects
+    // after a restart must accept the new daemon's guid.
+    let address: String = line
+        .trim()
+        .split(',')
+        .filter(|p| !p.starts_with("guid="))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(address.starts_with("unix:"), "dbus-daemon printed {line:?}");
     (child, address)
 }
 
@@ -130,4 +134,54 @@ impl Drop for PrivateBus {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A client proxy for `org.outlive.Agent1` (tests).
+#[zbus::proxy(
+    interface = "org.outlive.Agent1",
+    default_service = "org.outlive.Agent1",
+    default_path = "/org/outlive/Agent1"
+)]
+pub trait Agent1 {
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn host_id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn hostname(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn boot_id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn status_text(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn degraded(&self) -> zbus::Result<bool>;
+    fn get_host_facts(
+        &self,
+    ) -> zbus::Result<std::collections::HashMap<String, zbus::wire::OwnedVariant>>;
+    fn classify_path(
+        &self,
+        path: &str,
+    ) -> zbus::Result<std::collections::HashMap<String, zbus::wire::OwnedVariant>>;
+}
+
+/// A zbus connection to `address` as the current user.
+pub async fn connect(address: &str) -> zbus::Connection {
+    zbus::connection::Builder::address(address)
+        .build()
+        .await
+        .expect("connect to the private bus")
+}
+
+/// Whether `name` has an owner on the bus.
+pub async fn has_owner(conn: &zbus::Connection, name: &str) -> bool {
+    let proxy = zbus::fdo::DBusProxy::new(conn).await.unwrap();
+    proxy
+        .name_has_owner(name.try_into().unwrap())
+        .await
+        .unwrap_or(false)
+}
+
+/// A variant as a string (or its debug text).
+pub fn text(v: &zbus::wire::OwnedVariant) -> String {
+    String::try_from(v.try_clone().unwrap()).unwrap_or_else(|_| format!("{v:?}"))
 }

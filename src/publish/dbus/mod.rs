@@ -301,11 +301,12 @@ async fn connect(target: BusTarget, objects: &Objects) -> Result<Connection, Sta
         .await
     {
         Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => Ok(conn),
-        Ok(RequestNameReply::InQueue | RequestNameReply::Exists) => Err(StartError::NameTaken),
-        Err(zbus::Error::MethodError(name, msg, _))
-            if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied" =>
-        {
-            Err(StartError::NameDenied(msg.unwrap_or_default()))
+        // zbus reports an existing owner as its own error, not as the reply value.
+        Ok(RequestNameReply::InQueue | RequestNameReply::Exists) | Err(zbus::Error::NameTaken) => {
+            Err(StartError::NameTaken)
+        }
+        Err(zbus::Error::FDO(e)) if matches!(*e, zbus::fdo::Error::AccessDenied(_)) => {
+            Err(StartError::NameDenied(e.to_string()))
         }
         Err(e) => Err(StartError::Unreachable(e)),
     }

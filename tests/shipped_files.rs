@@ -1,0 +1,276 @@
+//! The shipped files (DESIGN §2, §2a): the unit passes `systemd-analyze verify` and its
+//! exposure score is at most 2.5; `make install` honours DESTDIR and PREFIX and always puts the
+//! D-Bus policy under /usr/share; the policy and the launchd plist say what they must; and the
+//! facts layer never spawns a program.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{outlivectl, outlived, repo, require_tools, run};
+
+fn install(prefix: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(Command::new("make")
+        .current_dir(repo())
+        .args(["-s", "install"])
+        .arg(format!("PREFIX={prefix}"))
+        .arg(format!("DESTDIR={}", d.path().display()))
+        .arg(format!("OUTLIVED={}", outlived()))
+        .arg(format!("OUTLIVECTL={}", outlivectl())));
+    assert_eq!(code, 0, "make install:\n{out}\n{err}");
+    d
+}
+
+#[test]
+fn makefile_install_honours_destdir_and_prefix() {
+    if !require_tools(&["make"]) {
+        return;
+    }
+    for (prefix, sbin) in [
+        ("/usr", "/usr/sbin/outlived"),
+        ("/usr/local", "/usr/local/sbin/outlived"),
+    ] {
+        let d = install(prefix);
+        let root = d.path();
+        assert!(
+            root.join(sbin.trim_start_matches('/')).is_file(),
+            "{prefix}: {sbin}"
+        );
+        assert!(
+            root.join(format!("{}/bin/outlivectl", prefix.trim_start_matches('/')))
+                .is_file()
+        );
+        let unit = std::fs::read_to_string(root.join(format!(
+            "{}/lib/systemd/system/outlived.service",
+            prefix.trim_start_matches('/')
+        )))
+        .unwrap();
+        assert!(
+            unit.lines().any(|l| l == format!("ExecStart={sbin}")),
+            "{prefix}: ExecStart must name the installed binary"
+        );
+        // Whatever the prefix: the bus reads no other place.
+        assert!(
+            root.join("usr/share/dbus-1/system.d/org.outlive.Agent1.conf")
+                .is_file(),
+            "{prefix}"
+        );
+        assert!(
+            !root.join("usr/local/share/dbus-1").exists(),
+            "{prefix}: policy under the prefix is never read"
+        );
+        // No bus activation file (activation would restart a stopped agent).
+        let activation = walk(root)
+            .into_iter()
+            .any(|p| p.to_string_lossy().contains("system-services"));
+        assert!(
+            !activation,
+            "{prefix}: a D-Bus activation file was installed"
+        );
+    }
+}
+
+fn walk(p: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            out.push(e.path());
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn unit_verifies_clean_and_exposure_is_at_most_2_5() {
+    if !require_tools(&["systemd-analyze", "make"]) {
+        return;
+    }
+    let d = install("/usr");
+    let installed =
+        std::fs::read_to_string(d.path().join("usr/lib/systemd/system/outlived.service")).unwrap();
+    // verify checks that ExecStart exists on this machine: point it at the binary this run built.
+    let unit = installed
+        .lines()
+        .map(|l| {
+            if l.starts_with("ExecStart=") {
+                format!("ExecStart={}", outlived())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = d.path().join("outlived.service");
+    std::fs::write(&path, unit + "\n").unwrap();
+    let (code, out, err) = run(Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path));
+    assert_eq!(code, 0, "verify failed:\n{out}{err}");
+    assert!(
+        err.trim().is_empty() && out.trim().is_empty(),
+        "verify reported:\n{out}{err}"
+    );
+
+    let (code, out, err) = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&path));
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(score <= 2.5, "exposure {score} > 2.5:\n{out}");
+}
+
+#[test]
+fn unit_is_the_one_design_describes() {
+    let unit = std::fs::read_to_string(repo().join("systemd/outlived.service")).unwrap();
+    let has = |l: &str| unit.lines().any(|x| x.trim() == l);
+    for l in [
+        "Type=notify",
+        "WatchdogSec=30s",
+        "Restart=on-failure",
+        "RestartSec=5s",
+        "CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_KILL CAP_CHOWN CAP_FOWNER",
+        "ProtectHome=read-only",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "StateDirectory=outlive",
+        "StateDirectoryMode=0700",
+        "RuntimeDirectory=outlive",
+        "RuntimeDirectoryPreserve=yes",
+        "UMask=0077",
+        "ReadWritePaths=-/var/lib/prometheus/node-exporter",
+    ] {
+        assert!(has(l), "missing {l}");
+    }
+    // What the agent needs may not be denied; each omission is explained in a comment.
+    for (directive, why) in [
+        ("PrivateTmp=", "No PrivateTmp="),
+        ("ProcSubset=", "No ProcSubset=pid"),
+        ("ProtectProc=", "ProtectProc=invisible"),
+        ("PrivateUsers=", "No PrivateUsers="),
+        ("ProtectHostname=", "No ProtectHostname="),
+        ("User=", "a non-root agent would need polkit"),
+        ("DynamicUser=", "DynamicUser= cannot own a bus name"),
+    ] {
+        assert!(
+            !unit.lines().any(|l| l.starts_with(directive)),
+            "{directive} must not be set"
+        );
+        assert!(
+            unit.contains(why),
+            "the omission of {directive} is not explained"
+        );
+    }
+}
+
+#[test]
+fn dbus_policy_lets_only_root_own_the_name_and_never_grants_getmachineid() {
+    let p = std::fs::read_to_string(repo().join("systemd/org.outlive.Agent1.conf")).unwrap();
+    assert!(
+        p.contains(r#"<policy user="root">"#) && p.contains(r#"<allow own="org.outlive.Agent1"/>"#)
+    );
+    assert_eq!(
+        p.matches("<allow own=").count(),
+        1,
+        "only root may own the name"
+    );
+    assert!(p.contains(r#"<policy group="outlive">"#));
+    assert!(
+        !p.contains(r#"send_member="GetMachineId""#),
+        "GetMachineId would leak the raw machine id"
+    );
+    for m in [
+        "GetHostFacts",
+        "ClassifyPath",
+        "GetGuards",
+        "ReportGuard",
+        "List",
+    ] {
+        assert!(
+            p.contains(&format!(r#"send_member="{m}""#)),
+            "everyone may call {m}"
+        );
+    }
+    for m in ["Enqueue", "Cancel", "Reevaluate", "StopAll", "Pause"] {
+        assert!(
+            !p.contains(&format!(r#"send_member="{m}""#)),
+            "{m} must not be open to everyone"
+        );
+    }
+}
+
+#[test]
+fn launchd_plist_has_the_keys_launchd_needs() {
+    let text = std::fs::read_to_string(repo().join("launchd/org.outlive.outlived.plist")).unwrap();
+    let keys: Vec<&str> = text
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("<key>")
+                .and_then(|r| r.strip_suffix("</key>"))
+        })
+        .collect();
+    for k in [
+        "Label",
+        "ProgramArguments",
+        "RunAtLoad",
+        "KeepAlive",
+        "SuccessfulExit",
+        "ThrottleInterval",
+        "ProcessType",
+        "ExitTimeOut",
+        "AbandonProcessGroup",
+        "StandardOutPath",
+        "StandardErrorPath",
+    ] {
+        assert!(keys.contains(&k), "plist lacks {k}");
+    }
+    assert!(text.contains("<string>org.outlive.outlived</string>"));
+    assert!(
+        text.contains("<key>SuccessfulExit</key>\n    <false/>"),
+        "restart unless the exit was orderly"
+    );
+    assert!(
+        text.contains("<key>AbandonProcessGroup</key>\n  <true/>"),
+        "spawned runs survive the agent"
+    );
+    if common::have("python3") {
+        let (code, _, err) = run(Command::new("python3")
+            .args(["-c", "import plistlib,sys; d=plistlib.load(open(sys.argv[1],'rb')); assert d['Label']=='org.outlive.outlived'; assert d['KeepAlive']['SuccessfulExit'] is False"])
+            .arg(repo().join("launchd/org.outlive.outlived.plist")));
+        assert_eq!(code, 0, "plist does not parse: {err}");
+    }
+}
+
+#[test]
+fn h1_h3_facts_never_spawn_a_program() {
+    // SPEC §1: facts come from the kernel, never from df, findmnt, mount, hostname or stat.
+    for f in walk(&repo().join("src/facts")) {
+        if f.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for banned in [
+                "process::Command",
+                "Command::new",
+                "libc::fork",
+                "posix_spawn",
+                "execv",
+            ] {
+                assert!(!text.contains(banned), "{} uses {banned}", f.display());
+            }
+        }
+    }
+}
