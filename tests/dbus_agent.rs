@@ -395,3 +395,50 @@ async fn x1_bus_restart_reconnects_reowns_the_name_and_reserves_objects() {
         "the agent must survive the bus restart"
     );
 }
+
+#[tokio::test]
+async fn h3_a_running_agent_sees_mount_table_changes() {
+    if !ready() || !require_tools(&["unshare", "nsenter"]) {
+        return;
+    }
+    let bus = PrivateBus::start();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut env = HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    let a = Agent::start(AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        wrapper: vec![
+            "unshare".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+        ],
+        ..AgentSpec::default()
+    });
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let target = a.dir.path().join("mnt");
+    std::fs::create_dir(&target).unwrap();
+    let t = target.display().to_string();
+    let conn = connect(&bus.address).await;
+    let p = Agent1Proxy::new(&conn).await.unwrap();
+    let before = p.classify_path(&t).await.unwrap();
+    assert_ne!(text(&before["fstype"]), "tmpfs", "{before:?}");
+    // Mount a tmpfs in the agent's mount namespace: the cached table must be re-read.
+    let pid = a.pid().to_string();
+    let (code, _, err) = common::run(
+        std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-m", "mount", "-t", "tmpfs", "tmpfs", &t]),
+    );
+    assert_eq!(code, 0, "{err}");
+    let after = p.classify_path(&t).await.unwrap();
+    assert_eq!(text(&after["fstype"]), "tmpfs", "{after:?}");
+    assert_eq!(text(&after["class"]), "local-volatile");
+    let (code, _, err) =
+        common::run(std::process::Command::new("nsenter").args(["-t", &pid, "-m", "umount", &t]));
+    assert_eq!(code, 0, "{err}");
+    let again = p.classify_path(&t).await.unwrap();
+    assert_eq!(text(&again["fstype"]), text(&before["fstype"]), "{again:?}");
+}

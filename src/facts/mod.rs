@@ -55,12 +55,14 @@ impl fmt::Display for ClassifyError {
 
 impl std::error::Error for ClassifyError {}
 
-/// The facts service of one process: a worker thread and the statfs timeout. Clones share
-/// the worker and the timeout.
+/// The facts service of one process: the worker thread, the mount table cache and the statfs
+/// timeout. Clones share all three.
 #[derive(Clone)]
 pub struct Facts {
     worker: FactsWorker,
     timeout_ms: Arc<AtomicU64>,
+    #[cfg(target_os = "linux")]
+    table: Arc<std::sync::Mutex<mountinfo::MountTableCache>>,
 }
 
 impl Facts {
@@ -69,6 +71,8 @@ impl Facts {
         Facts {
             worker: FactsWorker::new(),
             timeout_ms: Arc::new(AtomicU64::new(timeout.as_millis() as u64)),
+            #[cfg(target_os = "linux")]
+            table: Arc::new(std::sync::Mutex::new(mountinfo::MountTableCache::new())),
         }
     }
 
@@ -88,64 +92,97 @@ impl Facts {
         &self.worker
     }
 
-    /// Classify an absolute path: resolve it (symlinks, `..`) on the worker, find its mount,
-    /// classify (H-3). A path that does not resolve in time reads `unknown/timeout`.
+    fn timed_out(path: &Path) -> Classification {
+        Classification {
+            path: path.to_path_buf(),
+            class: FsClass::Unknown,
+            rule: Rule::Timeout,
+            evidence: Default::default(),
+            via: None,
+        }
+    }
+
+    /// The current mount table (re-read only after a change).
+    #[cfg(target_os = "linux")]
+    pub fn mount_table(&self) -> Result<Arc<mountinfo::MountTable>, ClassifyError> {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .current()
+            .map_err(ClassifyError::MountTable)
+    }
+
+    /// Classify an absolute path (H-3): on the worker, in one job, resolve it (symlinks, `..`),
+    /// find its mount, decide, and statfs where the table allows it. A path that does not
+    /// resolve in time, or lies on a mount that timed out in the last 60 s, reads
+    /// `unknown/timeout`.
+    #[cfg(target_os = "linux")]
     pub fn classify_path(&self, path: &Path) -> Result<Classification, ClassifyError> {
         if !path.is_absolute() {
             return Err(ClassifyError::NotAbsolute(path.to_path_buf()));
         }
-        let canonical = match self.worker.canonicalize(path, self.timeout()) {
-            Run::Done(Ok(p)) => p,
-            Run::Done(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ClassifyError::NotFound(path.to_path_buf()));
-            }
-            Run::Done(Err(e)) => return Err(ClassifyError::Io(path.to_path_buf(), e)),
-            Run::Timeout => {
-                return Ok(Classification {
-                    path: path.to_path_buf(),
-                    class: FsClass::Unknown,
-                    rule: Rule::Timeout,
-                    evidence: Default::default(),
-                    via: None,
-                });
-            }
-        };
-        self.classify_resolved(&canonical)
+        let facts = self.clone();
+        let p = path.to_path_buf();
+        match self
+            .worker
+            .run(self.timeout(), move || facts.classify_on_worker(&p))
+        {
+            Run::Done(r) => r,
+            Run::Timeout => Ok(Facts::timed_out(path)),
+        }
     }
 
     #[cfg(target_os = "linux")]
-    fn classify_resolved(&self, canonical: &Path) -> Result<Classification, ClassifyError> {
-        let table = mountinfo::MountTable::read_own().map_err(ClassifyError::MountTable)?;
+    fn classify_on_worker(&self, path: &Path) -> Result<Classification, ClassifyError> {
+        let table = self.mount_table()?;
+        // Resolving the path touches its filesystem: a hang here is charged to the mount the
+        // path lexically lives on, and a mount that recently hung is not touched again.
+        if let Some(m) = table.find(&mountinfo::normalize_lexically(path)) {
+            let key = (m.mount_id, m.mount_point.clone());
+            if self.worker.recently_timed_out(&key) {
+                return Ok(Facts::timed_out(path));
+            }
+        }
+        let canonical = match std::fs::canonicalize(path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ClassifyError::NotFound(path.to_path_buf()));
+            }
+            Err(e) => return Err(ClassifyError::Io(path.to_path_buf(), e)),
+        };
         Ok(classify::classify(
             &table,
-            canonical,
-            &self.worker.probe(self.timeout()),
+            &canonical,
+            &self.worker.inline_probe(),
         ))
     }
 
+    /// macOS: statfs `MNT_LOCAL` on the worker (H-3).
     #[cfg(target_os = "macos")]
-    fn classify_resolved(&self, canonical: &Path) -> Result<Classification, ClassifyError> {
-        let p = canonical.to_path_buf();
-        match self
-            .worker
-            .run(None, self.timeout, move || macos::statfs(&p))
-        {
-            Run::Done(Ok(s)) => Ok(classify::classify_mnt_local(
-                canonical,
+    pub fn classify_path(&self, path: &Path) -> Result<Classification, ClassifyError> {
+        if !path.is_absolute() {
+            return Err(ClassifyError::NotAbsolute(path.to_path_buf()));
+        }
+        let p = path.to_path_buf();
+        let job = move || -> Result<Classification, ClassifyError> {
+            let canonical = std::fs::canonicalize(&p).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ClassifyError::NotFound(p.clone()),
+                _ => ClassifyError::Io(p.clone(), e),
+            })?;
+            let s =
+                macos::statfs(&canonical).map_err(|e| ClassifyError::Io(canonical.clone(), e))?;
+            Ok(classify::classify_mnt_local(
+                &canonical,
                 &s.fstypename,
                 s.mnt_local,
                 s.read_only,
                 &s.mount_point,
                 &s.source,
-            )),
-            Run::Done(Err(e)) => Err(ClassifyError::Io(canonical.to_path_buf(), e)),
-            Run::Timeout => Ok(Classification {
-                path: canonical.to_path_buf(),
-                class: FsClass::Unknown,
-                rule: Rule::Timeout,
-                evidence: Default::default(),
-                via: None,
-            }),
+            ))
+        };
+        match self.worker.run(self.timeout(), job) {
+            Run::Done(r) => r,
+            Run::Timeout => Ok(Facts::timed_out(path)),
         }
     }
 
@@ -156,7 +193,7 @@ impl Facts {
         if !path.is_absolute() {
             return Err(ClassifyError::NotAbsolute(path.to_path_buf()));
         }
-        let table = mountinfo::MountTable::read_own().map_err(ClassifyError::MountTable)?;
+        let table = self.mount_table()?;
         Ok(classify::classify(
             &table,
             &mountinfo::normalize_lexically(path),

@@ -191,6 +191,53 @@ impl MountTable {
     }
 }
 
+/// The mount table of this process, re-read only when the kernel reports a change: after a
+/// mount or unmount in our namespace, poll(2) on an open `/proc/self/mountinfo` reports
+/// `POLLPRI` (proc(5)), and polling acknowledges the change.
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+pub struct MountTableCache {
+    file: Option<std::fs::File>,
+    table: std::sync::Arc<MountTable>,
+}
+
+#[cfg(target_os = "linux")]
+impl MountTableCache {
+    /// An empty cache; the first call reads the table.
+    pub fn new() -> MountTableCache {
+        MountTableCache::default()
+    }
+
+    /// The current table.
+    pub fn current(&mut self) -> std::io::Result<std::sync::Arc<MountTable>> {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::fd::AsFd;
+        let changed = match &self.file {
+            None => {
+                self.file = Some(std::fs::File::open("/proc/self/mountinfo")?);
+                true
+            }
+            Some(f) => {
+                use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+                let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLPRI)];
+                match poll(&mut fds, PollTimeout::ZERO) {
+                    Ok(n) => n > 0,
+                    // Cannot tell: read it again.
+                    Err(_) => true,
+                }
+            }
+        };
+        if changed {
+            let f = self.file.as_mut().expect("opened above");
+            f.seek(SeekFrom::Start(0))?;
+            let mut bytes = Vec::with_capacity(8192);
+            f.read_to_end(&mut bytes)?;
+            self.table = std::sync::Arc::new(MountTable::parse(&String::from_utf8_lossy(&bytes)));
+        }
+        Ok(std::sync::Arc::clone(&self.table))
+    }
+}
+
 /// Number of components of `mount_point` if it is a whole-component prefix of `path`.
 fn prefix_depth(mount_point: &Path, path: &Path) -> Option<usize> {
     let mut p = path.components();

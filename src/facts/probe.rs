@@ -1,18 +1,25 @@
 //! The facts worker (SPEC H-3): canonicalising paths and statfs(2) run on one persistent
-//! thread, each under a timeout, so that a hung network mount never hangs the caller.
+//! thread, under a timeout, so that a hung network mount never hangs the caller.
 //!
-//! At most one probe per mount is outstanding; a mount whose probe timed out reads
-//! `unknown/timeout` for 60 s without a new probe. A worker stuck in the kernel is abandoned
-//! (it exits once the call returns) and a fresh one serves the next request, so one hung mount
-//! does not blind the agent to every other path; at most [`MAX_STUCK`] threads may be stuck at
-//! once, after which probes read `timeout` until one comes back.
+//! A classification is one job on the worker (resolve the path, consult the mount table,
+//! decide, statfs where the table allows it), so it costs one handoff. While a job runs statfs
+//! it records which mount it is probing; if the caller's timeout expires, that mount is
+//! remembered and reads `unknown/timeout` for 60 s without a new probe (so at most one probe per
+//! mount is ever outstanding), and the stuck thread is abandoned: it exits when the kernel call
+//! returns, and a fresh thread serves the next request. At most [`MAX_STUCK`] threads may be
+//! stuck at once; beyond that, requests read `timeout` until one comes back.
+//!
+//! Handoffs spin briefly before parking (the worker waits for a next job, the caller for its
+//! reply): a wakeup across CPUs costs tens of microseconds on virtual machines, a classification
+//! itself a few. The spin is bounded ([`WORKER_SPIN`], [`CALLER_SPIN`]), so an idle agent pays
+//! at most half a millisecond of CPU per classification.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::classify::{FsProbe, StatfsOutcome};
 use super::mountinfo::MountEntry;
@@ -22,6 +29,10 @@ use crate::clock::boottime_ms;
 pub const TIMEOUT_MEMORY_MS: u64 = 60_000;
 /// Most worker threads that may be stuck in the kernel at once.
 pub const MAX_STUCK: usize = 4;
+/// How long the worker polls for a next job before parking.
+pub const WORKER_SPIN: Duration = Duration::from_micros(500);
+/// How long a caller polls for its reply before parking.
+pub const CALLER_SPIN: Duration = Duration::from_micros(200);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -32,16 +43,17 @@ pub type MountKey = (u32, PathBuf);
 struct State {
     tx: Option<Sender<Job>>,
     stuck: usize,
-    outstanding: HashMap<MountKey, ()>,
-    timed_out_at: HashMap<MountKey, u64>,
     spawned: u64,
+    /// The mount whose statfs is running now, if any.
+    probing: Option<MountKey>,
+    timed_out_at: HashMap<MountKey, u64>,
 }
 
 /// Outcome of one job on the worker.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Run<T> {
     Done(T),
-    /// No answer in time, or the mount is known to hang (probe not sent).
+    /// No answer in time.
     Timeout,
 }
 
@@ -49,6 +61,11 @@ pub enum Run<T> {
 #[derive(Clone, Default)]
 pub struct FactsWorker {
     state: Arc<Mutex<State>>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // The state is bookkeeping; a panic elsewhere cannot make it dangerous to keep using.
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl FactsWorker {
@@ -59,16 +76,18 @@ impl FactsWorker {
 
     /// Number of threads spawned over the worker's life (1 unless some got stuck).
     pub fn threads_spawned(&self) -> u64 {
-        self.lock().spawned
+        lock(&self.state).spawned
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock cannot leave the maps inconsistent in a way that
-        // matters (they are caches); keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Whether `mount` timed out within the last 60 s.
+    pub fn recently_timed_out(&self, mount: &MountKey) -> bool {
+        lock(&self.state)
+            .timed_out_at
+            .get(mount)
+            .is_some_and(|&t| boottime_ms().saturating_sub(t) < TIMEOUT_MEMORY_MS)
     }
 
-    /// The current worker's sender and its generation (the count of threads spawned so far).
+    /// The current worker's sender and its generation (threads spawned so far).
     fn sender(&self, st: &mut State) -> Option<(Sender<Job>, u64)> {
         if st.tx.is_none() {
             if st.stuck >= MAX_STUCK {
@@ -79,11 +98,9 @@ impl FactsWorker {
             let spawned = std::thread::Builder::new()
                 .name("outlive-facts".into())
                 .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
+                    worker_loop(&rx);
                     // The channel was dropped: this thread was replaced while stuck.
-                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut st = lock(&state);
                     st.stuck = st.stuck.saturating_sub(1);
                 });
             if spawned.is_err() {
@@ -95,128 +112,111 @@ impl FactsWorker {
         st.tx.clone().map(|tx| (tx, st.spawned))
     }
 
-    /// Run `f` on the worker, waiting at most `timeout`. With a `mount` key, refuse at once
-    /// while a probe of that mount is outstanding or timed out in the last 60 s.
-    pub fn run<T, F>(&self, mount: Option<&MountKey>, timeout: Duration, f: F) -> Run<T>
+    /// Run `f` on the worker, waiting at most `timeout`. If the job started and did not
+    /// finish in time, the mount it was probing (if any) is remembered as hung and the thread
+    /// is abandoned.
+    pub fn run<T, F>(&self, timeout: Duration, f: F) -> Run<T>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let now = boottime_ms();
-        let (tx, generation) = {
-            let mut st = self.lock();
-            if let Some(k) = mount {
-                if st.outstanding.contains_key(k) {
-                    return Run::Timeout;
-                }
-                if let Some(&t) = st.timed_out_at.get(k) {
-                    if now.saturating_sub(t) < TIMEOUT_MEMORY_MS {
-                        return Run::Timeout;
-                    }
-                    st.timed_out_at.remove(k);
-                }
-                st.outstanding.insert(k.clone(), ());
-            }
-            match self.sender(&mut st) {
-                Some(sender) => sender,
-                None => {
-                    if let Some(k) = mount {
-                        st.outstanding.remove(k);
-                    }
-                    return Run::Timeout;
-                }
-            }
+        let deadline = Instant::now() + timeout;
+        let Some((tx, generation)) = self.sender(&mut lock(&self.state)) else {
+            return Run::Timeout;
         };
-
         let (reply_tx, reply_rx): (SyncSender<T>, Receiver<T>) = mpsc::sync_channel(1);
         let started = Arc::new(AtomicBool::new(false));
         let started_in_job = Arc::clone(&started);
-        let state = Arc::clone(&self.state);
-        let key = mount.cloned();
         let job: Job = Box::new(move || {
             started_in_job.store(true, Ordering::SeqCst);
-            let out = f();
-            if let Some(k) = &key {
-                state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .outstanding
-                    .remove(k);
-            }
-            let _ = reply_tx.send(out);
+            let _ = reply_tx.send(f());
         });
         if tx.send(job).is_err() {
-            if let Some(k) = mount {
-                self.lock().outstanding.remove(k);
-            }
             return Run::Timeout;
         }
-        match reply_rx.recv_timeout(timeout) {
+        let spin_until = (Instant::now() + CALLER_SPIN).min(deadline);
+        loop {
+            match reply_rx.try_recv() {
+                Ok(v) => return Run::Done(v),
+                Err(TryRecvError::Disconnected) => return Run::Timeout,
+                Err(TryRecvError::Empty) if Instant::now() < spin_until => std::hint::spin_loop(),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        match reply_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(v) => Run::Done(v),
-            Err(_) => {
-                let mut st = self.lock();
-                if started.load(Ordering::SeqCst) {
-                    // Our job is stuck in the kernel: remember the mount, abandon the thread.
-                    if let Some(k) = mount {
-                        st.timed_out_at.insert(k.clone(), boottime_ms());
+            Err(RecvTimeoutError::Disconnected) => Run::Timeout,
+            Err(RecvTimeoutError::Timeout) => {
+                let mut st = lock(&self.state);
+                // A job still queued behind a stuck one is not stuck itself.
+                if started.load(Ordering::SeqCst) && st.spawned == generation && st.tx.is_some() {
+                    if let Some(m) = st.probing.take() {
+                        st.timed_out_at.insert(m, boottime_ms());
                     }
-                    if st.tx.is_some() && st.spawned == generation {
-                        st.tx = None;
-                        st.stuck += 1;
-                    }
-                } else if let Some(k) = mount {
-                    // Queued behind another stuck job: not this mount's fault.
-                    st.outstanding.remove(k);
+                    st.tx = None;
+                    st.stuck += 1;
                 }
                 Run::Timeout
             }
         }
     }
 
-    /// Resolve a path to its canonical absolute form on the worker.
-    pub fn canonicalize(&self, path: &Path, timeout: Duration) -> Run<std::io::Result<PathBuf>> {
-        let p = path.to_path_buf();
-        self.run(None, timeout, move || std::fs::canonicalize(p))
+    /// A probe for use *inside* a job on the worker: statfs inline, with the per-mount
+    /// bookkeeping (a mount that timed out recently is not probed again).
+    pub fn inline_probe(&self) -> InlineProbe<'_> {
+        InlineProbe { worker: self }
     }
+}
 
-    /// A [`FsProbe`] over this worker.
-    pub fn probe(&self, timeout: Duration) -> WorkerProbe<'_> {
-        WorkerProbe {
-            worker: self,
-            timeout,
+fn worker_loop(rx: &Receiver<Job>) {
+    loop {
+        let job = match rx.recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        job();
+        // Poll briefly for a next job before parking again.
+        let until = Instant::now() + WORKER_SPIN;
+        loop {
+            match rx.try_recv() {
+                Ok(j) => j(),
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) if Instant::now() < until => std::hint::spin_loop(),
+                Err(TryRecvError::Empty) => break,
+            }
         }
     }
 }
 
-/// statfs and existence checks through the worker.
-pub struct WorkerProbe<'a> {
+/// statfs and existence checks run inline on the worker thread (see [`FactsWorker::inline_probe`]).
+pub struct InlineProbe<'a> {
     worker: &'a FactsWorker,
-    timeout: Duration,
 }
 
-impl FsProbe for WorkerProbe<'_> {
+impl FsProbe for InlineProbe<'_> {
     fn statfs(&self, path: &Path, mount: &MountEntry) -> StatfsOutcome {
         let key = (mount.mount_id, mount.mount_point.clone());
-        let p = path.to_path_buf();
-        match self
-            .worker
-            .run(Some(&key), self.timeout, move || statfs_now(&p))
         {
-            Run::Done(o) => o,
-            Run::Timeout => StatfsOutcome::Timeout,
+            let mut st = lock(&self.worker.state);
+            if let Some(&t) = st.timed_out_at.get(&key) {
+                if boottime_ms().saturating_sub(t) < TIMEOUT_MEMORY_MS {
+                    return StatfsOutcome::Timeout;
+                }
+                st.timed_out_at.remove(&key);
+            }
+            st.probing = Some(key);
         }
+        let out = statfs_now(path);
+        lock(&self.worker.state).probing = None;
+        out
     }
 
     fn exists(&self, path: &Path) -> Option<bool> {
-        let p = path.to_path_buf();
-        match self
-            .worker
-            .run(None, self.timeout, move || std::fs::symlink_metadata(&p))
-        {
-            Run::Done(Ok(_)) => Some(true),
-            Run::Done(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Some(false),
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => Some(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(false),
             // EACCES and friends: it may exist; do not claim it does not.
-            Run::Done(Err(_)) | Run::Timeout => None,
+            Err(_) => None,
         }
     }
 }
@@ -248,12 +248,17 @@ mod tests {
     use super::*;
     use std::sync::mpsc::channel;
 
+    fn mount(id: u32, mp: &str) -> MountEntry {
+        super::super::mountinfo::parse_line(&format!("{id} 1 0:{id} / {mp} rw - nfs4 srv:/x rw"))
+            .unwrap()
+    }
+
     #[test]
     fn h3_worker_answers_and_reuses_one_thread() {
         let w = FactsWorker::new();
         for i in 0..5 {
             assert_eq!(
-                w.run(None, Duration::from_secs(5), move || i * 2),
+                w.run(Duration::from_secs(5), move || i * 2),
                 Run::Done(i * 2)
             );
         }
@@ -261,84 +266,88 @@ mod tests {
     }
 
     #[test]
-    fn h3_a_hung_probe_times_out_is_remembered_and_replaced() {
+    fn h3_a_hung_probe_times_out_is_remembered_and_the_thread_replaced() {
         let w = FactsWorker::new();
+        let m = mount(7, "/hung");
         let key: MountKey = (7, "/hung".into());
         let (release_tx, release_rx) = channel::<()>();
-        let r = w.run(Some(&key), Duration::from_millis(50), move || {
+        let w2 = w.clone();
+        let m2 = m.clone();
+        // A job that marks the mount as being probed, then hangs like statfs on a dead server.
+        let r = w.run(Duration::from_millis(50), move || {
+            lock(&w2.state).probing = Some((m2.mount_id, m2.mount_point.clone()));
             let _ = release_rx.recv();
-            1
         });
         assert_eq!(r, Run::Timeout);
-        // Remembered for 60 s: no new probe is sent (it would return 2 if it ran).
+        assert!(w.recently_timed_out(&key));
+        // Remembered for 60 s: the inline probe does not statfs it again.
+        let w3 = w.clone();
+        let out = w.run(Duration::from_secs(5), move || {
+            w3.inline_probe().statfs(Path::new("/hung/x"), &m)
+        });
+        assert_eq!(out, Run::Done(StatfsOutcome::Timeout));
         assert_eq!(
-            w.run(Some(&key), Duration::from_secs(5), || 2),
-            Run::Timeout
+            w.threads_spawned(),
+            2,
+            "a fresh thread served the next request"
         );
-        // Another mount is served by a fresh thread meanwhile.
-        let other: MountKey = (8, "/ok".into());
-        assert_eq!(
-            w.run(Some(&other), Duration::from_secs(5), || 3),
-            Run::Done(3)
-        );
-        assert_eq!(w.threads_spawned(), 2);
         release_tx.send(()).unwrap();
     }
 
     #[test]
-    fn h3_at_most_one_probe_per_mount_outstanding() {
+    fn h3_a_job_queued_behind_a_stuck_one_does_not_blame_its_mount() {
         let w = FactsWorker::new();
-        let key: MountKey = (9, "/slow".into());
-        let (go_tx, go_rx) = channel::<()>();
-        let w2 = w.clone();
-        let k2 = key.clone();
+        let (release_tx, release_rx) = channel::<()>();
+        let (started_tx, started_rx) = channel::<()>();
+        let w1 = w.clone();
         let first = std::thread::spawn(move || {
-            w2.run(Some(&k2), Duration::from_secs(10), move || {
-                let _ = go_rx.recv();
-                1
+            w1.run(Duration::from_secs(10), move || {
+                started_tx.send(()).unwrap();
+                let _ = release_rx.recv();
             })
         });
-        // Wait until the first probe is outstanding.
-        while !w.lock().outstanding.contains_key(&key) {
-            std::thread::yield_now();
-        }
+        started_rx.recv().unwrap();
+        // Queued behind the running job: times out without having started.
+        assert_eq!(w.run(Duration::from_millis(50), || ()), Run::Timeout);
         assert_eq!(
-            w.run(Some(&key), Duration::from_secs(5), || 2),
-            Run::Timeout
+            w.threads_spawned(),
+            1,
+            "the running thread is not declared stuck by a queued job"
         );
-        go_tx.send(()).unwrap();
-        assert_eq!(first.join().unwrap(), Run::Done(1));
-        assert_eq!(
-            w.run(Some(&key), Duration::from_secs(5), || 4),
-            Run::Done(4)
-        );
+        release_tx.send(()).unwrap();
+        assert_eq!(first.join().unwrap(), Run::Done(()));
     }
 
     #[test]
-    fn h3_stuck_threads_are_capped() {
+    fn h3_stuck_threads_are_capped_and_recover() {
         let w = FactsWorker::new();
         let mut releases = Vec::new();
-        for i in 0..MAX_STUCK as u32 {
+        for _ in 0..MAX_STUCK {
             let (tx, rx) = channel::<()>();
             releases.push(tx);
-            let key: MountKey = (100 + i, format!("/h{i}").into());
-            let r = w.run(Some(&key), Duration::from_millis(20), move || {
-                let _ = rx.recv();
-            });
-            assert_eq!(r, Run::Timeout);
+            assert_eq!(
+                w.run(Duration::from_millis(20), move || drop(rx.recv())),
+                Run::Timeout
+            );
         }
-        assert_eq!(w.run(None, Duration::from_secs(1), || 1), Run::Timeout);
+        assert_eq!(
+            w.run(Duration::from_secs(1), || 1),
+            Run::Timeout,
+            "no thread beyond the cap"
+        );
         drop(releases);
-        // Once the stuck threads come back, a new worker can be started.
         let mut ok = false;
         for _ in 0..200 {
-            if w.run(None, Duration::from_secs(1), || 1) == Run::Done(1) {
+            if w.run(Duration::from_secs(1), || 1) == Run::Done(1) {
                 ok = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(ok, "worker never recovered after stuck threads returned");
+        assert!(
+            ok,
+            "the worker never recovered after the stuck threads returned"
+        );
     }
 
     #[test]
