@@ -326,7 +326,9 @@ mod tests {
             let (tx, rx) = channel::<()>();
             releases.push(tx);
             assert_eq!(
-                w.run(Duration::from_millis(20), move || drop(rx.recv())),
+                w.run(Duration::from_millis(20), move || {
+                    let _ = rx.recv();
+                }),
                 Run::Timeout
             );
         }
