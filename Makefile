@@ -24,7 +24,7 @@ DBUSPOLICYDIR := /usr/share/dbus-1/system.d
 
 NEXTEST := $(CARGO) nextest run --features fault-hooks --profile ci
 
-.PHONY: all build test test-fast test-box lint install uninstall clean
+.PHONY: all build test test-fast test-box test-release lint install uninstall clean
 
 all: build
 
@@ -33,13 +33,21 @@ build:
 
 # The whole suite: unit and integration tests in parallel, then the systemd-in-a-box tests one
 # at a time (they share the machine's cgroup tree and check that the host is left unchanged).
-test: lint test-fast test-box
+test: lint test-fast test-box test-release
 
 test-fast:
 	$(NEXTEST) -E 'not binary(box_e2e)'
 
 test-box:
 	$(NEXTEST) -E 'binary(box_e2e)'
+
+# The fault hooks (DESIGN §4.5) exist only with --features fault-hooks: the release build
+# must not contain them.
+test-release:
+	$(CARGO) build --release --locked
+	@if grep -q "fault-wedge-" $(TARGET_DIR)/release/outlived; then \
+		echo "the release build contains the fault hooks"; exit 1; \
+	else echo "release build: no fault hooks"; fi
 
 lint:
 	$(CARGO) fmt --all -- --check

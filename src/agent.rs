@@ -108,6 +108,13 @@ pub fn main(opts: Options) -> i32 {
     }
 
     crate::publish::logging::init(&config.journal_socket);
+    match &config.source {
+        Some(p) => tracing::info!("configuration from {}", p.display()),
+        None => tracing::info!(
+            "no configuration file at {}: all defaults",
+            config_path.display()
+        ),
+    }
     let journal = Arc::new(JournalWriter::new(&config.journal_socket));
     let audit: Arc<dyn AuditSink> = journal.clone();
 

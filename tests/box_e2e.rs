@@ -97,6 +97,14 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
             started[0]["OUTLIVE_HOST_ID"].as_str(),
             Some(bus_host_id.as_str())
         );
+        // Ordinary diagnostics reach the journal through tracing-journald (it adds TARGET).
+        let diag = journal_json(&b, &["SYSLOG_IDENTIFIER=outlived", "TARGET=outlive::agent"]);
+        assert!(
+            diag.iter().any(|e| e["MESSAGE"]
+                .as_str()
+                .is_some_and(|m| m.contains("configuration"))),
+            "no tracing diagnostic from outlived in the journal: {diag:?}"
+        );
 
         // kill -STOP: no more WATCHDOG=1; systemd's watchdog fires and restarts the agent.
         let pid = b.show("outlived", "MainPID");

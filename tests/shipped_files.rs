@@ -274,3 +274,24 @@ fn h1_h3_facts_never_spawn_a_program() {
         }
     }
 }
+
+#[test]
+fn s9_packaged_default_configuration_is_generated_from_the_key_table() {
+    let shipped = std::fs::read_to_string(repo().join("packaging/outlive.toml")).unwrap();
+    assert_eq!(
+        shipped,
+        outlive::config::commented_default_file(),
+        "packaging/outlive.toml is stale: regenerate it with `cargo run --bin outlived -- --print-default-config > packaging/outlive.toml`"
+    );
+    // Every key of SPEC §9 appears, commented out at its default.
+    for k in outlive::config::KEYS {
+        let name = k.key.rsplit('.').next().unwrap();
+        assert!(
+            shipped
+                .lines()
+                .any(|l| l.starts_with(&format!("#{name} = "))),
+            "{} missing",
+            k.key
+        );
+    }
+}

@@ -47,11 +47,19 @@ pub struct OutlivedArgs {
     /// Validate the configuration, print the effective configuration and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Print a configuration file with every key commented out at its default, with its
+    /// meaning and range, and exit (e.g. to start /etc/outlive/outlive.toml from).
+    #[arg(long, conflicts_with_all = ["check_config", "config"])]
+    pub print_default_config: bool,
 }
 
 /// `outlived`'s entry point.
 pub fn outlived_main() -> i32 {
     let args = OutlivedArgs::parse();
+    if args.print_default_config {
+        print!("{}", crate::config::commented_default_file());
+        return 0;
+    }
     crate::agent::main(crate::agent::Options {
         config: args.config,
         user: args.user,
