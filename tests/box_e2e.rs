@@ -106,6 +106,16 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
             "no tracing diagnostic from outlived in the journal: {diag:?}"
         );
 
+        // Running well past every loop's stale window (the bus loop pings every 1.5 s and
+        // would be stale after 6.5 s), the watchdog stays fed: no restart.
+        std::thread::sleep(Duration::from_secs(8));
+        assert_eq!(
+            b.show("outlived", "NRestarts"),
+            "0",
+            "restarted while healthy"
+        );
+        assert!(!b.show("outlived", "StatusText").starts_with("wedged"));
+
         // kill -STOP: no more WATCHDOG=1; systemd's watchdog fires and restarts the agent.
         let pid = b.show("outlived", "MainPID");
         let restarts: u32 = b.show("outlived", "NRestarts").parse().unwrap();

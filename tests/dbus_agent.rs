@@ -442,3 +442,48 @@ async fn h3_a_running_agent_sees_mount_table_changes() {
     let again = p.classify_path(&t).await.unwrap();
     assert_eq!(text(&again["fstype"]), text(&before["fstype"]), "{again:?}");
 }
+
+/// on a bus with the shipped policy, the bus loop's self-ping is answered, so the loop
+/// keeps beating and the watchdog keeps being fed well past the loop's stale window.
+#[tokio::test]
+async fn x4_bus_loop_keeps_beating_on_the_policy_bus() {
+    if !ready() {
+        return;
+    }
+    let bus = PrivateBus::start();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut env = HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    // Watchdog 2 s: the bus loop pings every second and would be stale after 6 s of silence.
+    let mut a = Agent::start(AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        watchdog_usec: Some(2_000_000),
+        ..AgentSpec::default()
+    });
+    let ready = n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    n.drain(Duration::from_secs(9));
+    let seen = n.seen();
+    assert!(
+        !seen.iter().any(|d| d.has("WATCHDOG", "trigger")),
+        "the watchdog was triggered: {seen:?}"
+    );
+    let late = seen
+        .iter()
+        .filter(|d| d.has("WATCHDOG", "1") && d.at > ready.at + Duration::from_secs(7))
+        .count();
+    assert!(late >= 2, "WATCHDOG=1 stopped: {seen:?}");
+    assert_eq!(
+        a.wait_exit(Duration::from_millis(10)),
+        None,
+        "{}",
+        a.stderr()
+    );
+    assert!(
+        !a.stderr().contains("ping"),
+        "self-ping trouble: {}",
+        a.stderr()
+    );
+}
