@@ -217,6 +217,116 @@ pub trait AuditSink: Send + Sync {
     fn record(&self, event: &Event);
 }
 
+/// The audit log file: one JSON object per line, `audit.jsonl`.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+/// Rotation threshold: at 5 MiB the file becomes `audit.jsonl.1` (two files are kept).
+pub const AUDIT_MAX_BYTES: u64 = 5 * 1024 * 1024;
+
+/// `audit.jsonl` in a directory that changes with the lock (L-6): the state directory while
+/// the lock is held, the runtime directory otherwise.
+pub struct AuditLog {
+    dir: std::sync::Mutex<std::path::PathBuf>,
+    max_bytes: u64,
+    failures: std::sync::atomic::AtomicU64,
+}
+
+impl AuditLog {
+    /// A log writing into `dir`.
+    pub fn new(dir: &std::path::Path) -> AuditLog {
+        AuditLog::with_limit(dir, AUDIT_MAX_BYTES)
+    }
+
+    /// With a rotation threshold (tests).
+    pub fn with_limit(dir: &std::path::Path, max_bytes: u64) -> AuditLog {
+        AuditLog {
+            dir: std::sync::Mutex::new(dir.to_path_buf()),
+            max_bytes,
+            failures: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Write into `dir` from now on.
+    pub fn set_dir(&self, dir: &std::path::Path) {
+        *self.dir.lock().unwrap_or_else(|e| e.into_inner()) = dir.to_path_buf();
+    }
+
+    /// The directory written to now.
+    pub fn dir(&self) -> std::path::PathBuf {
+        self.dir.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Appends that failed (the journal still has them).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Append one event, rotating first when the file would grow past the threshold.
+    pub fn append(&self, ev: &Event) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
+        let path = dir.join(AUDIT_FILE);
+        let mut line = ev.to_json().to_string();
+        line.push('\n');
+        if let Ok(m) = std::fs::metadata(&path)
+            && m.len() + line.len() as u64 > self.max_bytes
+        {
+            std::fs::rename(&path, dir.join(format!("{AUDIT_FILE}.1")))?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(line.as_bytes())
+    }
+}
+
+/// Read the audit events under `dirs` (each `audit.jsonl.1` then `audit.jsonl`), oldest first.
+/// Lines that do not parse are skipped.
+pub fn read_logs(dirs: &[&std::path::Path]) -> Vec<Event> {
+    let mut out = Vec::new();
+    for d in dirs {
+        for name in [format!("{AUDIT_FILE}.1"), AUDIT_FILE.to_string()] {
+            if let Ok(text) = std::fs::read_to_string(d.join(name)) {
+                out.extend(
+                    text.lines()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .filter_map(|v| Event::from_json(&v)),
+                );
+            }
+        }
+    }
+    out.sort_by_key(|e| e.at_ms);
+    out
+}
+
+/// The agent's sink: every event to `audit.jsonl` and to each further sink (the journal).
+pub struct Auditor {
+    pub log: AuditLog,
+    sinks: Vec<std::sync::Arc<dyn AuditSink>>,
+}
+
+impl Auditor {
+    /// An auditor over `log` and `sinks`.
+    pub fn new(log: AuditLog, sinks: Vec<std::sync::Arc<dyn AuditSink>>) -> Auditor {
+        Auditor { log, sinks }
+    }
+}
+
+impl AuditSink for Auditor {
+    fn record(&self, event: &Event) {
+        if self.log.append(event).is_err() {
+            self.log
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        for s in &self.sinks {
+            s.record(event);
+        }
+    }
+}
+
 /// A sink that keeps events in memory (tests, and the CLI's direct calls).
 #[derive(Default)]
 pub struct MemorySink {
@@ -285,6 +395,34 @@ mod tests {
         assert_eq!(field_name("_x"), "X");
         assert_eq!(field_name("9lives"), "F9LIVES");
         assert_eq!(field_name(""), "F");
+    }
+
+    #[test]
+    fn x2_audit_log_rotates_at_the_limit_and_reads_both_dirs() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let log = AuditLog::with_limit(a.path(), 600);
+        for i in 0..10 {
+            let mut e = Event::new("n", format!("event {i}"));
+            e.at_ms = i;
+            log.append(&e).unwrap();
+        }
+        let cur = std::fs::metadata(a.path().join(AUDIT_FILE)).unwrap().len();
+        assert!(cur <= 600, "the current file stays under the limit: {cur}");
+        assert!(
+            a.path().join(format!("{AUDIT_FILE}.1")).exists(),
+            "rotated once at least"
+        );
+        log.set_dir(b.path());
+        let mut e = Event::new("n", "in the runtime dir");
+        e.at_ms = 100;
+        log.append(&e).unwrap();
+        let all = read_logs(&[a.path(), b.path()]);
+        assert_eq!(all.last().unwrap().message, "in the runtime dir");
+        assert!(all.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+        // Two files are kept: the oldest events are gone, the newest are there.
+        assert!(all.iter().any(|e| e.message == "event 9"));
+        assert!(!all.iter().any(|e| e.message == "event 0"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! feature: `#[cfg(test)]` does not reach the binary that those tests start. A test asks for a
 //! fault by creating a file in the agent's runtime directory:
 //!
-//! - `fault-wedge-<loop>`: the named loop (e.g. `drainer`) wedges at its next wake.
+//! - `fault-wedge-<loop>`: the named loop (e.g. `drainer`) wedges at its next wake;
+//! - `fault-persist-fails`: every save of the queue state fails, as on a full disk.
 //!
 //! The release build is checked to lack this module (`.ci/run`).
 
@@ -20,4 +21,10 @@ pub fn init(runtime_dir: PathBuf) {
 pub fn wedged(loop_name: &str) -> bool {
     DIR.get()
         .is_some_and(|d| d.join(format!("fault-wedge-{loop_name}")).exists())
+}
+
+/// Whether persisting the queue's state must fail (`fault-persist-fails`).
+pub fn persist_fails() -> bool {
+    DIR.get()
+        .is_some_and(|d| d.join("fault-persist-fails").exists())
 }

@@ -15,3 +15,4 @@ pub mod facts;
 #[cfg(feature = "fault-hooks")]
 pub mod faults;
 pub mod publish;
+pub mod queue;

@@ -1,0 +1,1239 @@
+//! The revival queue and its host lock (SPEC §2, §3).
+//!
+//! - `lock`: L-1 to L-8, the decision table and the born-locked file;
+//! - `entry`: Q-1 to Q-3, entries, statuses, evidence, formats;
+//! - `rules`: Q-4 to Q-12 and P-1 as pure functions;
+//! - `store`: Q-14, Q-15, the durable state file;
+//! - this file: [`Queue`], which holds the lock and the state and applies the rules. Every
+//!   mutation is applied to a copy, persisted, and only then made current and acknowledged; a
+//!   failed persist rolls back, is audited and is retried on each tick. While the lock is not
+//!   held nothing is written under the state directory (L-6).
+
+pub mod entry;
+pub mod lock;
+pub mod rules;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::audit::{Alert, AuditSink, Auditor, Event, priority};
+use crate::clock::Clock;
+use crate::config::{AutoHeal, Config};
+use crate::facts::Facts;
+use crate::facts::process::ProcessProber;
+use entry::{Entry, Status, Target};
+use lock::{HeldLock, LockReason, Ours, Verdict};
+use rules::{Bound, PauseChange, PauseKind, Request, RequeueRefusal};
+use store::{Loaded, RunStop, State};
+
+/// Waiting time of queued entries is written at least this often, so that a crash together
+/// with a backward wall-clock step loses at most this much of it.
+const CHECKPOINT_MS: u64 = 10 * 60 * 1000;
+
+/// Operator stops older than this are forgotten (no entry can be that old: the TTL is at most
+/// 720 h and requeues start a new wait).
+const STOP_RETENTION_MS: u64 = 31 * 24 * 3600 * 1000;
+
+/// The queue's settings (SPEC §9 `[queue]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub enabled: bool,
+    pub dry_run: bool,
+    pub max_size: usize,
+    pub max_attempts: u32,
+    pub max_resurrections: usize,
+    pub ttl_ms: u64,
+    pub include_operator_kills: bool,
+    pub allowed_units: Vec<String>,
+    pub auto_heal: AutoHeal,
+}
+
+impl Settings {
+    /// From the configuration.
+    pub fn from_config(c: &Config) -> Settings {
+        Settings {
+            enabled: c.queue.enabled,
+            dry_run: c.queue.dry_run,
+            max_size: c.queue.max_size as usize,
+            max_attempts: c.queue.max_attempts,
+            max_resurrections: c.queue.max_resurrections as usize,
+            ttl_ms: c.queue.entry_ttl_hours as u64 * 3600 * 1000,
+            include_operator_kills: c.queue.include_operator_kills,
+            allowed_units: c.queue.allowed_units.clone(),
+            auto_heal: c.queue.auto_heal,
+        }
+    }
+}
+
+/// Who calls (from the bus credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub root: bool,
+    /// Root, a member of `outlive`, or (user mode) the agent's own uid.
+    pub may_mutate: bool,
+}
+
+/// Refusals (mapped to `org.outlive.Error.*` by the bus layer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueError {
+    /// `QueueDisabled`: reason code and detail.
+    Disabled {
+        code: String,
+        detail: String,
+    },
+    NotFound(String),
+    Paused(String),
+    Full(String),
+    NotGaveUp(String),
+    Duplicate(String),
+    PersistFailed(String),
+    Invalid {
+        field: String,
+        why: String,
+    },
+    AccessDenied(String),
+}
+
+impl std::fmt::Display for QueueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueError::Disabled { code, detail } => {
+                write!(f, "the queue is disabled ({code}): {detail}")
+            }
+            QueueError::Invalid { field, why } => write!(f, "{field}: {why}"),
+            QueueError::NotFound(m)
+            | QueueError::Paused(m)
+            | QueueError::Full(m)
+            | QueueError::NotGaveUp(m)
+            | QueueError::Duplicate(m)
+            | QueueError::PersistFailed(m)
+            | QueueError::AccessDenied(m) => f.write_str(m),
+        }
+    }
+}
+
+/// `Enqueue`'s reply: `(admitted, why, id)` (X-1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub admitted: bool,
+    pub why: String,
+    pub id: String,
+}
+
+/// What the facts layer must provide to evaluate the lock.
+pub struct LockEnv<'a> {
+    pub ours: Ours,
+    pub facts: &'a Facts,
+    pub prober: &'a dyn ProcessProber,
+}
+
+/// A snapshot for publication (D-Bus properties, status line, posture).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The lock is held, the state loaded and `queue.enabled` is on.
+    pub enabled: bool,
+    /// A G-6 reason code when not enabled (empty when enabled).
+    pub disabled_reason: String,
+    pub disabled_detail: String,
+    /// `persist-failed` while saves fail (the queue stays enabled).
+    pub persist_failed: Option<String>,
+    pub lock_held: bool,
+    pub dry_run: bool,
+    pub pause: Option<rules::Pause>,
+    /// Open entries (queued or starting).
+    pub waiting: u32,
+    pub dry_run_since: Option<u64>,
+}
+
+/// The queue: the lock, the state and the rules.
+pub struct Queue {
+    state_dir: PathBuf,
+    runtime_dir: PathBuf,
+    settings: Settings,
+    held: Option<HeldLock>,
+    /// Why the lock is not held (None while held).
+    lock_disabled: Option<(String, String, bool)>,
+    last_disabled_audited: Option<(String, String)>,
+    verdict: Option<Verdict>,
+    state: State,
+    loaded: bool,
+    persist_failed: Option<String>,
+    auditor: Arc<Auditor>,
+    clock: Arc<dyn Clock>,
+    /// CLOCK_BOOTTIME of `paused_at` (in memory).
+    pause_boot: Option<u64>,
+    /// CLOCK_BOOTTIME of the last successful save.
+    saved_boot: u64,
+}
+
+impl Queue {
+    /// A queue that has not evaluated its lock yet (disabled, `acquisition-error`).
+    pub fn new(
+        state_dir: &Path,
+        runtime_dir: &Path,
+        settings: Settings,
+        auditor: Arc<Auditor>,
+        clock: Arc<dyn Clock>,
+    ) -> Queue {
+        auditor.log.set_dir(runtime_dir);
+        Queue {
+            state_dir: state_dir.to_path_buf(),
+            runtime_dir: runtime_dir.to_path_buf(),
+            settings,
+            held: None,
+            lock_disabled: Some((
+                "acquisition-error".into(),
+                "the lock has not been evaluated yet".into(),
+                true,
+            )),
+            last_disabled_audited: None,
+            verdict: None,
+            state: State::empty(),
+            loaded: false,
+            persist_failed: None,
+            auditor,
+            clock,
+            pause_boot: None,
+            saved_boot: 0,
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Apply new settings (reload). Returns whether the lock should be re-evaluated (L-3: a
+    /// refusal that ticks do not retry is re-evaluated on reload).
+    pub fn set_settings(&mut self, s: Settings) {
+        self.settings = s;
+        self.maintain_dry_run_since();
+    }
+
+    /// The last L-4 verdict.
+    pub fn verdict(&self) -> Option<&Verdict> {
+        self.verdict.as_ref()
+    }
+
+    /// Whether we hold the lock.
+    pub fn lock_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The held lock's record.
+    pub fn held_record(&self) -> Option<&lock::LockRecord> {
+        self.held.as_ref().map(|h| h.record())
+    }
+
+    fn audit(&self, e: Event) {
+        self.auditor.record(&e);
+    }
+
+    // ---- the lock (L-3) ---------------------------------------------------------------------
+
+    /// L-3: evaluate the lock. At start and reload (`force`), and on each tick while the lock is
+    /// refused for a retryable cause. Nothing happens while the lock is held.
+    pub fn evaluate_lock(&mut self, env: &LockEnv<'_>, force: bool) {
+        if self.held.is_some() {
+            return;
+        }
+        if !force
+            && !self
+                .lock_disabled
+                .as_ref()
+                .is_some_and(|(_, _, retry)| *retry)
+        {
+            return;
+        }
+        let acq = lock::acquire(
+            &self.state_dir,
+            &env.ours,
+            self.settings.auto_heal,
+            env.facts,
+            env.prober,
+        );
+        let disabled = acq.disabled().map(|(r, m)| (r, m.to_string()));
+        self.verdict = Some(acq.verdict.clone());
+        match acq.held {
+            Some(h) => {
+                self.held = Some(h);
+                self.auditor.log.set_dir(&self.state_dir);
+                for e in acq.events {
+                    self.audit(e);
+                }
+                let was_disabled = self.last_disabled_audited.take().is_some();
+                self.lock_disabled = None;
+                self.load_state();
+                if was_disabled && self.loaded {
+                    self.audit(
+                        Event::new(
+                            "queue-enabled",
+                            "the revival queue holds its lock again and is enabled",
+                        )
+                        .priority(priority::NOTICE),
+                    );
+                }
+            }
+            None => {
+                let (reason, message) =
+                    disabled.unwrap_or((LockReason::AcquisitionError, "lock not held".into()));
+                self.disable(
+                    reason.as_str(),
+                    &message,
+                    reason.retryable(),
+                    Some(&acq.verdict),
+                );
+            }
+        }
+    }
+
+    /// Close the lock, stop writing under the state directory, and audit the outcome when it
+    /// differs from the previous one (L-4, L-6).
+    fn disable(&mut self, code: &str, detail: &str, retryable: bool, verdict: Option<&Verdict>) {
+        self.held = None;
+        self.loaded = false;
+        self.state = State::empty();
+        self.pause_boot = None;
+        self.auditor.log.set_dir(&self.runtime_dir);
+        self.lock_disabled = Some((code.to_string(), detail.to_string(), retryable));
+        let key = (code.to_string(), detail.to_string());
+        if self.last_disabled_audited.as_ref() != Some(&key) {
+            let mut e = Event::new(
+                "queue-disabled",
+                format!("the revival queue is disabled ({code}): {detail}"),
+            )
+            .alert(Alert::QueueDisabled)
+            .field("reason", code)
+            .field("state_dir", self.state_dir.display());
+            if let Some(v) = verdict {
+                e = e.field("row", v.row);
+                // Row 7 carries no filesystem, liveness or heartbeat facts: none were gathered.
+                if let Some(c) = v.facts.class {
+                    e = e.field("class", c.as_str());
+                }
+                if let Some(r) = &v.facts.rule {
+                    e = e.field("rule", r);
+                }
+                if let Some(h) = &v.facts.holder {
+                    e = e.field("holder", h);
+                }
+                if let Some(a) = v.facts.holder_alive {
+                    e = e.field("holder_alive", a);
+                }
+                if let Some(age) = v.facts.heartbeat_age_ms {
+                    e = e.field(
+                        "heartbeat_age_ms",
+                        age.map(|a| a.to_string())
+                            .unwrap_or_else(|| "unreadable".into()),
+                    );
+                }
+            }
+            self.audit(e);
+            self.last_disabled_audited = Some(key);
+        }
+    }
+
+    /// L-7: release the lock (orderly stop). The file stays.
+    pub fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// Tick step 1 (D-2): touch the lock's heartbeat, or retry acquisition. A lock file that
+    /// no longer names our descriptor (removed or replaced) is lost: retried next tick. Also
+    /// keeps the held record's hostname current.
+    pub fn heartbeat(&mut self, env: &LockEnv<'_>) {
+        match &mut self.held {
+            Some(h) => {
+                if !h.still_installed() {
+                    let msg = format!("{} was removed or replaced while held", h.path().display());
+                    self.disable("acquisition-error", &msg, true, None);
+                    return;
+                }
+                if let Err(e) = h.touch() {
+                    tracing::warn!("cannot touch the lock heartbeat: {e}");
+                }
+                if h.record().hostname != env.ours.hostname {
+                    let from = h.record().hostname.clone();
+                    let mut r = h.record().clone();
+                    r.hostname = env.ours.hostname.clone();
+                    if h.update(r).is_ok() {
+                        self.audit(
+                            Event::new(
+                                "lock-host-renamed",
+                                format!(
+                                    "this host was renamed from {from} to {} while holding the queue lock (same host \
+                                     id {}); the lock record was updated",
+                                    env.ours.hostname, env.ours.host_id
+                                ),
+                            )
+                            .alert(Alert::LockHostRenamed)
+                            .field("from", from)
+                            .field("to", &env.ours.hostname)
+                            .field("host_id", env.ours.host_id),
+                        );
+                    }
+                }
+            }
+            None => self.evaluate_lock(env, false),
+        }
+    }
+
+    // ---- state ------------------------------------------------------------------------------
+
+    fn load_state(&mut self) {
+        let now_wall = self.clock.wall_ms();
+        let now_boot = self.clock.boot_ms();
+        match store::load(&self.state_dir, now_wall) {
+            Loaded::Fresh => {
+                self.state = State::empty();
+                self.loaded = true;
+            }
+            Loaded::State(s) => {
+                self.state = *s;
+                self.restore_clocks(now_wall, now_boot);
+                self.loaded = true;
+                // Write the restored waiting time now: the next restart must not depend on the
+                // wall clock behaving meanwhile.
+                if self.state.entries.iter().any(|e| e.status.is_open()) {
+                    let _ = self.commit(|_, _| Ok(((), vec![])));
+                }
+            }
+            Loaded::Corrupt { why, sidecar } => {
+                self.state = State::empty();
+                self.loaded = true;
+                self.audit(
+                    Event::new(
+                        "state-corrupt",
+                        format!(
+                            "the queue state {} was unreadable ({why}); it was copied to {} and the queue starts \
+                             empty. Inspect the copy to recover runs that were waiting.",
+                            self.state_dir.join(store::STATE_FILE).display(),
+                            sidecar.display()
+                        ),
+                    )
+                    .alert(Alert::QueueNotice)
+                    .field("why", &why)
+                    .field("sidecar", sidecar.display()),
+                );
+            }
+            Loaded::CorruptUncopied { why, error } => {
+                let msg = format!(
+                    "the queue state is unreadable ({why}) and could not be copied aside ({error}); it is left in \
+                     place and the queue is disabled until it can be"
+                );
+                self.disable("persist-failed", &msg, true, None);
+                return;
+            }
+            Loaded::Unreadable(e) => {
+                self.disable(
+                    "persist-failed",
+                    &format!("cannot read the queue state: {e}"),
+                    true,
+                    None,
+                );
+                return;
+            }
+        }
+        self.prune(now_wall);
+        self.maintain_dry_run_since();
+    }
+
+    /// After a restart: waiting time advances by the wall-clock delta since the save (clamped
+    /// to ≥ 0); backoffs and the pause are mapped onto CLOCK_BOOTTIME.
+    fn restore_clocks(&mut self, now_wall: u64, now_boot: u64) {
+        let down = now_wall.saturating_sub(self.state.saved_at);
+        for e in &mut self.state.entries {
+            if e.status == Status::Queued {
+                e.waited_ms = e.waited_ms.saturating_add(down);
+            }
+            e.wait_anchor_boot = now_boot;
+            e.next_attempt_boot = e
+                .next_attempt_at
+                .map(|w| now_boot + w.saturating_sub(now_wall));
+        }
+        self.pause_boot = self
+            .state
+            .pause
+            .as_ref()
+            .map(|p| now_boot.saturating_sub(now_wall.saturating_sub(p.paused_at)));
+    }
+
+    /// Keep `dry_run_since` (G-7 soak) in step with the setting. Best effort: it is written
+    /// with the next save if this one fails.
+    fn maintain_dry_run_since(&mut self) {
+        if !self.loaded {
+            return;
+        }
+        let want = self.settings.dry_run;
+        if want == self.state.dry_run_since.is_some() {
+            return;
+        }
+        let now = self.clock.wall_ms();
+        let _ = self.commit(|s, _| {
+            s.dry_run_since = want.then_some(now);
+            Ok(((), vec![]))
+        });
+    }
+
+    /// Bring `waited_ms` (and `calm_ms` when `calm`) of queued entries up to now.
+    pub fn advance_waiting(&mut self, calm: bool) {
+        let now = self.clock.boot_ms();
+        advance(&mut self.state.entries, now, calm);
+    }
+
+    fn require_enabled(&self) -> Result<(), QueueError> {
+        if let Some((code, detail, _)) = &self.lock_disabled {
+            return Err(QueueError::Disabled {
+                code: code.clone(),
+                detail: detail.clone(),
+            });
+        }
+        if !self.loaded {
+            return Err(QueueError::Disabled {
+                code: "persist-failed".into(),
+                detail: "the state is not loaded".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Apply `f` to a copy, persist it, and make it current; record its events only then.
+    fn commit<T>(
+        &mut self,
+        f: impl FnOnce(&mut State, &Ctx) -> Result<(T, Vec<Event>), QueueError>,
+    ) -> Result<T, QueueError> {
+        self.require_enabled()?;
+        let ctx = Ctx {
+            wall: self.clock.wall_ms(),
+            boot: self.clock.boot_ms(),
+        };
+        advance(&mut self.state.entries, ctx.boot, false);
+        let mut next = self.state.clone();
+        let (out, events) = f(&mut next, &ctx)?;
+        next.saved_at = ctx.wall;
+        for e in &mut next.entries {
+            e.next_attempt_at = e
+                .next_attempt_boot
+                .map(|b| ctx.wall + b.saturating_sub(ctx.boot));
+        }
+        match store::save(&self.state_dir, &next) {
+            Ok(()) => {
+                self.state = next;
+                self.saved_boot = ctx.boot;
+                for e in events {
+                    self.audit(e);
+                }
+                if let Some(was) = self.persist_failed.take() {
+                    self.audit(
+                        Event::new(
+                            "persist-recovered",
+                            format!("the queue state is written again (it failed: {was})"),
+                        )
+                        .priority(priority::NOTICE),
+                    );
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                let msg = format!(
+                    "cannot write {}: {e}",
+                    self.state_dir.join(store::STATE_FILE).display()
+                );
+                if self.persist_failed.as_deref() != Some(msg.as_str()) {
+                    self.audit(
+                        Event::new(
+                            "persist-failed",
+                            format!("{msg}; the change was refused and the previous state kept. Free space or fix the \
+                                     state directory; outlived retries on every tick."),
+                        )
+                        .alert(Alert::QueueNotice)
+                        .field("error", e),
+                    );
+                }
+                self.persist_failed = Some(msg.clone());
+                Err(QueueError::PersistFailed(msg))
+            }
+        }
+    }
+
+    /// Q-14: while saves fail, each tick retries writing the current state.
+    pub fn retry_persist(&mut self) {
+        if self.persist_failed.is_some() && self.require_enabled().is_ok() {
+            let _ = self.commit(|_, _| Ok(((), vec![])));
+        }
+    }
+
+    // ---- reads ------------------------------------------------------------------------------
+
+    /// The entries (L-6: a disabled queue has none to show and says why).
+    pub fn entries(&self) -> Result<&[Entry], QueueError> {
+        self.require_enabled()?;
+        Ok(&self.state.entries)
+    }
+
+    /// Everything persisted (for the drainer and tests).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// A snapshot for publication.
+    pub fn snapshot(&self) -> Snapshot {
+        let (enabled, reason, detail) = match (&self.lock_disabled, self.settings.enabled) {
+            (Some((c, d, _)), _) => (false, c.clone(), d.clone()),
+            (None, false) => (
+                false,
+                "queue-off".to_string(),
+                "queue.enabled is false in the configuration".to_string(),
+            ),
+            (None, true) => (true, String::new(), String::new()),
+        };
+        Snapshot {
+            enabled,
+            disabled_reason: reason,
+            disabled_detail: detail,
+            persist_failed: self.persist_failed.clone(),
+            lock_held: self.held.is_some(),
+            dry_run: self.settings.dry_run,
+            pause: self.state.pause.clone(),
+            waiting: self
+                .state
+                .entries
+                .iter()
+                .filter(|e| e.status.is_open())
+                .count() as u32,
+            dry_run_since: self.state.dry_run_since,
+        }
+    }
+
+    // ---- mutations (Q-4 … Q-12, P-1) --------------------------------------------------------
+
+    /// Q-4 Enqueue. `req` is the decoded dictionary or the decoding error (`field`, why); the
+    /// checks run in the SPEC's order, so a disabled queue answers `QueueDisabled` first.
+    pub fn enqueue(
+        &mut self,
+        caller: &Caller,
+        req: Result<Request, (String, String)>,
+    ) -> Result<Reply, QueueError> {
+        self.require_enabled()?;
+        if !self.settings.enabled {
+            return Err(QueueError::Disabled {
+                code: "queue-off".into(),
+                detail: "queue.enabled is false in the configuration".into(),
+            });
+        }
+        if !caller.may_mutate {
+            return Err(QueueError::AccessDenied(format!(
+                "uid {} may not enqueue: root or a member of group `outlive` only",
+                caller.uid
+            )));
+        }
+        let req = req.map_err(|(field, why)| QueueError::Invalid { field, why })?;
+        req.validate().map_err(|(field, why)| QueueError::Invalid {
+            field: field.into(),
+            why,
+        })?;
+        if (req.user.is_some() || req.group.is_some()) && !caller.root {
+            return Err(QueueError::AccessDenied(
+                "only root may enqueue a run as another user (user, group)".into(),
+            ));
+        }
+        if let Some(Target::Unit { unit }) = &req.target
+            && !caller.root
+            && !self
+                .settings
+                .allowed_units
+                .iter()
+                .any(|g| entry::glob_match(g, unit))
+        {
+            return Err(QueueError::AccessDenied(format!(
+                "{unit} is not in queue.allowed_units: non-root callers may enqueue only units matching {:?}",
+                self.settings.allowed_units
+            )));
+        }
+        let key = req.key();
+        if let Err(word) = rules::eligibility(&req, self.settings.include_operator_kills) {
+            self.audit(
+                Event::new("enqueue-refused", format!("did not queue {key}: {word}"))
+                    .field("key", &key)
+                    .field("why", word),
+            );
+            return Ok(Reply {
+                admitted: false,
+                why: word.into(),
+                id: String::new(),
+            });
+        }
+        if self
+            .state
+            .entries
+            .iter()
+            .any(|e| e.status.is_open() && e.key() == key)
+        {
+            self.audit(
+                Event::new(
+                    "enqueue-refused",
+                    format!("did not queue {key}: it already has an open entry"),
+                )
+                .field("key", &key)
+                .field("why", "duplicate-open-entry"),
+            );
+            return Ok(Reply {
+                admitted: false,
+                why: "duplicate-open-entry".into(),
+                id: String::new(),
+            });
+        }
+        // Q-6 and Q-7 are decided on the current state; the commit only carries them out.
+        let now = self.clock.wall_ms();
+        let recent = self.state.ledger.recent(&key, now);
+        let capped = recent >= self.settings.max_resurrections;
+        let max = self.settings.max_size;
+        let bound = if capped {
+            Bound::Admit
+        } else {
+            rules::bound(&self.state.entries, req.class(), max)
+        };
+        if bound == Bound::Overflow {
+            self.audit(
+                Event::new(
+                    "overflow",
+                    format!(
+                        "the queue is full ({max} open entries) and {key} has a lower priority than all of them: not                          queued"
+                    ),
+                )
+                .alert(Alert::QueueNotice)
+                .field("key", &key),
+            );
+            return Ok(Reply {
+                admitted: false,
+                why: "overflow".into(),
+                id: String::new(),
+            });
+        }
+        let (uid, gid) = (
+            req.user.unwrap_or(caller.uid),
+            req.group.unwrap_or(caller.gid),
+        );
+        let by = format!("enqueue by uid {}", caller.uid);
+        self.commit(move |s, ctx| {
+            let id = rules::next_id(&mut s.last_id_ms, &mut s.id_seq, ctx.wall);
+            let mut e = new_entry(&id, &req, uid, gid, ctx);
+            let mut events = vec![];
+            if capped {
+                let status = Status::GaveUp("resurrection-cap".into());
+                e.record(None, status.clone(), &by, ctx.wall);
+                e.status = status;
+                e.terminal_at = Some(ctx.wall);
+                events.push(
+                    Event::new(
+                        "resurrection-cap",
+                        format!(
+                            "{key} was reaped again after {recent} revivals in 24 h; not reviving it automatically \
+                             (something keeps killing it). `outlivectl requeue {id}` revives it once."
+                        ),
+                    )
+                    .alert(Alert::QueueNotice)
+                    .field("key", &key)
+                    .field("entry_id", &id)
+                    .field("revivals", recent),
+                );
+                s.entries.push(e);
+                return Ok((Reply { admitted: true, why: "resurrection-cap".into(), id }, events));
+            }
+            if let Bound::Evict(i) = bound {
+                let v = &mut s.entries[i];
+                let status = Status::GaveUp("overflow".into());
+                v.record(Some(v.status.clone()), status.clone(), "overflow", ctx.wall);
+                v.status = status;
+                v.terminal_at = Some(ctx.wall);
+                events.push(
+                    Event::new(
+                        "overflow",
+                        format!(
+                            "the queue is full ({max} open entries): {} ({}) gave up to make room for {key}",
+                            v.label(),
+                            v.id
+                        ),
+                    )
+                    .alert(Alert::QueueNotice)
+                    .field("evicted", &v.id)
+                    .field("key", &key),
+                );
+            }
+            e.record(None, Status::Queued, &by, ctx.wall);
+            events.push(
+                Event::new("enqueued", format!("queued {} ({key}) for revival as {id}", e.label()))
+                    .priority(priority::INFO)
+                    .field("entry_id", &id)
+                    .field("key", &key)
+                    .field("uid", uid)
+                    .field("target", e.target.kind()),
+            );
+            s.entries.push(e);
+            Ok((Reply { admitted: true, why: String::new(), id }, events))
+        })
+    }
+
+    /// Q-9 Cancel: open entries only; unknown or terminal is `NotFound`.
+    pub fn cancel(&mut self, caller: &Caller, id: &str) -> Result<(), QueueError> {
+        self.require_enabled()?;
+        require_mutate(caller, "Cancel")?;
+        check_id(id)?;
+        let by = format!("cancel by uid {}", caller.uid);
+        self.commit(|s, ctx| {
+            let e = s
+                .entries
+                .iter_mut()
+                .find(|e| e.id == id && e.status.is_open())
+                .ok_or_else(|| {
+                    QueueError::NotFound(format!(
+                        "no open entry {id} (`outlivectl queue` lists them)"
+                    ))
+                })?;
+            let from = e.status.clone();
+            e.record(Some(from.clone()), Status::Cancelled, &by, ctx.wall);
+            e.status = Status::Cancelled;
+            e.terminal_at = Some(ctx.wall);
+            let ev = Event::new(
+                "cancelled",
+                format!("cancelled {} ({id}), which was {from}", e.label()),
+            )
+            .priority(priority::NOTICE)
+            .field("entry_id", id)
+            .field("was", &from);
+            Ok(((), vec![ev]))
+        })
+    }
+
+    /// Q-10 Requeue a `gave-up:*` entry.
+    pub fn requeue(&mut self, caller: &Caller, id: &str) -> Result<(), QueueError> {
+        self.require_enabled()?;
+        require_mutate(caller, "Requeue")?;
+        check_id(id)?;
+        let max = self.settings.max_size;
+        let paused = self.state.pause.is_some();
+        let by = format!("requeue by uid {}", caller.uid);
+        self.commit(|s, ctx| {
+            let i = rules::requeue_check(&s.entries, id, paused, max).map_err(|r| match r {
+                RequeueRefusal::Paused => QueueError::Paused("revival is paused: `outlivectl resume` first".into()),
+                RequeueRefusal::NotFound => QueueError::NotFound(format!("no entry {id}")),
+                RequeueRefusal::NotGaveUp => QueueError::NotGaveUp(format!(
+                    "{id} did not give up; only gave-up entries can be requeued (cancelled, invalidated and revived \
+                     entries are final)"
+                )),
+                RequeueRefusal::DuplicateOpenEntry => {
+                    QueueError::Duplicate(format!("{id}'s run or job already has an open entry"))
+                }
+                RequeueRefusal::QueueFull => QueueError::Full(format!("the queue already holds {max} open entries")),
+            })?;
+            let e = &mut s.entries[i];
+            let from = e.status.clone();
+            let override_cap = from == Status::GaveUp("resurrection-cap".into());
+            e.record(Some(from.clone()), Status::Queued, &by, ctx.wall);
+            e.status = Status::Queued;
+            e.attempts = 0;
+            e.requeued_at = Some(ctx.wall);
+            e.waited_ms = 0;
+            e.calm_ms = 0;
+            e.frozen_ms = 0;
+            e.next_attempt_boot = None;
+            e.next_attempt_at = None;
+            e.pressure_starved = false;
+            e.terminal_at = None;
+            e.wait_anchor_boot = ctx.boot;
+            let ev = if override_cap {
+                Event::new(
+                    "resurrection-override",
+                    format!(
+                        "{} ({id}) was requeued past the resurrection cap by an operator; a further reap is capped \
+                         again",
+                        e.label()
+                    ),
+                )
+                .priority(priority::WARNING)
+            } else {
+                Event::new("requeued", format!("requeued {} ({id}), which was {from}", e.label())).priority(priority::NOTICE)
+            };
+            Ok(((), vec![ev.field("entry_id", id).field("was", &from)]))
+        })
+    }
+
+    /// P-1 Pause (`emergency` or `maintenance`; a deliberate halt comes only from StopAll).
+    pub fn pause(
+        &mut self,
+        caller: &Caller,
+        kind: &str,
+        reason: &str,
+    ) -> Result<PauseChange, QueueError> {
+        self.require_enabled()?;
+        require_mutate(caller, "Pause")?;
+        let kind = match PauseKind::parse(kind) {
+            Some(PauseKind::DeliberateHalt) => {
+                return Err(QueueError::Invalid {
+                    field: "kind".into(),
+                    why: "deliberate-halt comes only from StopAll (`outlivectl stop-all`), which also records the stop"
+                        .into(),
+                });
+            }
+            Some(k) => k,
+            None => {
+                return Err(QueueError::Invalid {
+                    field: "kind".into(),
+                    why: format!("{kind:?} is not emergency or maintenance"),
+                });
+            }
+        };
+        if reason.len() > entry::MAX_STRING {
+            return Err(QueueError::Invalid {
+                field: "reason".into(),
+                why: "longer than 4096 bytes".into(),
+            });
+        }
+        self.apply_pause(kind, reason, &format!("uid {}", caller.uid))
+    }
+
+    fn apply_pause(
+        &mut self,
+        kind: PauseKind,
+        reason: &str,
+        by: &str,
+    ) -> Result<PauseChange, QueueError> {
+        let (next, change) = rules::apply_pause(
+            self.state.pause.as_ref(),
+            kind,
+            reason,
+            self.clock.wall_ms(),
+        );
+        if change == PauseChange::NoOp {
+            return Ok(change);
+        }
+        let by = by.to_string();
+        let r = reason.to_string();
+        self.commit(move |s, _| {
+            let p = next.clone().expect("a pause");
+            let ev = match change {
+                PauseChange::Upgraded => Event::new(
+                    "pause-upgraded",
+                    format!(
+                        "the pause became {} ({r}) by {by}; it was {}",
+                        p.kind.as_str(),
+                        s.pause.as_ref().map(|x| x.kind.as_str()).unwrap_or("-")
+                    ),
+                ),
+                _ => Event::new(
+                    "paused",
+                    format!("revival paused ({}: {r}) by {by}", p.kind.as_str()),
+                ),
+            }
+            .priority(priority::NOTICE)
+            .field("kind", p.kind.as_str())
+            .field("reason", &r);
+            s.pause = next;
+            Ok((change, vec![ev]))
+        })
+        .inspect(|c| {
+            if *c == PauseChange::New {
+                self.pause_boot = Some(self.clock.boot_ms());
+            }
+        })
+    }
+
+    /// P-2 Resume: clears any pause; returns whether there was one. Q-12: each open entry is
+    /// credited min(pause duration, its waiting time since its TTL anchor) into `frozen_ms`.
+    pub fn resume(&mut self, caller: &Caller) -> Result<bool, QueueError> {
+        self.require_enabled()?;
+        require_mutate(caller, "Resume")?;
+        self.unpause(&format!("uid {}", caller.uid), "resumed")
+    }
+
+    /// Clear the pause with Q-12's credit (also used by the drainer's P-5 auto-resume).
+    pub fn unpause(&mut self, by: &str, kind: &str) -> Result<bool, QueueError> {
+        if self.state.pause.is_none() {
+            return Ok(false);
+        }
+        let since = self.pause_boot;
+        let by = by.to_string();
+        let kind = kind.to_string();
+        self.commit(move |s, ctx| {
+            let p = s.pause.take().expect("paused");
+            let paused_ms = since.map(|b| ctx.boot.saturating_sub(b)).unwrap_or(0);
+            for e in s.entries.iter_mut().filter(|e| e.status.is_open()) {
+                e.frozen_ms = e.frozen_ms.saturating_add(paused_ms.min(e.waited_ms));
+            }
+            let ev = Event::new(
+                &kind,
+                format!(
+                    "revival resumed by {by} after {} s paused ({}: {})",
+                    paused_ms / 1000,
+                    p.kind.as_str(),
+                    p.reason
+                ),
+            )
+            .priority(priority::NOTICE)
+            .field("kind", p.kind.as_str())
+            .field("paused_ms", paused_ms);
+            Ok((true, vec![ev]))
+        })
+        .inspect(|_| self.pause_boot = None)
+    }
+
+    /// Q-9 Stop(run_id): cancel the run's open entries and record the stop durably.
+    pub fn stop(&mut self, caller: &Caller, run_id: &str) -> Result<u32, QueueError> {
+        self.require_enabled()?;
+        require_mutate(caller, "Stop")?;
+        if !entry::valid_run_id(run_id) {
+            return Err(QueueError::Invalid {
+                field: "run_id".into(),
+                why: "must match [A-Za-z0-9._:@-]{1,128}".into(),
+            });
+        }
+        let by = format!("stop by uid {}", caller.uid);
+        self.commit(|s, ctx| {
+            let mut n = 0;
+            for e in s.entries.iter_mut().filter(|e| e.status.is_open() && e.run_id.as_deref() == Some(run_id)) {
+                e.record(Some(e.status.clone()), Status::Cancelled, &by, ctx.wall);
+                e.status = Status::Cancelled;
+                e.terminal_at = Some(ctx.wall);
+                n += 1;
+            }
+            s.stops.push(RunStop { run_id: run_id.to_string(), at: ctx.wall });
+            let ev = Event::new("operator-stop", format!("run {run_id} was stopped by {by}: {n} open entries cancelled; it will not be revived"))
+                .priority(priority::NOTICE)
+                .field("run_id", run_id)
+                .field("cancelled", n);
+            Ok((n, vec![ev]))
+        })
+    }
+
+    /// Q-9 StopAll: a durable global stop and a `deliberate-halt` pause.
+    pub fn stop_all(&mut self, caller: &Caller) -> Result<(), QueueError> {
+        self.require_enabled()?;
+        require_mutate(caller, "StopAll")?;
+        let by = format!("uid {}", caller.uid);
+        let (next, change) = rules::apply_pause(
+            self.state.pause.as_ref(),
+            PauseKind::DeliberateHalt,
+            "stop-all",
+            self.clock.wall_ms(),
+        );
+        self.commit(|s, ctx| {
+            s.global_stop = Some(ctx.wall);
+            let was = s.pause.as_ref().map(|p| p.kind.as_str().to_string());
+            s.pause = next;
+            let ev = Event::new(
+                "stop-all",
+                format!(
+                    "all revival stopped by {by}: every run queued before now is stopped, and revival is halted \
+                     until `outlivectl resume`{}",
+                    was.map(|w| format!(" (the {w} pause was upgraded)")).unwrap_or_default()
+                ),
+            )
+            .priority(priority::WARNING);
+            Ok(((), vec![ev]))
+        })
+        .inspect(|_| {
+            if change == PauseChange::New {
+                self.pause_boot = Some(self.clock.boot_ms());
+            }
+        })
+    }
+
+    // ---- the tick (D-2 steps 2, 4, 5; Q-14 retry) -------------------------------------------
+
+    /// Q-11 TTL sweep (skipped while paused). Returns the number expired.
+    pub fn sweep_ttl(&mut self) -> usize {
+        if self.require_enabled().is_err() || self.state.pause.is_some() {
+            return 0;
+        }
+        self.advance_waiting(false);
+        let ttl = self.settings.ttl_ms;
+        if !self
+            .state
+            .entries
+            .iter()
+            .any(|e| rules::ttl_expired(e, ttl))
+        {
+            return 0;
+        }
+        let live = !self.settings.dry_run;
+        let hours = ttl / 3_600_000;
+        self.commit(|s, ctx| {
+            let mut events = vec![];
+            let (mut n, mut starved) = (0, 0);
+            for e in s.entries.iter_mut().filter(|e| rules::ttl_expired(e, ttl)) {
+                e.pressure_starved = rules::pressure_starved(e);
+                let status = Status::GaveUp("ttl".into());
+                e.record(Some(Status::Queued), status.clone(), "ttl", ctx.wall);
+                e.status = status;
+                e.terminal_at = Some(ctx.wall);
+                n += 1;
+                starved += usize::from(e.pressure_starved);
+                events.push(
+                    Event::new(
+                        "entry-expired",
+                        format!("{} ({}) waited more than {hours} h and gave up", e.label(), e.id),
+                    )
+                    .priority(priority::NOTICE)
+                    .field("entry_id", &e.id)
+                    .field("waited_ms", e.waited_ms)
+                    .field("pressure_starved", e.pressure_starved),
+                );
+            }
+            if live {
+                events.push(
+                    Event::new(
+                        "ttl-expired",
+                        format!("{n} runs waited more than {hours} h and were dropped ({starved} starved by pressure)"),
+                    )
+                    .alert(Alert::QueueNotice)
+                    .field("count", n)
+                    .field("starved", starved),
+                );
+            }
+            Ok((n, events))
+        })
+        .unwrap_or(0)
+    }
+
+    /// Retention (Q-14) and ledger expiry, applied to the current state without a write of its
+    /// own (the next save carries it).
+    fn prune(&mut self, now: u64) {
+        self.state.ledger.expire(now);
+        self.state
+            .stops
+            .retain(|s| now.saturating_sub(s.at) < STOP_RETENTION_MS);
+        let mut terminal: Vec<(u64, String)> = self
+            .state
+            .entries
+            .iter()
+            .filter(|e| !e.status.is_open())
+            .map(|e| (e.terminal_at.unwrap_or(e.queued_at), e.id.clone()))
+            .collect();
+        terminal.sort();
+        let excess = terminal.len().saturating_sub(rules::RETENTION_MAX);
+        let mut drop: std::collections::HashSet<String> = terminal
+            .iter()
+            .take(excess)
+            .map(|(_, id)| id.clone())
+            .collect();
+        drop.extend(
+            terminal
+                .iter()
+                .filter(|(t, _)| now.saturating_sub(*t) > rules::RETENTION_MS)
+                .map(|(_, id)| id.clone()),
+        );
+        if !drop.is_empty() {
+            self.state.entries.retain(|e| !drop.contains(&e.id));
+        }
+    }
+
+    /// The housekeeping part of a tick: retention, the persist retry, and a checkpoint of the
+    /// waiting time every 10 minutes while entries wait.
+    pub fn housekeeping(&mut self) {
+        if self.loaded {
+            let now = self.clock.wall_ms();
+            self.prune(now);
+        }
+        if self.persist_failed.is_some() {
+            self.retry_persist();
+        } else if self.loaded
+            && self.clock.boot_ms().saturating_sub(self.saved_boot) >= CHECKPOINT_MS
+            && self
+                .state
+                .entries
+                .iter()
+                .any(|e| e.status == Status::Queued)
+        {
+            let _ = self.commit(|_, _| Ok(((), vec![])));
+        }
+    }
+}
+
+/// Mutation context: the clocks, read once.
+struct Ctx {
+    wall: u64,
+    boot: u64,
+}
+
+fn require_mutate(caller: &Caller, what: &str) -> Result<(), QueueError> {
+    if caller.may_mutate {
+        Ok(())
+    } else {
+        Err(QueueError::AccessDenied(format!(
+            "{what}: uid {} is neither root nor a member of group `outlive`",
+            caller.uid
+        )))
+    }
+}
+
+fn check_id(id: &str) -> Result<(), QueueError> {
+    if entry::valid_id(id) {
+        Ok(())
+    } else {
+        Err(QueueError::Invalid {
+            field: "id".into(),
+            why: format!("{id:?} is not an entry id (rq-…-…)"),
+        })
+    }
+}
+
+/// Advance waiting (and calm) time of queued entries to `now` (CLOCK_BOOTTIME).
+fn advance(entries: &mut [Entry], now: u64, calm: bool) {
+    for e in entries.iter_mut() {
+        let delta = now.saturating_sub(e.wait_anchor_boot);
+        e.wait_anchor_boot = now;
+        if e.status == Status::Queued {
+            e.waited_ms = e.waited_ms.saturating_add(delta);
+            if calm {
+                e.calm_ms = e.calm_ms.saturating_add(delta);
+            }
+        }
+    }
+}
+
+fn new_entry(id: &str, req: &Request, uid: u32, gid: u32, ctx: &Ctx) -> Entry {
+    Entry {
+        id: id.to_string(),
+        run_id: req.run_id.clone(),
+        job: req.job.clone(),
+        session: req.session.clone(),
+        target: req.target.clone().expect("validated"),
+        uid,
+        gid,
+        cwd: req.cwd.clone().expect("validated"),
+        worktree: req.worktree.clone(),
+        class: req.class(),
+        reason: entry::clamp_reason(&req.reason),
+        active_run: req.is_active_run(),
+        run_state_file: req.run_state_file.clone(),
+        evidence: req.evidence.clone(),
+        status: Status::Queued,
+        attempts: 0,
+        attempt_unit: None,
+        attempt_pid: None,
+        reaped_at: req.reaped_at.unwrap_or(ctx.wall),
+        queued_at: ctx.wall,
+        requeued_at: None,
+        last_attempt_at: None,
+        next_attempt_at: None,
+        waited_ms: 0,
+        calm_ms: 0,
+        frozen_ms: 0,
+        pressure_starved: false,
+        terminal_at: None,
+        history: vec![],
+        next_attempt_boot: None,
+        wait_anchor_boot: ctx.boot,
+    }
+}
+
+#[cfg(test)]
+mod tests;
