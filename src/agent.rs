@@ -1,29 +1,37 @@
-//! Wiring and lifecycle of `outlived` (SPEC, §8, §9): the one place that knows
-//! every part.
+//! Wiring and lifecycle of `outlived` (SPEC, L-3, §8, §9): the one place that
+//! knows every part.
 //!
 //! Start: configuration (fatal on error, exit 78), logging, identity (fatal without a machine
-//! id), runtime directory, the watchdog monitor thread, the bus name (exit 75 if taken), then
-//! `READY=1`. Running: the drainer loop and the bus loop on one current-thread runtime, signals
-//! on the same runtime. SIGHUP reloads (`RELOADING=1` … `READY=1`); SIGTERM stops
-//! (`STOPPING=1`, finish the current tick, release). The agent never forks.
+//! id), runtime directory, the watchdog monitor thread, the lock decision (L-3: before the bus
+//! name), the bus name (exit 75 if taken), then `READY=1`. Running: the drainer loop and the bus
+//! loop on one current-thread runtime, signals on the same runtime. SIGHUP reloads
+//! (`RELOADING=1` … `READY=1`); SIGTERM stops (`STOPPING=1`, finish the current tick, release
+//! the lock). The agent never forks.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::audit::{Alert, AuditSink, Event, priority};
+use crate::audit::{Alert, AuditLog, AuditSink, Auditor, Event, priority};
+use crate::clock::SystemClock;
 use crate::config::{Config, Mode, Paths};
 use crate::drainer::{self, Timing, Wake};
+use crate::facts::process::KernelProber;
 use crate::facts::{self, Facts};
 use crate::publish::dbus::auth::AuthPolicy;
-use crate::publish::dbus::{self, Agent1, Bus, BusTarget, HostState, Objects, StartError};
+use crate::publish::dbus::queue1::lock as lock_queue;
+use crate::publish::dbus::{
+    Agent1, Bus, BusTarget, HostState, Objects, Publisher, ResumeQueue1, SharedQueue, StartError,
+};
 use crate::publish::journal::JournalWriter;
 use crate::publish::notify::{Notifier, Supervisor};
 use crate::publish::watchdog::{self, Heartbeats};
+use crate::queue::{LockEnv, Queue, Settings};
 
 /// Exit statuses (sysexits.h where one fits).
 pub mod exit {
@@ -46,7 +54,7 @@ const BUS_START_PATIENCE: Duration = Duration::from_secs(15);
 /// How long a stop waits for the current tick.
 const STOP_PATIENCE: Duration = Duration::from_secs(10);
 
-/// Command-line options of `outlived` (parsed in `src/bin/outlived.rs`).
+/// Command-line options of `outlived` (parsed in `src/cli/mod.rs`).
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     pub config: Option<PathBuf>,
@@ -115,8 +123,7 @@ pub fn main(opts: Options) -> i32 {
             config_path.display()
         ),
     }
-    let journal = Arc::new(JournalWriter::new(&config.journal_socket));
-    let audit: Arc<dyn AuditSink> = journal.clone();
+    let journal: Arc<dyn AuditSink> = Arc::new(JournalWriter::new(&config.journal_socket));
 
     let identity = match facts::identity::identity() {
         Ok(i) => i,
@@ -127,6 +134,12 @@ pub fn main(opts: Options) -> i32 {
     }
     #[cfg(feature = "fault-hooks")]
     crate::faults::init(config.runtime_dir.clone());
+    // Until the lock is decided, audit lines go to the runtime directory (L-6).
+    let auditor = Arc::new(Auditor::new(
+        AuditLog::new(&config.runtime_dir),
+        vec![journal],
+    ));
+    let audit: Arc<dyn AuditSink> = auditor.clone();
 
     let supervisor = Supervisor::detect();
     let wd = supervisor.watchdog_usec().map(Duration::from_micros);
@@ -152,25 +165,33 @@ pub fn main(opts: Options) -> i32 {
             );
         }
     };
+    let host = Arc::new(HostState::new(
+        Facts::new(Duration::from_millis(config.facts.statfs_timeout_ms as u64)),
+        identity,
+        AuthPolicy {
+            user_mode: mode == Mode::User,
+            agent_uid: nix::unistd::getuid().as_raw(),
+        },
+    ));
+    let queue = Queue::new(
+        &config.state_dir,
+        &config.runtime_dir,
+        Settings::from_config(&config),
+        Arc::clone(&auditor),
+        Arc::new(SystemClock),
+    );
     let agent = Agent {
         opts,
         mode,
-        paths,
         config_path,
         config,
         notifier,
         audit,
-        journal,
         heartbeats,
         watchdog: wd,
-        host: Arc::new(HostState::new(
-            Facts::new(Duration::from_millis(3000)),
-            identity,
-            AuthPolicy {
-                user_mode: mode == Mode::User,
-                agent_uid: nix::unistd::getuid().as_raw(),
-            },
-        )),
+        queue: Arc::new(Mutex::new(queue)),
+        last_tick_at: Arc::new(AtomicU64::new(0)),
+        host,
     };
     rt.block_on(agent.run())
 }
@@ -213,17 +234,58 @@ fn ensure_runtime_dir(dir: &Path, mode: Mode) -> Result<(), String> {
 struct Agent {
     opts: Options,
     mode: Mode,
-    #[allow(dead_code)]
-    paths: Paths,
     config_path: PathBuf,
     config: Config,
     notifier: Arc<Notifier>,
     audit: Arc<dyn AuditSink>,
-    #[allow(dead_code)]
-    journal: Arc<JournalWriter>,
     heartbeats: Arc<Heartbeats>,
     watchdog: Option<Duration>,
+    queue: SharedQueue,
+    last_tick_at: Arc<AtomicU64>,
     host: Arc<HostState>,
+}
+
+/// Evaluate or refresh the lock with this host's current identity (L-3).
+fn lock_env(host: &HostState) -> LockEnv<'_> {
+    LockEnv {
+        ours: host.ours(),
+        facts: &host.facts,
+        prober: &KernelProber,
+    }
+}
+
+/// The `STATUS=` line, also the `StatusText` property: `observe-only:` while dry run is on,
+/// the queue and the lock, and the bus when it is not what it should be.
+fn status_line(queue: &SharedQueue, bus: Option<&Bus>, no_bus: bool) -> String {
+    let s = lock_queue(queue).snapshot();
+    let mut parts = Vec::new();
+    if s.enabled {
+        parts.push(format!("queue: {} waiting", s.waiting));
+    } else {
+        parts.push(format!("queue disabled ({})", s.disabled_reason));
+    }
+    if let Some(p) = &s.pause {
+        parts.push(format!("paused ({})", p.kind.as_str()));
+    }
+    if s.persist_failed.is_some() {
+        parts.push("state not written (persist-failed)".into());
+    }
+    parts.push(if s.lock_held {
+        "lock held".into()
+    } else {
+        "lock not held".into()
+    });
+    match bus {
+        _ if no_bus => parts.push("no bus".into()),
+        Some(b) if !b.is_up() => parts.push("bus connection lost".into()),
+        _ => {}
+    }
+    let line = parts.join(" · ");
+    if s.dry_run {
+        format!("observe-only: {line}")
+    } else {
+        line
+    }
 }
 
 impl Agent {
@@ -234,20 +296,11 @@ impl Agent {
         )
     }
 
-    fn status_line(&self, bus: Option<&Bus>) -> String {
-        status_line(&self.host, bus)
-    }
-
-    async fn start_bus(&self) -> Result<Arc<Bus>, (String, i32, i32)> {
+    async fn start_bus(&self, objects: Objects) -> Result<Arc<Bus>, (String, i32, i32)> {
         let target = if self.mode == Mode::User {
             BusTarget::Session
         } else {
             BusTarget::System
-        };
-        let objects = Objects {
-            agent1: Agent1 {
-                state: Arc::clone(&self.host),
-            },
         };
         let deadline = tokio::time::Instant::now() + BUS_START_PATIENCE;
         let mut backoff = Duration::from_millis(250);
@@ -288,14 +341,37 @@ impl Agent {
                 );
             }
         };
-        self.host.facts.set_timeout(Duration::from_millis(
-            self.config.facts.statfs_timeout_ms as u64,
-        ));
 
-        let bus = if self.opts.no_bus {
+        // L-3: the lock is decided before the bus name is requested.
+        lock_queue(&self.queue).evaluate_lock(&lock_env(&self.host), true);
+
+        let publisher = Arc::new(Publisher::new(
+            Arc::clone(&self.host),
+            Arc::clone(&self.queue),
+        ));
+        let auth = AuthPolicy {
+            user_mode: self.mode == Mode::User,
+            agent_uid: nix::unistd::getuid().as_raw(),
+        };
+        let objects = Objects {
+            agent1: Agent1 {
+                state: Arc::clone(&self.host),
+                queue: Arc::clone(&self.queue),
+                publisher: Arc::clone(&publisher),
+            },
+            queue1: ResumeQueue1 {
+                queue: Arc::clone(&self.queue),
+                auth,
+                last_tick_at: Arc::clone(&self.last_tick_at),
+                publisher: Arc::clone(&publisher),
+            },
+            publisher: Arc::clone(&publisher),
+        };
+        let no_bus = self.opts.no_bus;
+        let bus = if no_bus {
             None
         } else {
-            match self.start_bus().await {
+            match self.start_bus(objects).await {
                 Ok(b) => Some(b),
                 Err((msg, errno, status)) => return fatal(&self.notifier, &msg, errno, status),
             }
@@ -316,9 +392,10 @@ impl Agent {
             tokio::spawn(Arc::clone(b).run(beat, shutdown_rx.clone()))
         });
 
-        let line = self.status_line(bus.as_deref());
+        let line = status_line(&self.queue, bus.as_deref(), no_bus);
         self.host.set_status_text(&line);
         self.notifier.ready(&line);
+        let id = self.host.identity();
         self.audit.record(
             &Event::new(
                 "started",
@@ -330,31 +407,29 @@ impl Agent {
                     } else {
                         "system"
                     },
-                    self.host.identity().hostname,
+                    id.hostname,
                     if bus.is_some() { "" } else { ", no bus" }
                 ),
             )
             .priority(priority::INFO)
             .field("version", env!("CARGO_PKG_VERSION"))
-            .field("host_id", self.host.identity().host_id),
+            .field("host_id", id.host_id),
         );
 
-        let host = Arc::clone(&self.host);
-        let notifier = Arc::clone(&self.notifier);
-        let bus_for_tick = bus.clone();
+        let tick = Ticker {
+            host: Arc::clone(&self.host),
+            queue: Arc::clone(&self.queue),
+            notifier: Arc::clone(&self.notifier),
+            bus: bus.clone(),
+            no_bus,
+            last_tick_at: Arc::clone(&self.last_tick_at),
+        };
         let drainer_task = tokio::spawn(drainer::run_loop(
             drainer_beat,
             timing_rx,
             shutdown_rx.clone(),
             async move |w| {
-                if w == Wake::Tick && host.refresh_hostname() {
-                    let line = status_line(&host, bus_for_tick.as_deref());
-                    notifier.status(&line);
-                    host.set_status_text(&line);
-                }
-                if let Some(b) = &bus_for_tick {
-                    b.sync().await;
-                }
+                tick.wake(w).await;
             },
         ));
 
@@ -363,8 +438,8 @@ impl Agent {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 _ = sighup.recv() => {
-                    self.reload(&timing_tx).await;
-                    let line = self.status_line(bus.as_deref());
+                    self.reload(&timing_tx);
+                    let line = status_line(&self.queue, bus.as_deref(), no_bus);
                     self.host.set_status_text(&line);
                     self.notifier.ready(&line);
                     if let Some(b) = &bus { b.sync().await; }
@@ -389,12 +464,14 @@ impl Agent {
         if let Some(b) = &bus {
             b.close().await;
         }
+        // L-7: release the flock; the file stays for the next holder to reclaim.
+        lock_queue(&self.queue).release();
         self.audit
             .record(&Event::new("stopped", "outlived stopped").priority(priority::INFO));
         0
     }
 
-    async fn reload(&mut self, timing_tx: &watch::Sender<Timing>) {
+    fn reload(&mut self, timing_tx: &watch::Sender<Timing>) {
         self.notifier.reloading();
         let paths = Paths::from_env(self.mode);
         match Config::load(&self.config_path, self.opts.config.is_some(), &paths) {
@@ -404,10 +481,7 @@ impl Agent {
                     self.audit.record(
                         &Event::new(
                             "config-reload-pending",
-                            format!(
-                                "reload cannot apply {}; the new value takes effect at the next start",
-                                pending.join(", ")
-                            ),
+                            format!("reload cannot apply {}; the new value takes effect at the next start", pending.join(", ")),
                         )
                         .priority(priority::NOTICE)
                         .field("keys", pending.join(",")),
@@ -418,6 +492,12 @@ impl Agent {
                     self.config.facts.statfs_timeout_ms as u64,
                 ));
                 let _ = timing_tx.send(self.timing());
+                {
+                    let mut q = lock_queue(&self.queue);
+                    q.set_settings(Settings::from_config(&self.config));
+                    // L-3: a refusal that ticks do not retry is re-evaluated on reload.
+                    q.evaluate_lock(&lock_env(&self.host), true);
+                }
                 self.audit.record(
                     &Event::new("config-reloaded", "configuration reloaded")
                         .priority(priority::INFO),
@@ -439,12 +519,39 @@ impl Agent {
     }
 }
 
-/// The `STATUS=` line, also the `StatusText` property.
-fn status_line(host: &HostState, bus: Option<&Bus>) -> String {
-    let b = match bus {
-        None => "no bus (--no-bus)".to_string(),
-        Some(b) if b.is_up() => format!("bus name {} owned", dbus::NAME),
-        Some(_) => "bus connection lost, reconnecting".to_string(),
-    };
-    format!("running on {} · {b}", host.identity().hostname)
+/// What one wake of the drainer loop does (D-2; the revival steps come with the drainer).
+struct Ticker {
+    host: Arc<HostState>,
+    queue: SharedQueue,
+    notifier: Arc<Notifier>,
+    bus: Option<Arc<Bus>>,
+    no_bus: bool,
+    last_tick_at: Arc<AtomicU64>,
+}
+
+impl Ticker {
+    async fn wake(&self, w: Wake) {
+        if w == Wake::Tick {
+            self.last_tick_at
+                .store(crate::clock::wall_ms(), Ordering::Relaxed);
+            self.host.refresh_hostname();
+        }
+        {
+            let mut q = lock_queue(&self.queue);
+            // Step 1: the lock's heartbeat, or a retry of its acquisition (also on idle wakes).
+            q.heartbeat(&lock_env(&self.host));
+            if w == Wake::Tick {
+                // Steps 4 and 5 (waiting accounting, TTL), and the Q-14 persist retry.
+                q.advance_waiting(false);
+                q.sweep_ttl();
+                q.housekeeping();
+            }
+        }
+        let line = status_line(&self.queue, self.bus.as_deref(), self.no_bus);
+        self.notifier.status(&line);
+        self.host.set_status_text(&line);
+        if let Some(b) = &self.bus {
+            b.sync().await;
+        }
+    }
 }

@@ -48,7 +48,12 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
 
         let status = b.show("outlived", "StatusText");
         assert!(!status.is_empty(), "StatusText is empty");
-        assert!(status.contains("org.outlive.Agent1"), "{status}");
+        // Default configuration: dry run (observe-only), the lock held on the ext4 state dir.
+        assert!(
+            status.starts_with("observe-only: queue: 0 waiting"),
+            "{status}"
+        );
+        assert!(status.contains("lock held"), "{status}");
 
         // HostId over the real system bus equals outlivectl's, in the box and on the machine.
         let (code, out, err) = b.run(&[

@@ -5,7 +5,11 @@
 //! success, 1 when the agent (or the host) refused, 2 on usage errors, 3 when the agent is
 //! unreachable.
 
+pub mod audit;
+pub mod client;
 pub mod host;
+pub mod lock;
+pub mod queue;
 pub mod render;
 
 use std::path::PathBuf;
@@ -98,6 +102,149 @@ pub enum Command {
         #[arg(long, value_name = "P")]
         path: Option<PathBuf>,
     },
+    /// The revival queue: its state and its entries.
+    Queue,
+    /// Queue a reaped run for revival (flags mirror the Enqueue dictionary).
+    #[command(
+        after_help = "Examples:\n  outlivectl enqueue --run-id agent-7 --unit agent@7.service --evidence active-subagent\n                              outlivectl enqueue --job nightly --resume-on-reap --evidence structural-long-work -- /usr/bin/make all"
+    )]
+    Enqueue(Box<EnqueueFlags>),
+    /// Cancel an open entry.
+    Cancel {
+        /// The entry id (rq-…).
+        id: String,
+    },
+    /// Requeue an entry that gave up.
+    Requeue {
+        /// The entry id (rq-…).
+        id: String,
+    },
+    /// Pause revival (emergency pauses heal themselves when stale; maintenance pauses never do).
+    Pause {
+        #[arg(long, value_parser = ["emergency", "maintenance"])]
+        kind: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Resume revival after any pause.
+    Resume,
+    /// Stop a run: cancel its open entries and record the stop so it is never revived.
+    Stop {
+        /// The run's id.
+        run_id: String,
+    },
+    /// Stop all revival: a durable global stop and a deliberate halt until `resume`.
+    StopAll,
+    /// The host lock: record, facts and decision, explained ("why is my queue disabled?").
+    Lock {
+        /// The state directory [default: from the configuration].
+        #[arg(long, value_name = "D", global = true)]
+        state_dir: Option<PathBuf>,
+        /// The configuration file to read the state directory from.
+        #[arg(long, value_name = "PATH", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<LockAction>,
+    },
+    /// The audit trail (audit.jsonl in the state and runtime directories).
+    Audit {
+        /// Only events since this time (RFC 3339) or this long ago (10m, 2h, 3d).
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// The configuration file to read the directories from.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `outlivectl lock` actions.
+#[derive(Debug, Subcommand)]
+pub enum LockAction {
+    /// Remove the lock file after verifying that no process holds it (root), then ask the
+    /// agent to re-evaluate. Verify first that nothing else uses the state directory.
+    Clear,
+}
+
+/// `outlivectl enqueue`'s flags (SPEC §8).
+#[derive(Debug, clap::Args)]
+pub struct EnqueueFlags {
+    /// The run's stable id (makes the entry interactive).
+    #[arg(long)]
+    run_id: Option<String>,
+    /// The scheduled job's slug.
+    #[arg(long)]
+    job: Option<String>,
+    /// The job opted in to revival.
+    #[arg(long)]
+    resume_on_reap: bool,
+    /// The name of the reaped vessel (display).
+    #[arg(long)]
+    session: Option<String>,
+    /// Revive this systemd unit.
+    #[arg(long)]
+    unit: Option<String>,
+    /// An environment variable for the command (repeatable).
+    #[arg(long, value_name = "K=V")]
+    env: Vec<String>,
+    /// The run's working directory [default: the current directory].
+    #[arg(long)]
+    cwd: Option<PathBuf>,
+    /// The run's worktree.
+    #[arg(long)]
+    worktree: Option<PathBuf>,
+    /// Why the run was reaped.
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(long, default_value = "terminal", value_parser = ["terminal", "recovery-bounce"])]
+    disposition: String,
+    #[arg(long, default_value = "autonomous", value_parser = ["autonomous", "operator"])]
+    origin: String,
+    /// Evidence that the run was working (repeatable).
+    #[arg(long, value_name = "NAME")]
+    evidence: Vec<String>,
+    /// An active autonomous run was age-limited.
+    #[arg(long)]
+    active_run: bool,
+    /// A file whose existence means the run is still registered.
+    #[arg(long)]
+    run_state_file: Option<PathBuf>,
+    /// When the run was reaped (ms since the epoch, or RFC 3339) [default: now].
+    #[arg(long)]
+    reaped_at: Option<String>,
+    /// Run as this uid (root only).
+    #[arg(long)]
+    as_uid: Option<u32>,
+    /// Run as this gid (root only).
+    #[arg(long)]
+    as_gid: Option<u32>,
+    /// The command to revive, after `--` (argv[0] must be absolute).
+    #[arg(last = true, value_name = "ARGV")]
+    argv: Vec<String>,
+}
+
+impl From<EnqueueFlags> for queue::EnqueueArgs {
+    fn from(f: EnqueueFlags) -> Self {
+        queue::EnqueueArgs {
+            run_id: f.run_id,
+            job: f.job,
+            resume_on_reap: f.resume_on_reap,
+            session: f.session,
+            unit: f.unit,
+            env: f.env,
+            cwd: f.cwd,
+            worktree: f.worktree,
+            reason: f.reason,
+            disposition: f.disposition,
+            origin: f.origin,
+            evidence: f.evidence,
+            active_run: f.active_run,
+            run_state_file: f.run_state_file,
+            reaped_at: f.reaped_at,
+            as_uid: f.as_uid,
+            as_gid: f.as_gid,
+            argv: f.argv,
+        }
+    }
 }
 
 /// `outlivectl`'s entry point.
@@ -114,7 +261,52 @@ pub fn outlivectl_main() -> i32 {
             return code;
         }
     };
-    match cli.command {
-        Command::Host { path } => host::run(path.as_deref(), cli.json),
+    let (user, json) = (cli.user, cli.json);
+    let result = match cli.command {
+        Command::Host { path } => return host::run(path.as_deref(), json),
+        Command::Queue => client::block_on(queue::show(user, json)),
+        Command::Enqueue(f) => client::block_on(queue::enqueue(user, json, &(*f).into())),
+        Command::Cancel { id } => client::block_on(queue::op(user, json, queue::Op::Cancel(id))),
+        Command::Requeue { id } => client::block_on(queue::op(user, json, queue::Op::Requeue(id))),
+        Command::Pause { kind, reason } => {
+            client::block_on(queue::op(user, json, queue::Op::Pause { kind, reason }))
+        }
+        Command::Resume => client::block_on(queue::op(user, json, queue::Op::Resume)),
+        Command::Stop { run_id } => {
+            client::block_on(queue::op(user, json, queue::Op::Stop(run_id)))
+        }
+        Command::StopAll => client::block_on(queue::op(user, json, queue::Op::StopAll)),
+        Command::Lock {
+            state_dir,
+            config,
+            action: None,
+        } => client::block_on(lock::show(
+            state_dir.as_deref(),
+            config.as_deref(),
+            user,
+            json,
+        )),
+        Command::Lock {
+            state_dir,
+            config,
+            action: Some(LockAction::Clear),
+        } => client::block_on(lock::clear(
+            state_dir.as_deref(),
+            config.as_deref(),
+            user,
+            json,
+        )),
+        Command::Audit { since, config } => {
+            audit::show(since.as_deref(), config.as_deref(), user, json)
+        }
+    };
+    match result {
+        Ok(()) => exit::OK,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("outlivectl: {}", f.message);
+            }
+            f.status
+        }
     }
 }

@@ -1,12 +1,24 @@
 //! A private dbus-daemon configured like Debian's system bus (deny by default, holes punched by
 //! policy files) that includes the project's own `systemd/org.outlive.Agent1.conf`, so that
 //! AccessDenied is asserted against the shipped policy, not assumed (DESIGN §4.2).
+//!
+//! With test users ([`PrivateBus::with_users`]) the daemon runs in a mount namespace where
+//! `/etc/passwd` and `/etc/group` are the machine's plus a member of group `outlive` and a
+//! stranger; agents that must resolve those groups are started in the same namespace
+//! ([`PrivateBus::agent_wrapper`]). The machine's own files are never touched.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use super::{open_tempdir, repo, run};
+
+/// A member of group `outlive` (uid, gid), present only inside [`PrivateBus::with_users`].
+pub const MEMBER: (u32, u32) = (60001, 60001);
+/// A user in no special group.
+pub const STRANGER: (u32, u32) = (60002, 60002);
+/// The gid of `outlive` inside the test namespace.
+pub const OUTLIVE_GID: u32 = 60000;
 
 /// A running private bus. Killed on drop.
 pub struct PrivateBus {
@@ -15,6 +27,7 @@ pub struct PrivateBus {
     pub socket: PathBuf,
     pub address: String,
     config: PathBuf,
+    users: bool,
 }
 
 /// The system bus configuration, listening on `socket`, including `policy`.
@@ -53,25 +66,81 @@ pub fn system_like_config(socket: &Path, policy: &Path) -> String {
     )
 }
 
+/// A policy that lets everyone call everything (to show the agent enforces on its own).
+pub const PERMISSIVE_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="root"><allow own="org.outlive.Agent1"/></policy>
+  <policy context="default"><allow send_destination="org.outlive.Agent1"/></policy>
+</busconfig>
+"#;
+
+/// `/etc/passwd` and `/etc/group` of the machine, plus the test users.
+fn user_files(dir: &Path) {
+    let mut passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd.push_str(&format!(
+        "outlive-member:x:{}:{}::/nonexistent:/usr/sbin/nologin\noutlive-stranger:x:{}:{}::/nonexistent:/usr/sbin/nologin\n",
+        MEMBER.0, MEMBER.1, STRANGER.0, STRANGER.1
+    ));
+    let mut group: String = std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with("outlive:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    group.push_str(&format!(
+        "outlive:x:{OUTLIVE_GID}:outlive-member\noutlive-member:x:{}:\noutlive-stranger:x:{}:\n",
+        MEMBER.1, STRANGER.1
+    ));
+    std::fs::write(dir.join("passwd"), passwd).unwrap();
+    std::fs::write(dir.join("group"), group).unwrap();
+}
+
 impl PrivateBus {
     /// Start a bus with the shipped policy.
     pub fn start() -> PrivateBus {
+        PrivateBus::start_with(&repo().join("systemd/org.outlive.Agent1.conf"), false)
+    }
+
+    /// Start a bus with the shipped policy in a mount namespace where the test users exist
+    /// ([`MEMBER`] in group `outlive`, [`STRANGER`]). Needs root.
+    pub fn with_users() -> PrivateBus {
+        PrivateBus::start_with(&repo().join("systemd/org.outlive.Agent1.conf"), true)
+    }
+
+    /// Start a bus with another policy file.
+    pub fn start_with(policy: &Path, users: bool) -> PrivateBus {
         let dir = open_tempdir();
         let socket = dir.path().join("system_bus_socket");
         let config = dir.path().join("bus.conf");
-        std::fs::write(
-            &config,
-            system_like_config(&socket, &repo().join("systemd/org.outlive.Agent1.conf")),
-        )
-        .unwrap();
-        let (child, address) = spawn(&config);
+        std::fs::write(&config, system_like_config(&socket, policy)).unwrap();
+        if users {
+            user_files(dir.path());
+        }
+        let (child, address) = spawn(&config, users.then(|| dir.path()));
         PrivateBus {
             child,
             dir,
             socket,
             address,
             config,
+            users,
         }
+    }
+
+    /// A wrapper that runs a command in the bus's mount namespace (where the test users
+    /// exist), for agents that must see them; empty without test users.
+    pub fn agent_wrapper(&self) -> Vec<String> {
+        if !self.users {
+            return vec![];
+        }
+        vec![
+            "nsenter".into(),
+            "-t".into(),
+            self.child.id().to_string(),
+            "-m".into(),
+            "--".into(),
+        ]
     }
 
     /// Kill the daemon and start a new one on the same socket (bus restart under the agent).
@@ -79,7 +148,7 @@ impl PrivateBus {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
-        let (child, address) = spawn(&self.config);
+        let (child, address) = spawn(&self.config, self.users.then(|| self.dir.path()));
         self.child = child;
         self.address = address;
     }
@@ -103,10 +172,68 @@ impl PrivateBus {
             .arg(format!("--address={}", self.address))
             .args(args))
     }
+
+    /// `busctl --address=… <args>` as `(uid, gid)` (with its login groups, see [`as_user`]).
+    pub fn busctl_as(&self, who: (u32, u32), args: &[&str]) -> (i32, String, String) {
+        run(as_user("busctl", who)
+            .arg(format!("--address={}", self.address))
+            .args(args))
+    }
+
+    /// `outlivectl <args>` against this bus as `(uid, gid)`, with the supplementary groups a
+    /// login session of that user would have (dbus-daemon takes a peer's groups from the
+    /// process, SO_PEERGROUPS; the agent from the user database).
+    pub fn outlivectl_as(&self, who: (u32, u32), args: &[&str]) -> (i32, String, String) {
+        let mut c = as_user(super::outlivectl(), who);
+        c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .current_dir("/")
+            .args(args);
+        run(&mut c)
+    }
 }
 
-fn spawn(config: &Path) -> (Child, String) {
-    let mut child = Command::new("dbus-daemon")
+/// A command run as `who` with the supplementary groups its login would have in the test
+/// namespace's user database.
+pub fn as_user(program: &str, who: (u32, u32)) -> Command {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = if who == MEMBER {
+        vec![OUTLIVE_GID, MEMBER.1]
+    } else {
+        vec![who.1]
+    };
+    let mut c = Command::new(program);
+    let (uid, gid) = who;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+fn spawn(config: &Path, users: Option<&Path>) -> (Child, String) {
+    let mut cmd = match users {
+        // The daemon resolves `<policy group=…>` through NSS: give it the test users.
+        Some(dir) => {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(format!(
+                    "mount --bind {0}/passwd /etc/passwd && mount --bind {0}/group /etc/group && exec \"$@\"",
+                    dir.display()
+                ))
+                .args(["sh", "dbus-daemon"]);
+            c
+        }
+        None => Command::new("dbus-daemon"),
+    };
+    let mut child = cmd
         .arg(format!("--config-file={}", config.display()))
         .args(["--nofork", "--nopidfile", "--print-address"])
         .stdin(Stdio::null())

@@ -392,3 +392,23 @@ pub fn host_json(path: Option<&Path>) -> serde_json::Value {
     assert_eq!(code, 0, "outlivectl host failed: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad JSON {e}: {out}"))
 }
+
+/// An agent on `bus` (system mode as root, in the bus's namespace when it has test users).
+pub fn bus_agent(
+    bus: &bus::PrivateBus,
+    notify: &TestSocket,
+    journal: &TestSocket,
+    toml: &str,
+) -> Agent {
+    let mut env = HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    Agent::start(AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(notify.path.clone()),
+        journal: Some(journal.path.clone()),
+        toml: toml.to_string(),
+        wrapper: bus.agent_wrapper(),
+        ..AgentSpec::default()
+    })
+}

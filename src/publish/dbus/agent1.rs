@@ -28,6 +28,8 @@ const UNPRIVILEGED_CLASSIFY_WINDOW_MS: u64 = 10_000;
 /// What the agent's main object shows.
 pub struct HostState {
     pub facts: Facts,
+    /// Our start time (for the lock record).
+    pub pid_start: u64,
     pub identity: RwLock<Identity>,
     pub status_text: RwLock<String>,
     pub degraded: AtomicBool,
@@ -40,6 +42,7 @@ impl HostState {
     pub fn new(facts: Facts, identity: Identity, auth: AuthPolicy) -> HostState {
         HostState {
             facts,
+            pid_start: crate::facts::process::own_start_time().unwrap_or(0),
             identity: RwLock::new(identity),
             status_text: RwLock::new(String::new()),
             degraded: AtomicBool::new(false),
@@ -68,6 +71,19 @@ impl HostState {
             true
         } else {
             false
+        }
+    }
+
+    /// Who we are, for the lock (L-1).
+    pub fn ours(&self) -> crate::queue::lock::Ours {
+        let id = self.identity();
+        crate::queue::lock::Ours {
+            host_id: id.host_id,
+            hostname: id.hostname,
+            boot_id: id.boot_id,
+            pid: std::process::id() as i64,
+            pid_start: self.pid_start,
+            pid_ns: id.pid_ns,
         }
     }
 
@@ -107,6 +123,8 @@ pub struct Agent1Props {
 #[derive(Clone)]
 pub struct Agent1 {
     pub state: Arc<HostState>,
+    pub queue: super::SharedQueue,
+    pub publisher: Arc<super::Publisher>,
 }
 
 /// Validate a path argument (X-1 input limits).
@@ -223,5 +241,26 @@ impl Agent1 {
         .await
         .map_err(|e| OutliveError::Busy(format!("classification failed: {e}")))?;
         Ok(to_dict(&result.map_err(classify_error)?.to_json()))
+    }
+
+    /// Re-run the lock decision (L-4) now, e.g. after `outlivectl lock clear` (root only; in
+    /// user mode the agent's uid). Nothing happens while the lock is held.
+    async fn reevaluate(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let caller = auth::caller(conn, &hdr).await?;
+        caller.require_admin(&self.state.auth, "Reevaluate")?;
+        {
+            let env = crate::queue::LockEnv {
+                ours: self.state.ours(),
+                facts: &self.state.facts,
+                prober: &crate::facts::process::KernelProber,
+            };
+            super::queue1::lock(&self.queue).evaluate_lock(&env, true);
+        }
+        self.publisher.sync(conn).await;
+        Ok(())
     }
 }

@@ -11,6 +11,7 @@
 pub mod agent1;
 pub mod auth;
 pub mod errors;
+pub mod queue1;
 pub mod variant;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +27,103 @@ use crate::publish::watchdog::LoopBeat;
 
 pub use agent1::{Agent1, HostState};
 pub use errors::OutliveError;
+pub use queue1::{ResumeQueue1, SharedQueue};
+
+/// Emits PropertiesChanged for every published property that changed since the last call,
+/// and only for those. Shared by the tick loop and the method handlers, so that a change is
+/// emitted once, whoever notices it first.
+pub struct Publisher {
+    host: Arc<HostState>,
+    queue: SharedQueue,
+    last: tokio::sync::Mutex<(agent1::Agent1Props, queue1::QueueProps)>,
+}
+
+impl Publisher {
+    /// A publisher whose baseline is the current state.
+    pub fn new(host: Arc<HostState>, queue: SharedQueue) -> Publisher {
+        let baseline = (host.props(), queue1::QueueProps::of(&queue1::lock(&queue)));
+        Publisher {
+            host,
+            queue,
+            last: tokio::sync::Mutex::new(baseline),
+        }
+    }
+
+    fn current(&self) -> (agent1::Agent1Props, queue1::QueueProps) {
+        (
+            self.host.props(),
+            queue1::QueueProps::of(&queue1::lock(&self.queue)),
+        )
+    }
+
+    /// Take the current state as published (a new connection: clients re-read everything).
+    pub async fn reset(&self) {
+        *self.last.lock().await = self.current();
+    }
+
+    /// Emit what changed on `conn`.
+    pub async fn sync(&self, conn: &Connection) {
+        let mut last = self.last.lock().await;
+        let now = self.current();
+        if *last == now {
+            return;
+        }
+        let mut results = Vec::new();
+        if let Ok(iref) = conn
+            .object_server()
+            .interface::<_, Agent1>(AGENT_PATH)
+            .await
+        {
+            let i = iref.get().await;
+            let em = iref.signal_emitter();
+            let (a, b) = (&last.0, &now.0);
+            if a.hostname != b.hostname {
+                results.push(i.hostname_changed(em).await);
+            }
+            if a.status_text != b.status_text {
+                results.push(i.status_text_changed(em).await);
+            }
+            if a.degraded != b.degraded {
+                results.push(i.degraded_changed(em).await);
+            }
+        }
+        if let Ok(iref) = conn
+            .object_server()
+            .interface::<_, ResumeQueue1>(QUEUE_PATH)
+            .await
+        {
+            let i = iref.get().await;
+            let em = iref.signal_emitter();
+            let (a, b) = (&last.1, &now.1);
+            macro_rules! changed {
+                ($($f:ident => $m:ident),* $(,)?) => {$(
+                    if a.$f != b.$f {
+                        results.push(i.$m(em).await);
+                    }
+                )*};
+            }
+            changed!(
+                enabled => enabled_changed,
+                disabled_reason => disabled_reason_changed,
+                disabled_detail => disabled_detail_changed,
+                dry_run => dry_run_changed,
+                paused => paused_changed,
+                pause_kind => pause_kind_changed,
+                pause_reason => pause_reason_changed,
+                paused_at => paused_at_changed,
+                waiting => waiting_changed,
+                breaker_open_until => breaker_open_until_changed,
+                quota_signal => quota_signal_changed,
+            );
+        }
+        for r in results {
+            if let Err(e) = r {
+                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            }
+        }
+        *last = now;
+    }
+}
 
 /// The well-known name.
 pub const NAME: &str = "org.outlive.Agent1";
@@ -84,6 +182,8 @@ impl std::fmt::Display for StartError {
 #[derive(Clone)]
 pub struct Objects {
     pub agent1: Agent1,
+    pub queue1: ResumeQueue1,
+    pub publisher: Arc<Publisher>,
 }
 
 /// The agent's bus connection and its publication state.
@@ -96,7 +196,6 @@ pub struct Bus {
     /// Boottime when the current gap began (0: none).
     gap_since_ms: AtomicU64,
     gaps: AtomicU64,
-    published: Mutex<agent1::Agent1Props>,
 }
 
 impl Bus {
@@ -107,7 +206,7 @@ impl Bus {
         audit: Arc<dyn AuditSink>,
     ) -> Result<Arc<Bus>, StartError> {
         let conn = connect(target, &objects).await?;
-        let published = objects.agent1.state.props();
+        objects.publisher.reset().await;
         Ok(Arc::new(Bus {
             target,
             objects,
@@ -116,7 +215,6 @@ impl Bus {
             up: AtomicBool::new(true),
             gap_since_ms: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
-            published: Mutex::new(published),
         }))
     }
 
@@ -143,43 +241,10 @@ impl Bus {
         self.gaps.load(Ordering::Relaxed)
     }
 
-    /// Emit PropertiesChanged for every property of the main object that changed since the
-    /// last call, and only for those.
+    /// Emit PropertiesChanged for what changed since the last call (see [`Publisher`]).
     pub async fn sync(&self) {
-        let Some(conn) = self.connection() else {
-            return;
-        };
-        let now = self.objects.agent1.state.props();
-        let last = {
-            let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
-            if *p == now {
-                return;
-            }
-            std::mem::replace(&mut *p, now.clone())
-        };
-        let Ok(iref) = conn
-            .object_server()
-            .interface::<_, Agent1>(AGENT_PATH)
-            .await
-        else {
-            return;
-        };
-        let iface = iref.get().await;
-        let em = iref.signal_emitter();
-        let mut results = Vec::new();
-        if now.hostname != last.hostname {
-            results.push(iface.hostname_changed(em).await);
-        }
-        if now.status_text != last.status_text {
-            results.push(iface.status_text_changed(em).await);
-        }
-        if now.degraded != last.degraded {
-            results.push(iface.degraded_changed(em).await);
-        }
-        for r in results {
-            if let Err(e) = r {
-                tracing::warn!("cannot emit PropertiesChanged: {e}");
-            }
+        if let Some(conn) = self.connection() {
+            self.objects.publisher.sync(&conn).await;
         }
     }
 
@@ -244,8 +309,7 @@ impl Bus {
                                 .map(|t| boottime_ms().saturating_sub(t))
                                 .unwrap_or(0);
                             self.gap_since_ms.store(0, Ordering::Relaxed);
-                            *self.published.lock().unwrap_or_else(|e| e.into_inner()) =
-                                self.objects.agent1.state.props();
+                            self.objects.publisher.reset().await;
                             backoff = BACKOFF_MIN;
                             self.audit.record(
                                 &Event::new(
@@ -293,6 +357,7 @@ async fn connect(target: BusTarget, objects: &Objects) -> Result<Connection, Sta
     };
     let conn = builder
         .serve_at(AGENT_PATH, objects.agent1.clone())
+        .serve_at(QUEUE_PATH, objects.queue1.clone())
         .build()
         .await
         .map_err(StartError::Unreachable)?;

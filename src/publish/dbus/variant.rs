@@ -56,6 +56,51 @@ pub fn to_dict(v: &serde_json::Value) -> HashMap<String, OwnedVariant> {
     out
 }
 
+/// A variant as JSON (for `outlivectl --json`): dictionaries become objects, arrays arrays,
+/// numbers numbers, strings strings.
+pub fn to_json(v: &Variant<'_>) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Variant::U8(n) => J::from(*n),
+        Variant::Bool(b) => J::Bool(*b),
+        Variant::I16(n) => J::from(*n),
+        Variant::U16(n) => J::from(*n),
+        Variant::I32(n) => J::from(*n),
+        Variant::U32(n) => J::from(*n),
+        Variant::I64(n) => J::from(*n),
+        Variant::U64(n) => J::from(*n),
+        Variant::F64(n) => J::from(*n),
+        Variant::Str(s) => J::String(s.as_str().to_string()),
+        Variant::Signature(s) => J::String(s.to_string()),
+        Variant::ObjectPath(p) => J::String(p.as_str().to_string()),
+        Variant::Variant(inner) => to_json(inner),
+        Variant::Array(a) => J::Array(a.iter().map(to_json).collect()),
+        Variant::Dict(d) => {
+            let mut m = serde_json::Map::new();
+            for (k, val) in d.iter() {
+                let key = match k {
+                    Variant::Str(s) => s.as_str().to_string(),
+                    other => to_json(other).to_string(),
+                };
+                m.insert(key, to_json(val));
+            }
+            J::Object(m)
+        }
+        Variant::Structure(s) => J::Array(s.fields().iter().map(to_json).collect()),
+        #[allow(unreachable_patterns)]
+        _ => J::Null,
+    }
+}
+
+/// A dictionary of variants as a JSON object.
+pub fn dict_to_json(d: &HashMap<String, OwnedVariant>) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in d {
+        m.insert(k.clone(), to_json(v));
+    }
+    serde_json::Value::Object(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +118,10 @@ mod tests {
         assert_eq!(i64::try_from(inner["f"].try_clone().unwrap()).unwrap(), -1);
         let list: Vec<String> = Vec::try_from(d["g"].try_clone().unwrap()).unwrap();
         assert_eq!(list, vec!["p", "q"]);
+        let mut back = dict_to_json(&d);
+        back.as_object_mut()
+            .unwrap()
+            .insert("d".into(), serde_json::Value::Null);
+        assert_eq!(back, v, "the round trip restores the report");
     }
 }

@@ -1,0 +1,670 @@
+//! `/org/outlive/Agent1/ResumeQueue`, interface `org.outlive.ResumeQueue1` (SPEC X-1): the
+//! revival queue over D-Bus.
+//!
+//! The object reads the queue under its mutex and never holds it across an await. Mutations
+//! are authorized from the bus credentials, decoded with `InvalidArgument` naming the field,
+//! applied by the queue (which persists before answering), and followed by PropertiesChanged
+//! for whatever changed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use zbus::message::Header;
+use zbus::wire::{OwnedVariant, Variant};
+use zbus::{Connection, interface};
+
+use super::Publisher;
+use super::auth::{self, AuthPolicy};
+use super::errors::OutliveError;
+use super::variant::to_dict;
+use crate::queue::entry::{Entry, Target, clamp_evidence};
+use crate::queue::rules::Request;
+use crate::queue::{Caller, Queue, QueueError};
+
+/// The queue shared between the agent's loops and the bus.
+pub type SharedQueue = Arc<Mutex<Queue>>;
+
+/// Lock the shared queue (a panic elsewhere does not make the queue unusable: its state only
+/// changes through complete, persisted commits).
+pub fn lock(q: &SharedQueue) -> MutexGuard<'_, Queue> {
+    q.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl From<QueueError> for OutliveError {
+    fn from(e: QueueError) -> OutliveError {
+        match e {
+            QueueError::Disabled { code, detail } => {
+                OutliveError::QueueDisabled(format!("{code}: {detail}"))
+            }
+            QueueError::NotFound(m) => OutliveError::NotFound(m),
+            QueueError::Paused(m) => OutliveError::QueuePaused(m),
+            QueueError::Full(m) => OutliveError::QueueFull(m),
+            QueueError::NotGaveUp(m) => OutliveError::NotGaveUp(m),
+            QueueError::Duplicate(m) => OutliveError::DuplicateOpenEntry(m),
+            QueueError::PersistFailed(m) => OutliveError::PersistFailed(m),
+            QueueError::Invalid { field, why } => {
+                OutliveError::InvalidArgument(format!("{field}: {why}"))
+            }
+            QueueError::AccessDenied(m) => OutliveError::AccessDenied(m),
+        }
+    }
+}
+
+/// The changeable properties of `org.outlive.ResumeQueue1` (all but `LastTickAt`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueProps {
+    pub enabled: bool,
+    pub disabled_reason: String,
+    pub disabled_detail: String,
+    pub dry_run: bool,
+    pub paused: bool,
+    pub pause_kind: String,
+    pub pause_reason: String,
+    pub paused_at: u64,
+    pub waiting: u32,
+    pub breaker_open_until: u64,
+    pub quota_signal: String,
+}
+
+impl QueueProps {
+    /// From the queue.
+    pub fn of(q: &Queue) -> QueueProps {
+        let s = q.snapshot();
+        QueueProps {
+            enabled: s.enabled,
+            disabled_reason: s.disabled_reason,
+            disabled_detail: s.disabled_detail,
+            dry_run: s.dry_run,
+            paused: s.pause.is_some(),
+            pause_kind: s
+                .pause
+                .as_ref()
+                .map(|p| p.kind.as_str().to_string())
+                .unwrap_or_default(),
+            pause_reason: s
+                .pause
+                .as_ref()
+                .map(|p| p.reason.clone())
+                .unwrap_or_default(),
+            paused_at: s.pause.as_ref().map(|p| p.paused_at).unwrap_or(0),
+            waiting: s.waiting,
+            breaker_open_until: 0,
+            quota_signal: "absent".into(),
+        }
+    }
+}
+
+/// The interface object.
+#[derive(Clone)]
+pub struct ResumeQueue1 {
+    pub queue: SharedQueue,
+    pub auth: AuthPolicy,
+    pub last_tick_at: Arc<AtomicU64>,
+    pub publisher: Arc<Publisher>,
+}
+
+impl ResumeQueue1 {
+    fn props(&self) -> QueueProps {
+        QueueProps::of(&lock(&self.queue))
+    }
+
+    async fn caller(&self, conn: &Connection, hdr: &Header<'_>) -> Result<Caller, OutliveError> {
+        let c = auth::caller(conn, hdr).await?;
+        Ok(Caller {
+            uid: c.uid,
+            gid: c.gid.unwrap_or(c.uid),
+            root: c.is_root(),
+            may_mutate: c.may_mutate(&self.auth),
+        })
+    }
+}
+
+/// One entry as `List` shows it (X-1): the Q-1 fields, the target flattened as in `Enqueue`
+/// (`unit`, or `exec` with `env_names`: env values never leave the agent); for callers who
+/// are neither privileged nor the entry's user, only id, class, status, attempts, timestamps,
+/// session and target kind.
+pub fn list_row(e: &Entry, full: bool) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "id": e.id,
+        "class": e.class.as_str(),
+        "status": e.status.text(),
+        "attempts": e.attempts,
+        "session": e.session,
+        "target_kind": e.target.kind(),
+        "reaped_at": e.reaped_at,
+        "queued_at": e.queued_at,
+        "requeued_at": e.requeued_at,
+        "last_attempt_at": e.last_attempt_at,
+        "next_attempt_at": e.next_attempt_at,
+    });
+    if !full {
+        return v;
+    }
+    let m = v.as_object_mut().expect("an object");
+    match &e.target {
+        Target::Unit { unit } => {
+            m.insert("unit".into(), unit.clone().into());
+        }
+        Target::Exec { exec, env } => {
+            m.insert("exec".into(), exec.clone().into());
+            m.insert(
+                "env_names".into(),
+                env.keys().cloned().collect::<Vec<_>>().into(),
+            );
+        }
+    }
+    let extra = serde_json::json!({
+        "run_id": e.run_id,
+        "job": e.job,
+        "uid": e.uid,
+        "gid": e.gid,
+        "cwd": e.cwd,
+        "worktree": e.worktree,
+        "reason": e.reason,
+        "active_run": e.active_run,
+        "run_state_file": e.run_state_file,
+        "evidence": e.evidence,
+        "attempt_unit": e.attempt_unit,
+        "waited_ms": e.waited_ms,
+        "calm_ms": e.calm_ms,
+        "frozen_ms": e.frozen_ms,
+        "pressure_starved": e.pressure_starved,
+        "history": e.history.iter().map(|t| serde_json::json!({
+            "at": t.at,
+            "from": t.from.as_ref().map(|s| s.text()),
+            "to": t.to.text(),
+            "by": t.by,
+        })).collect::<Vec<_>>(),
+    });
+    for (k, val) in extra.as_object().expect("an object") {
+        m.insert(k.clone(), val.clone());
+    }
+    v
+}
+
+/// The keys `Enqueue` accepts and their D-Bus types (X-1).
+pub const ENQUEUE_KEYS: &[(&str, &str)] = &[
+    ("run_id", "s"),
+    ("job", "s"),
+    ("resume_on_reap", "b"),
+    ("session", "s"),
+    ("unit", "s"),
+    ("exec", "as"),
+    ("env", "a{ss}"),
+    ("cwd", "s"),
+    ("worktree", "s"),
+    ("reason", "s"),
+    ("disposition", "s"),
+    ("origin", "s"),
+    ("evidence", "as"),
+    ("active_run", "b"),
+    ("run_state_file", "s"),
+    ("reaped_at", "t"),
+    ("user", "u"),
+    ("group", "u"),
+];
+
+type Field = (String, String);
+
+fn wrong(key: &str, want: &str, v: &OwnedVariant) -> Field {
+    (
+        key.to_string(),
+        format!("expected type {want}, got {}", v.value_signature()),
+    )
+}
+
+fn string(key: &str, v: &OwnedVariant) -> Result<String, Field> {
+    match &**v {
+        Variant::Str(s) => {
+            let s = s.as_str();
+            if s.len() > crate::queue::entry::MAX_STRING {
+                return Err((key.into(), "longer than 4096 bytes".into()));
+            }
+            Ok(s.to_string())
+        }
+        _ => Err(wrong(key, "s", v)),
+    }
+}
+
+fn boolean(key: &str, v: &OwnedVariant) -> Result<bool, Field> {
+    match &**v {
+        Variant::Bool(b) => Ok(*b),
+        _ => Err(wrong(key, "b", v)),
+    }
+}
+
+fn strings(key: &str, v: &OwnedVariant, limit: usize) -> Result<Vec<String>, Field> {
+    let Variant::Array(a) = &**v else {
+        return Err(wrong(key, "as", v));
+    };
+    if a.len() > limit {
+        return Err((key.into(), format!("more than {limit} items")));
+    }
+    a.iter()
+        .map(|x| match x {
+            Variant::Str(s) => Ok(s.as_str().to_string()),
+            _ => Err(wrong(key, "as", v)),
+        })
+        .collect()
+}
+
+/// Decode `Enqueue`'s dictionary (X-1). Unknown keys and wrong types are `(key, why)`.
+/// Evidence may be `as`, or `av` whose non-strings are dropped (Q-3).
+pub fn decode_enqueue(dict: &HashMap<String, OwnedVariant>) -> Result<Request, Field> {
+    let mut keys: Vec<&String> = dict.keys().collect();
+    keys.sort();
+    for k in &keys {
+        if !ENQUEUE_KEYS.iter().any(|(n, _)| n == k) {
+            let shown: String = k.chars().take(64).collect();
+            return Err((shown, "unknown key".into()));
+        }
+    }
+    let get = |k: &str| dict.get(k);
+    let mut r = Request {
+        disposition: "terminal".into(),
+        origin: "autonomous".into(),
+        ..Request::default()
+    };
+    let opt_str = |k: &str| get(k).map(|v| string(k, v)).transpose();
+    r.run_id = opt_str("run_id")?;
+    r.job = opt_str("job")?;
+    r.session = opt_str("session")?.unwrap_or_default();
+    r.cwd = opt_str("cwd")?;
+    r.worktree = opt_str("worktree")?;
+    r.reason = opt_str("reason")?.unwrap_or_default();
+    r.run_state_file = opt_str("run_state_file")?;
+    if let Some(d) = opt_str("disposition")? {
+        r.disposition = d;
+    }
+    if let Some(o) = opt_str("origin")? {
+        r.origin = o;
+    }
+    if let Some(v) = get("resume_on_reap") {
+        r.resume_on_reap = boolean("resume_on_reap", v)?;
+    }
+    if let Some(v) = get("active_run") {
+        r.active_run = boolean("active_run", v)?;
+    }
+    if let Some(v) = get("reaped_at") {
+        match &**v {
+            Variant::U64(t) => r.reaped_at = Some(*t),
+            _ => return Err(wrong("reaped_at", "t", v)),
+        }
+    }
+    for (k, slot) in [("user", &mut r.user), ("group", &mut r.group)] {
+        if let Some(v) = get(k) {
+            match &**v {
+                Variant::U32(n) => *slot = Some(*n),
+                _ => return Err(wrong(k, "u", v)),
+            }
+        }
+    }
+    if let Some(v) = get("evidence") {
+        let Variant::Array(a) = &**v else {
+            return Err(wrong("evidence", "as", v));
+        };
+        if a.len() > 4096 {
+            return Err(("evidence".into(), "more than 4096 items".into()));
+        }
+        let items: Vec<Option<String>> = a
+            .iter()
+            .map(|x| match x {
+                Variant::Str(s) => Some(s.as_str().to_string()),
+                Variant::Variant(inner) => match &**inner {
+                    Variant::Str(s) => Some(s.as_str().to_string()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        r.evidence = clamp_evidence(items.iter().map(|o| o.as_deref()));
+    }
+    let unit = opt_str("unit")?;
+    let exec = get("exec")
+        .map(|v| strings("exec", v, crate::queue::entry::MAX_ARGV))
+        .transpose()?;
+    let env = match get("env") {
+        None => None,
+        Some(v) => {
+            let Variant::Dict(d) = &**v else {
+                return Err(wrong("env", "a{ss}", v));
+            };
+            let mut out = std::collections::BTreeMap::new();
+            for (k, val) in d.iter() {
+                match (k, val) {
+                    (Variant::Str(k), Variant::Str(val)) => {
+                        out.insert(k.as_str().to_string(), val.as_str().to_string());
+                    }
+                    _ => return Err(wrong("env", "a{ss}", v)),
+                }
+            }
+            if out.len() > crate::queue::entry::MAX_ENV {
+                return Err(("env".into(), "more than 64 pairs".into()));
+            }
+            Some(out)
+        }
+    };
+    r.target = match (unit, exec, env) {
+        (Some(_), Some(_), _) => {
+            return Err(("exec".into(), "give either unit or exec, not both".into()));
+        }
+        (Some(_), None, Some(_)) => return Err(("env".into(), "env goes only with exec".into())),
+        (Some(u), None, None) => Some(Target::Unit { unit: u }),
+        (None, Some(x), env) => Some(Target::Exec {
+            exec: x,
+            env: env.unwrap_or_default(),
+        }),
+        (None, None, Some(_)) => return Err(("env".into(), "env goes only with exec".into())),
+        (None, None, None) => None,
+    };
+    Ok(r)
+}
+
+#[interface(name = "org.outlive.ResumeQueue1")]
+impl ResumeQueue1 {
+    /// The lock is held, the state loaded and the queue on.
+    #[zbus(property)]
+    fn enabled(&self) -> bool {
+        self.props().enabled
+    }
+
+    /// A reason code (G-6), empty when enabled.
+    #[zbus(property)]
+    fn disabled_reason(&self) -> String {
+        self.props().disabled_reason
+    }
+
+    /// The L-4 message.
+    #[zbus(property)]
+    fn disabled_detail(&self) -> String {
+        self.props().disabled_detail
+    }
+
+    #[zbus(property)]
+    fn dry_run(&self) -> bool {
+        self.props().dry_run
+    }
+
+    #[zbus(property)]
+    fn paused(&self) -> bool {
+        self.props().paused
+    }
+
+    #[zbus(property)]
+    fn pause_kind(&self) -> String {
+        self.props().pause_kind
+    }
+
+    #[zbus(property)]
+    fn pause_reason(&self) -> String {
+        self.props().pause_reason
+    }
+
+    /// Wall ms, 0 when not paused.
+    #[zbus(property)]
+    fn paused_at(&self) -> u64 {
+        self.props().paused_at
+    }
+
+    /// Open entries (queued or starting).
+    #[zbus(property)]
+    fn waiting(&self) -> u32 {
+        self.props().waiting
+    }
+
+    /// Wall ms of the last tick. Changes every tick, so it emits no change signals.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn last_tick_at(&self) -> u64 {
+        self.last_tick_at.load(Ordering::Relaxed)
+    }
+
+    /// Wall ms until which the breaker is open, 0 when closed.
+    #[zbus(property)]
+    fn breaker_open_until(&self) -> u64 {
+        self.props().breaker_open_until
+    }
+
+    /// `absent`, `fresh` or `stale` (D-10).
+    #[zbus(property)]
+    fn quota_signal(&self) -> String {
+        self.props().quota_signal
+    }
+
+    /// The entries (X-1), redacted for callers who are neither privileged nor the entry's user.
+    async fn list(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<HashMap<String, OwnedVariant>>, OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        let q = lock(&self.queue);
+        let entries = q.entries()?;
+        Ok(entries
+            .iter()
+            .map(|e| to_dict(&list_row(e, caller.may_mutate || caller.uid == e.uid)))
+            .collect())
+    }
+
+    /// Queue a reaped run (Q-4). Replies `(admitted, why, id)`.
+    async fn enqueue(
+        &self,
+        request: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(bool, String, String), OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        let decoded = decode_enqueue(&request);
+        let reply = lock(&self.queue).enqueue(&caller, decoded)?;
+        self.publisher.sync(conn).await;
+        Ok((reply.admitted, reply.why, reply.id))
+    }
+
+    /// Cancel an open entry (Q-9).
+    async fn cancel(
+        &self,
+        id: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        lock(&self.queue).cancel(&caller, &id)?;
+        self.publisher.sync(conn).await;
+        Ok(())
+    }
+
+    /// Requeue a gave-up entry (Q-10).
+    async fn requeue(
+        &self,
+        id: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        lock(&self.queue).requeue(&caller, &id)?;
+        self.publisher.sync(conn).await;
+        Ok(())
+    }
+
+    /// Pause revival (P-1): `emergency` or `maintenance`.
+    async fn pause(
+        &self,
+        kind: String,
+        reason: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        lock(&self.queue).pause(&caller, &kind, &reason)?;
+        self.publisher.sync(conn).await;
+        Ok(())
+    }
+
+    /// Clear any pause; whether there was one (P-2).
+    async fn resume(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<bool, OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        let was = lock(&self.queue).resume(&caller)?;
+        self.publisher.sync(conn).await;
+        Ok(was)
+    }
+
+    /// Stop a run: cancel its open entries and record the stop (Q-9). Returns how many.
+    async fn stop(
+        &self,
+        run_id: String,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<u32, OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        let n = lock(&self.queue).stop(&caller, &run_id)?;
+        self.publisher.sync(conn).await;
+        Ok(n)
+    }
+
+    /// Stop everything: a durable global stop and a deliberate halt (Q-9).
+    async fn stop_all(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        lock(&self.queue).stop_all(&caller)?;
+        self.publisher.sync(conn).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v<T: Into<Variant<'static>>>(x: T) -> OwnedVariant {
+        OwnedVariant::try_from(x.into()).unwrap()
+    }
+
+    fn base() -> HashMap<String, OwnedVariant> {
+        HashMap::from([
+            ("run_id".to_string(), v("r1".to_string())),
+            ("exec".to_string(), v(vec!["/bin/true".to_string()])),
+            ("cwd".to_string(), v("/tmp".to_string())),
+            (
+                "evidence".to_string(),
+                v(vec!["active-subagent".to_string(), "bogus".to_string()]),
+            ),
+        ])
+    }
+
+    #[test]
+    fn x1_enqueue_dictionary_decodes_with_defaults() {
+        let r = decode_enqueue(&base()).unwrap();
+        assert_eq!(r.run_id.as_deref(), Some("r1"));
+        assert_eq!(
+            (r.disposition.as_str(), r.origin.as_str()),
+            ("terminal", "autonomous")
+        );
+        assert_eq!(r.evidence, vec!["active-subagent"], "clamped");
+        assert!(matches!(r.target, Some(Target::Exec { .. })));
+    }
+
+    #[test]
+    fn x1_unknown_keys_and_wrong_types_name_the_key() {
+        let cases: Vec<(&str, OwnedVariant, &str)> = vec![
+            ("bogus", v(1u32), "bogus"),
+            ("run_id", v(vec![1u8, 2]), "run_id"),
+            ("reaped_at", v("yesterday".to_string()), "reaped_at"),
+            ("user", v(-1i32), "user"),
+            ("exec", v("/bin/true".to_string()), "exec"),
+            ("resume_on_reap", v(1u32), "resume_on_reap"),
+            ("env", v(vec!["A=B".to_string()]), "env"),
+            ("session", v("x".repeat(5000)), "session"),
+        ];
+        for (k, val, field) in cases {
+            let mut d = base();
+            d.insert(k.to_string(), val);
+            let e = decode_enqueue(&d).unwrap_err();
+            assert_eq!(e.0, field, "{k}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn x1_unit_exec_and_env_combinations() {
+        let mut d = base();
+        d.insert("unit".into(), v("x.service".to_string()));
+        assert_eq!(decode_enqueue(&d).unwrap_err().0, "exec");
+        let mut d = base();
+        d.remove("exec");
+        d.insert("unit".into(), v("x.service".to_string()));
+        d.insert(
+            "env".into(),
+            v(HashMap::from([("A".to_string(), "1".to_string())])),
+        );
+        assert_eq!(decode_enqueue(&d).unwrap_err().0, "env");
+        let mut d = base();
+        d.insert(
+            "env".into(),
+            v(HashMap::from([("A".to_string(), "1".to_string())])),
+        );
+        let r = decode_enqueue(&d).unwrap();
+        let Some(Target::Exec { env, .. }) = r.target else {
+            panic!()
+        };
+        assert_eq!(env.get("A").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn q3_evidence_as_av_drops_non_strings() {
+        let mut d = base();
+        let items: Vec<OwnedVariant> = vec![
+            v("relay-lease".to_string()),
+            v(7u32),
+            v("active-process".to_string()),
+        ];
+        d.insert(
+            "evidence".into(),
+            OwnedVariant::try_from(Variant::from(items)).unwrap(),
+        );
+        assert_eq!(
+            decode_enqueue(&d).unwrap().evidence,
+            vec!["relay-lease", "active-process"]
+        );
+    }
+
+    #[test]
+    fn x1_list_redacts_for_other_users_and_never_shows_env_values() {
+        let e: Entry = serde_json::from_value(serde_json::json!({
+            "id": "rq-a-1", "run_id": "r", "session": "s", "target": {"exec": ["/bin/x"], "env": {"TOKEN": "secret"}},
+            "uid": 1000, "gid": 1000, "cwd": "/home/u", "class": "interactive", "status": "queued",
+            "reaped_at": 1, "queued_at": 2
+        }))
+        .unwrap();
+        let full = list_row(&e, true);
+        assert_eq!(full["env_names"], serde_json::json!(["TOKEN"]));
+        assert!(!full.to_string().contains("secret"));
+        let red = list_row(&e, false);
+        let keys: Vec<&String> = red.as_object().unwrap().keys().collect();
+        for k in &keys {
+            assert!(
+                [
+                    "id",
+                    "class",
+                    "status",
+                    "attempts",
+                    "session",
+                    "target_kind",
+                    "reaped_at",
+                    "queued_at",
+                    "requeued_at",
+                    "last_attempt_at",
+                    "next_attempt_at"
+                ]
+                .contains(&k.as_str()),
+                "{k} leaks to other users"
+            );
+        }
+        assert!(!red.to_string().contains("/home/u"));
+    }
+}

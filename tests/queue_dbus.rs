@@ -1,0 +1,514 @@
+//! The revival queue over D-Bus and `outlivectl` (SPEC Q-4, Q-9, Q-10, L-6, L-8, X-1, X-2, §8),
+//! against a private dbus-daemon with the shipped policy and test users: a member of group
+//! `outlive` and a stranger. The agent resolves their groups from the user database; the bus
+//! policy filters first, and the agent enforces everything again.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::bus::{MEMBER, PERMISSIVE_POLICY, PrivateBus, STRANGER, connect};
+use common::{Agent, TestSocket, bus_agent, require_root, require_tools};
+use futures_util::StreamExt;
+
+const T: Duration = Duration::from_secs(15);
+const ROOT: (u32, u32) = (0, 0);
+const CONFIG: &str = "[queue]\ndry_run = false\nallowed_units = [\"allowed-*.service\"]\n";
+
+fn ready() -> bool {
+    require_root("owning the bus name, test users in a mount namespace")
+        && require_tools(&["dbus-daemon", "busctl", "unshare", "nsenter"])
+}
+
+/// A bus and an agent on it (kept alive for the test's duration).
+struct Setup {
+    bus: PrivateBus,
+    _agent: Agent,
+    _n: TestSocket,
+    _j: TestSocket,
+}
+
+fn setup(bus: PrivateBus, toml: &str) -> Setup {
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let agent = bus_agent(&bus, &n, &j, toml);
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    Setup {
+        bus,
+        _agent: agent,
+        _n: n,
+        _j: j,
+    }
+}
+
+fn enqueue(s: &Setup, who: (u32, u32), run: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "enqueue",
+        "--run-id",
+        run,
+        "--evidence",
+        "active-subagent",
+        "--cwd",
+        "/",
+    ];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--unit") {
+        args.extend_from_slice(&["--", "/bin/true"]);
+    }
+    s.bus.outlivectl_as(who, &args)
+}
+
+fn entries(s: &Setup, who: (u32, u32)) -> Vec<serde_json::Value> {
+    let (code, out, err) = s.bus.outlivectl_as(who, &["queue", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["entries"].as_array().unwrap().clone()
+}
+
+fn id_of(s: &Setup, run: &str) -> String {
+    entries(s, ROOT)
+        .iter()
+        .find(|e| e["run_id"] == run)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn x1_authorization_matrix_through_the_shipped_policy() {
+    if !ready() {
+        return;
+    }
+    let s = setup(PrivateBus::with_users(), CONFIG);
+    // Root and the member may enqueue; the member's exec target is recorded as the member.
+    let (code, out, err) = enqueue(&s, ROOT, "by-root", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = enqueue(&s, MEMBER, "by-member", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mine = entries(&s, ROOT)
+        .into_iter()
+        .find(|e| e["run_id"] == "by-member")
+        .unwrap();
+    assert_eq!(
+        (mine["uid"].as_u64(), mine["gid"].as_u64()),
+        (Some(MEMBER.0 as u64), Some(MEMBER.1 as u64))
+    );
+    // A member's unit target outside queue.allowed_units is refused by the agent.
+    let (code, _, err) = enqueue(&s, MEMBER, "unit-1", &["--unit", "other.service"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("org.outlive.Error.AccessDenied") && err.contains("queue.allowed_units"),
+        "{err}"
+    );
+    let (code, _, err) = enqueue(&s, MEMBER, "unit-2", &["--unit", "allowed-7.service"]);
+    assert_eq!(code, 0, "{err}");
+    // Only root may enqueue as another user.
+    let (code, _, err) = enqueue(&s, MEMBER, "as-root", &["--as-uid", "0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("AccessDenied"), "{err}");
+    // The stranger may read, redacted: not the cwd, the argv or the env names of others' runs.
+    let seen = entries(&s, STRANGER);
+    assert_eq!(seen.len(), 3);
+    for e in &seen {
+        for k in [
+            "cwd",
+            "exec",
+            "unit",
+            "uid",
+            "reason",
+            "env_names",
+            "run_id",
+        ] {
+            assert!(e.get(k).is_none(), "{k} shown to a stranger: {e}");
+        }
+    }
+    // … and may not act: the bus policy refuses before the agent sees the call.
+    let root_id = id_of(&s, "by-root");
+    let (code, _, err) = s.bus.outlivectl_as(STRANGER, &["cancel", &root_id]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("org.freedesktop.DBus.Error.AccessDenied"),
+        "{err}"
+    );
+    let (code, _, err) = enqueue(&s, STRANGER, "by-stranger", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("AccessDenied"), "{err}");
+    let (code, _, err) = s.bus.outlivectl_as(
+        STRANGER,
+        &["pause", "--kind", "maintenance", "--reason", "x"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("AccessDenied"), "{err}");
+    // The member may cancel (anyone's run: membership is the privilege).
+    let (code, _, err) = s.bus.outlivectl_as(MEMBER, &["cancel", &root_id]);
+    assert_eq!(code, 0, "{err}");
+    // Reevaluate is root only: the policy lets the member send it, the agent refuses.
+    let call = [
+        "call",
+        "org.outlive.Agent1",
+        "/org/outlive/Agent1",
+        "org.outlive.Agent1",
+        "Reevaluate",
+    ];
+    let (code, _, err) = s.bus.busctl_as(MEMBER, &call);
+    assert_ne!(code, 0);
+    assert!(err.contains("only root"), "{err}");
+    let (code, _, err) = s.bus.busctl_as(STRANGER, &call);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("Access denied") || err.contains("AccessDenied"),
+        "{err}"
+    );
+    let (code, _, err) = s.bus.busctl_as(ROOT, &call);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn x1_the_agent_enforces_on_its_own_behind_a_permissive_policy() {
+    if !ready() {
+        return;
+    }
+    let dir = common::open_tempdir();
+    let policy = dir.path().join("permissive.conf");
+    std::fs::write(&policy, PERMISSIVE_POLICY).unwrap();
+    let s = setup(PrivateBus::start_with(&policy, true), CONFIG);
+    let (code, _, err) = enqueue(&s, ROOT, "r", &[]);
+    assert_eq!(code, 0, "{err}");
+    let id = id_of(&s, "r");
+    for args in [
+        vec!["cancel", id.as_str()],
+        vec!["requeue", id.as_str()],
+        vec!["pause", "--kind", "emergency", "--reason", "x"],
+        vec!["resume"],
+        vec!["stop", "r"],
+        vec!["stop-all"],
+    ] {
+        let (code, _, err) = s.bus.outlivectl_as(STRANGER, &args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.contains("org.outlive.Error.AccessDenied"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, _, err) = enqueue(&s, STRANGER, "s", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("org.outlive.Error.AccessDenied"), "{err}");
+    assert_eq!(
+        entries(&s, ROOT).len(),
+        1,
+        "nothing was written for the stranger"
+    );
+}
+
+/// A call's outcome: the error name and message on failure.
+type Outcome = Result<(), (String, String)>;
+
+/// Call a ResumeQueue1 method with raw arguments.
+async fn call<B>(conn: &zbus::Connection, method: &str, body: &B) -> Outcome
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    match conn
+        .call_method(
+            Some("org.outlive.Agent1"),
+            "/org/outlive/Agent1/ResumeQueue",
+            Some("org.outlive.ResumeQueue1"),
+            method,
+            body,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(zbus::Error::MethodError(name, msg, _)) => {
+            Err((name.to_string(), msg.unwrap_or_default()))
+        }
+        Err(zbus::Error::FDO(e)) => {
+            use zbus::DBusError;
+            Err((
+                e.name().to_string(),
+                e.description().unwrap_or_default().to_string(),
+            ))
+        }
+        Err(e) => Err(("?".into(), e.to_string())),
+    }
+}
+
+#[tokio::test]
+async fn x1_refusals_are_typed_errors() {
+    if !ready() {
+        return;
+    }
+    use zbus::wire::Variant;
+    let s = setup(PrivateBus::start(), CONFIG);
+    let (code, _, err) = enqueue(&s, ROOT, "r", &[]);
+    assert_eq!(code, 0, "{err}");
+    let id = id_of(&s, "r");
+    let conn = connect(&s.bus.address).await;
+    let dict = |pairs: Vec<(&'static str, Variant<'static>)>| {
+        pairs.into_iter().collect::<HashMap<&str, Variant<'_>>>()
+    };
+    let cases: Vec<(Outcome, &str, &str)> = vec![
+        (
+            call(&conn, "Cancel", &("rq-zzzz-1",)).await,
+            "org.outlive.Error.NotFound",
+            "no open entry",
+        ),
+        (
+            call(&conn, "Cancel", &("bogus",)).await,
+            "org.outlive.Error.InvalidArgument",
+            "id:",
+        ),
+        (
+            call(&conn, "Requeue", &(id.as_str(),)).await,
+            "org.outlive.Error.NotGaveUp",
+            "did not give up",
+        ),
+        (
+            call(&conn, "Pause", &("deliberate-halt", "x")).await,
+            "org.outlive.Error.InvalidArgument",
+            "kind:",
+        ),
+        (
+            call(
+                &conn,
+                "Enqueue",
+                &(dict(vec![("bogus", Variant::from("x"))]),),
+            )
+            .await,
+            "org.outlive.Error.InvalidArgument",
+            "bogus: unknown key",
+        ),
+        (
+            call(
+                &conn,
+                "Enqueue",
+                &(dict(vec![("run_id", Variant::from(vec![1u8, 2]))]),),
+            )
+            .await,
+            "org.outlive.Error.InvalidArgument",
+            "run_id: expected type s, got ay",
+        ),
+        (
+            call(
+                &conn,
+                "Enqueue",
+                &(dict(vec![
+                    ("run_id", Variant::from("r2")),
+                    ("cwd", Variant::from("/")),
+                ]),),
+            )
+            .await,
+            "org.outlive.Error.InvalidArgument",
+            "unit: one of unit or exec is required",
+        ),
+        (
+            call(
+                &conn,
+                "Enqueue",
+                &(dict(vec![
+                    ("run_id", Variant::from("r3")),
+                    ("cwd", Variant::from("/")),
+                    ("exec", Variant::from(vec!["/bin/true".to_string()])),
+                    (
+                        "env",
+                        Variant::from(HashMap::from([("LD_PRELOAD".to_string(), "x".to_string())])),
+                    ),
+                ]),),
+            )
+            .await,
+            "org.outlive.Error.InvalidArgument",
+            "env: LD_PRELOAD may not be set",
+        ),
+        (
+            call(&conn, "Cancel", &(7u32,)).await,
+            "org.freedesktop.DBus.Error.InvalidArgs",
+            "",
+        ),
+    ];
+    for (got, name, text) in cases {
+        let (n, m) = got.expect_err("a refusal");
+        assert_eq!(n, name, "{m}");
+        assert!(m.contains(text), "{name}: {m}");
+    }
+    // The agent is still up and nothing was written for the refusals.
+    assert_eq!(entries(&s, ROOT).len(), 1);
+}
+
+#[tokio::test]
+async fn x1_properties_changed_for_waiting_and_never_for_last_tick_at() {
+    if !ready() {
+        return;
+    }
+    let s = setup(
+        PrivateBus::start(),
+        &format!("{CONFIG}[drainer]\ninterval_sec = 1\n"),
+    );
+    let conn = connect(&s.bus.address).await;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .path("/org/outlive/Agent1/ResumeQueue")
+        .build()
+        .unwrap();
+    let mut changes = zbus::MessageStream::for_match_rule(rule, &conn, None)
+        .await
+        .unwrap();
+    // Ticks every second change LastTickAt: it must not signal.
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), changes.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a signal while only LastTickAt changed: {quiet:?}"
+    );
+    let (code, _, err) = enqueue(&s, ROOT, "r", &[]);
+    assert_eq!(code, 0, "{err}");
+    let msg = tokio::time::timeout(T, changes.next())
+        .await
+        .expect("no PropertiesChanged")
+        .unwrap()
+        .unwrap();
+    let (iface, changed, _): (
+        String,
+        HashMap<String, zbus::wire::OwnedVariant>,
+        Vec<String>,
+    ) = msg.body().deserialize().unwrap();
+    assert_eq!(iface, "org.outlive.ResumeQueue1");
+    assert_eq!(
+        u32::try_from(changed["Waiting"].try_clone().unwrap()).unwrap(),
+        1
+    );
+    assert!(!changed.contains_key("LastTickAt"));
+}
+
+fn foreign_lock(state: &std::path::Path) -> Vec<u8> {
+    std::fs::create_dir_all(state).unwrap();
+    let rec = serde_json::json!({
+        "version": 1, "host_id": "0123456789abcdef0123456789abcdef", "hostname": "other-host",
+        "boot_id": "fedcba9876543210fedcba9876543210", "pid": 4242, "pid_start": 1, "acquired_at": 1,
+        "agent_version": "0.0.0"
+    });
+    let bytes = format!("{rec}\n").into_bytes();
+    std::fs::write(state.join("resume-queue.lock"), &bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn l6_l8_foreign_lock_disables_the_queue_until_lock_clear() {
+    if !ready() {
+        return;
+    }
+    // The agent's state directory is in its temp dir: write the foreign lock before it starts.
+    let bus = PrivateBus::start();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let dir = common::open_tempdir();
+    let state = dir.path().join("state");
+    let lock_bytes = foreign_lock(&state);
+    let toml = CONFIG.to_string();
+    let mut env = HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    let cfg = dir.path().join("outlive.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\nruntime_dir = \"{}\"\n[journal]\nsocket = \"{}\"\n{toml}",
+            state.display(),
+            dir.path().join("run").display(),
+            j.path.display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(common::outlived())
+        .arg("--config")
+        .arg(&cfg)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("NOTIFY_SOCKET", &n.path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    assert!(
+        ready
+            .get("STATUS")
+            .unwrap()
+            .contains("queue disabled (foreign-host)"),
+        "{ready:?}"
+    );
+    let ev = j.wait_for("queue-disabled", T, |d| {
+        d.has("OUTLIVE_EVENT", "queue-disabled")
+    });
+    assert_eq!(
+        ev.get("MESSAGE_ID"),
+        Some("16178756b76b464797d26fe3e163f095")
+    );
+    assert_eq!(ev.get("OUTLIVE_REASON"), Some("foreign-host"));
+    let (code, out, _) = bus.busctl(&[
+        "get-property",
+        "org.outlive.Agent1",
+        "/org/outlive/Agent1/ResumeQueue",
+        "org.outlive.ResumeQueue1",
+        "DisabledReason",
+    ]);
+    assert_eq!((code, out.trim()), (0, "s \"foreign-host\""));
+    let ctl = |args: &[&str]| bus.outlivectl_as(ROOT, args);
+    let (code, _, err) = ctl(&["pause", "--kind", "maintenance", "--reason", "x"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("org.outlive.Error.QueueDisabled") && err.contains("outlivectl lock"),
+        "{err}"
+    );
+    let (code, out, _) = ctl(&["queue"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("DISABLED (foreign-host)"), "{out}");
+    // outlivectl lock explains it: row 7, both hosts, the recovery.
+    let cfg_s = cfg.display().to_string();
+    let (code, out, err) = ctl(&["lock", "--config", &cfg_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("L-4 row 7: disabled (foreign-host)") && out.contains("other-host"),
+        "{out}"
+    );
+    assert!(out.contains("outlivectl lock clear"), "{out}");
+    let (code, out, _) = ctl(&["lock", "--config", &cfg_s, "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["decision"]["reason"], "foreign-host");
+    assert_eq!(v["agent"]["DisabledReason"], "foreign-host");
+    // Nothing under the state directory was written.
+    let names: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["resume-queue.lock"]);
+    assert_eq!(
+        std::fs::read(state.join("resume-queue.lock")).unwrap(),
+        lock_bytes
+    );
+    // The operator verified the other host is gone: clear, and the agent re-evaluates.
+    let (code, out, err) = ctl(&["lock", "clear", "--config", &cfg_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("removed") && out.contains("other-host") && out.contains("queue enabled"),
+        "{out}"
+    );
+    j.wait_for("queue-enabled", T, |d| {
+        d.has("OUTLIVE_EVENT", "queue-enabled")
+    });
+    let (code, _, err) = ctl(&["pause", "--kind", "maintenance", "--reason", "x"]);
+    assert_eq!(code, 0, "{err}");
+    // With the agent holding it, a second clear is refused and names the holder.
+    let (code, _, err) = ctl(&["lock", "clear", "--config", &cfg_s]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("live holder") && err.contains("outlived"),
+        "{err}"
+    );
+    // The audit trail: both places, merged.
+    let (code, out, err) = ctl(&["audit", "--config", &cfg_s]);
+    assert_eq!(code, 0, "{err}");
+    let pos = |k: &str| out.find(k).unwrap_or_else(|| panic!("{k} not in:\n{out}"));
+    assert!(pos("queue-disabled") < pos("queue-enabled") && pos("queue-enabled") < pos("paused"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
