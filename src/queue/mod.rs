@@ -409,6 +409,8 @@ impl Queue {
             Loaded::Corrupt { why, sidecar } => {
                 self.state = State::empty();
                 self.loaded = true;
+                // Replace the corrupt file now, so a restart does not set it aside again.
+                let _ = self.commit(|_, _| Ok(((), vec![])));
                 self.audit(
                     Event::new(
                         "state-corrupt",

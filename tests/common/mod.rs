@@ -125,7 +125,7 @@ impl TestSocket {
         let dir = open_tempdir();
         let path = dir.path().join(name);
         let sock = UnixDatagram::bind(&path).expect("bind test socket");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
+        sock.set_read_timeout(Some(Duration::from_millis(10)))
             .unwrap();
         TestSocket {
             _dir: dir,
@@ -238,6 +238,8 @@ pub struct AgentSpec {
     pub watchdog_usec: Option<u64>,
     /// Run the agent through this wrapper command (e.g. `unshare --uts`).
     pub wrapper: Vec<String>,
+    /// The state directory (default: `state` in the agent's temp dir).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentSpec {
@@ -250,6 +252,7 @@ impl Default for AgentSpec {
             notify: None,
             watchdog_usec: None,
             wrapper: Vec::new(),
+            state_dir: None,
         }
     }
 }
@@ -258,7 +261,10 @@ impl Agent {
     /// Start an agent with a private state and runtime directory.
     pub fn start(spec: AgentSpec) -> Agent {
         let dir = open_tempdir();
-        let state_dir = dir.path().join("state");
+        let state_dir = spec
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let runtime_dir = dir.path().join("run");
         let config = dir.path().join("outlive.toml");
         let journal = spec
@@ -411,4 +417,83 @@ pub fn bus_agent(
         wrapper: bus.agent_wrapper(),
         ..AgentSpec::default()
     })
+}
+
+/// A private mount namespace kept alive while a test runs agents in it (`wrapper()`): a
+/// script mounts what the test needs, then the namespace idles. Dropping it kills the whole
+/// process group (FUSE daemons included), which ends the namespace and its mounts; loop
+/// devices mounted with `-o loop` detach themselves.
+pub struct MountNs {
+    child: Child,
+}
+
+impl MountNs {
+    /// Run `script` (sh) in a new mount namespace; `$D` is `dir`.
+    pub fn start(dir: &Path, script: &str) -> MountNs {
+        use std::io::BufRead;
+        let full = format!(
+            "set -eu\nD={}\n{script}\necho mounted\nexec sleep 100000\n",
+            shell_quote(&dir.display().to_string())
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &full])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().expect("unshare");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let _ = out.read_line(&mut line);
+        if line.trim() != "mounted" {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            let _ = child.kill();
+            panic!("mount script failed: {line}{err}");
+        }
+        MountNs { child }
+    }
+
+    /// A wrapper that runs a command inside the namespace.
+    pub fn wrapper(&self) -> Vec<String> {
+        vec![
+            "nsenter".into(),
+            "-t".into(),
+            self.child.id().to_string(),
+            "-m".into(),
+            "--".into(),
+        ]
+    }
+
+    /// Run a shell command inside the namespace.
+    pub fn sh(&self, script: &str) -> (i32, String, String) {
+        let mut args = self.wrapper();
+        args.extend(["sh".to_string(), "-c".to_string(), script.to_string()]);
+        run(Command::new(&args[0]).args(&args[1..]))
+    }
+}
+
+impl Drop for MountNs {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// Quote for sh.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A sparse image file formatted with `mkfs` (e.g. `["mkfs.ext4", "-q", "-F"]`).
+pub fn fs_image(path: &Path, mib: u64, mkfs: &[&str]) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let (code, _, err) = run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(path));
+    assert_eq!(code, 0, "{mkfs:?}: {err}");
 }

@@ -1,0 +1,530 @@
+//! The queue and its lock under faults (SPEC L-2, L-3, Q-14, Q-15): many agents racing for one
+//! lock, SIGKILL at random moments during bursts of mutations over D-Bus, a full state
+//! filesystem, and a corrupt state file.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::bus::{PrivateBus, connect};
+use common::{Agent, AgentSpec, MountNs, TestSocket, require_root, require_tools};
+use nix::sys::signal::Signal;
+use zbus::wire::{OwnedVariant, Variant};
+
+const T: Duration = Duration::from_secs(15);
+
+/// A small deterministic generator (the seed is printed, so a failure can be replayed).
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("OUTLIVE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("seed: OUTLIVE_TEST_SEED={seed}");
+        Rng(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn status_of(d: &common::Datagram) -> Option<String> {
+    d.get("STATUS").map(str::to_string)
+}
+
+/// One round: 16 agents start at once on one state directory; exactly one holds the lock and
+/// the others report `live-holder`; the holder is killed and exactly one other takes over on
+/// its next retry (every second here), and stays the only one.
+fn race_round(round: usize) {
+    let dir = common::open_tempdir();
+    let state = dir.path().join("state");
+    let socks: Vec<TestSocket> = (0..16).map(|_| TestSocket::notify()).collect();
+    let mut agents: Vec<Option<Agent>> = socks
+        .iter()
+        .map(|n| {
+            Some(Agent::start(AgentSpec {
+                notify: Some(n.path.clone()),
+                state_dir: Some(state.clone()),
+                toml: "[drainer]\ninterval_sec = 1\n".into(),
+                ..AgentSpec::default()
+            }))
+        })
+        .collect();
+    let first: Vec<String> = socks
+        .iter()
+        .map(|n| status_of(&n.wait_for("READY=1", T, |d| d.has("READY", "1"))).unwrap())
+        .collect();
+    let holders: Vec<usize> = (0..16)
+        .filter(|&i| first[i].contains("lock held"))
+        .collect();
+    assert_eq!(holders.len(), 1, "round {round}: {first:#?}");
+    for (i, s) in first.iter().enumerate() {
+        if i != holders[0] {
+            assert!(
+                s.contains("queue disabled (live-holder)"),
+                "round {round}: agent {i}: {s}"
+            );
+        }
+    }
+    let h = holders[0];
+    agents[h].take();
+    let holding = || {
+        socks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != h)
+            .filter(|(_, n)| {
+                n.drain(Duration::from_millis(5));
+                n.seen()
+                    .iter()
+                    .rev()
+                    .find_map(status_of)
+                    .is_some_and(|s| s.contains("lock held"))
+            })
+            .count()
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut took = holding();
+    while took == 0 && Instant::now() < end {
+        took = holding();
+    }
+    assert_eq!(took, 1, "round {round}: after the holder died");
+    // Every other agent retries again within a second: still exactly one.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(holding(), 1, "round {round}: a second agent took the lock");
+}
+
+#[test]
+fn l2_l3_sixteen_agents_race_for_one_lock_and_one_takes_over_when_it_dies() {
+    let rounds: usize = std::env::var("OUTLIVE_RACE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    // Rounds use separate state directories: four run at a time.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || {
+                for round in (t..rounds).step_by(4) {
+                    race_round(round);
+                }
+            });
+        }
+    });
+}
+
+// ---- durability --------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Queued,
+    Cancelled,
+    /// An unacknowledged cancel or stop may or may not have been applied.
+    Either,
+}
+
+#[derive(Default)]
+struct Model {
+    entries: HashMap<String, (String, Expect)>,
+    /// The last acknowledged pause state (None: a pause call was not acknowledged).
+    paused: Option<bool>,
+    next_run: u64,
+}
+
+async fn call(
+    conn: &zbus::Connection,
+    method: &str,
+    body: &(impl serde::Serialize + zbus::wire::DynamicType),
+) -> Result<zbus::message::Message, String> {
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        conn.call_method(
+            Some("org.outlive.Agent1"),
+            "/org/outlive/Agent1/ResumeQueue",
+            Some("org.outlive.ResumeQueue1"),
+            method,
+            body,
+        ),
+    )
+    .await
+    {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timeout".into()),
+    }
+}
+
+fn start_agent(bus: &PrivateBus, state: &Path, n: &TestSocket) -> Agent {
+    let mut env = HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    Agent::start(AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(n.path.clone()),
+        state_dir: Some(state.to_path_buf()),
+        toml: "[queue]\nmax_size = 10000\n".into(),
+        ..AgentSpec::default()
+    })
+}
+
+/// Check the model against what the restarted agent lists, and every entry's history.
+async fn verify(conn: &zbus::Connection, m: &Model) {
+    let reply = call(conn, "List", &()).await.expect("List");
+    let list: Vec<HashMap<String, OwnedVariant>> = reply.body().deserialize().unwrap();
+    let by_id: HashMap<String, serde_json::Value> = list
+        .iter()
+        .map(|d| {
+            let v = outlive::publish::dbus::variant::dict_to_json(d);
+            (v["id"].as_str().unwrap().to_string(), v)
+        })
+        .collect();
+    for (id, (run, expect)) in &m.entries {
+        let e = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged entry {id} ({run}) is missing"));
+        let status = e["status"].as_str().unwrap();
+        let ok = match expect {
+            Expect::Queued => status == "queued",
+            Expect::Cancelled => status == "cancelled",
+            Expect::Either => status == "queued" || status == "cancelled",
+        };
+        assert!(ok, "{id} ({run}) is {status}, expected {expect:?}");
+    }
+    for (id, e) in &by_id {
+        let h = e["history"].as_array().unwrap();
+        assert!(!h.is_empty(), "{id} has no history");
+        assert!(
+            h[0]["from"].is_null(),
+            "{id}: history starts with a transition from nothing: {h:?}"
+        );
+        for w in h.windows(2) {
+            assert_eq!(
+                w[1]["from"], w[0]["to"],
+                "{id}: a transition its history cannot explain: {h:?}"
+            );
+        }
+        assert_eq!(
+            h.last().unwrap()["to"],
+            e["status"],
+            "{id}: the status is not the last transition"
+        );
+    }
+    if let Some(p) = m.paused {
+        let props = zbus::fdo::PropertiesProxy::builder(conn)
+            .destination("org.outlive.Agent1")
+            .path("/org/outlive/Agent1/ResumeQueue")
+            .build()
+            .await
+            .unwrap();
+        let v = props
+            .get("org.outlive.ResumeQueue1".try_into().unwrap(), "Paused")
+            .await
+            .unwrap();
+        assert_eq!(
+            bool::try_from(v).unwrap(),
+            p,
+            "the acknowledged pause state was lost"
+        );
+    }
+}
+
+#[tokio::test]
+async fn q14_acknowledged_mutations_survive_sigkill_at_random_moments() {
+    if !require_root("owning the bus name") || !require_tools(&["dbus-daemon"]) {
+        return;
+    }
+    let mut rng = Rng::new();
+    let bus = PrivateBus::start();
+    let dir = common::open_tempdir();
+    let state = dir.path().join("state");
+    let mut m = Model::default();
+    let (mut sent, mut kills) = (0u32, 0u32);
+    while sent < 1000 || kills < 20 {
+        let n = TestSocket::notify();
+        let mut agent = start_agent(&bus, &state, &n);
+        n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+        let conn = connect(&bus.address).await;
+        verify(&conn, &m).await;
+        // Kill at a random moment while mutations are in flight.
+        let pid = agent.pid();
+        let delay = Duration::from_millis(5 + rng.below(120));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        });
+        loop {
+            sent += 1;
+            let r = rng.below(100);
+            let ok = if r < 55 {
+                m.next_run += 1;
+                let run = format!("run-{}", m.next_run);
+                let d: HashMap<&str, Variant<'_>> = HashMap::from([
+                    ("run_id", Variant::from(run.clone())),
+                    ("cwd", Variant::from("/")),
+                    ("exec", Variant::from(vec!["/bin/true".to_string()])),
+                    (
+                        "evidence",
+                        Variant::from(vec!["active-subagent".to_string()]),
+                    ),
+                ]);
+                match call(&conn, "Enqueue", &(d,)).await {
+                    Ok(reply) => {
+                        let (admitted, why, id): (bool, String, String) =
+                            reply.body().deserialize().unwrap();
+                        assert!(admitted && why.is_empty(), "{why}");
+                        m.entries.insert(id, (run, Expect::Queued));
+                        true
+                    }
+                    Err(_) => false,
+                }
+            } else if r < 75 {
+                let queued: Vec<String> = m
+                    .entries
+                    .iter()
+                    .filter(|(_, (_, e))| *e == Expect::Queued)
+                    .map(|(i, _)| i.clone())
+                    .collect();
+                if queued.is_empty() {
+                    continue;
+                }
+                let id = queued[rng.below(queued.len() as u64) as usize].clone();
+                match call(&conn, "Cancel", &(id.as_str(),)).await {
+                    Ok(_) => {
+                        m.entries.get_mut(&id).unwrap().1 = Expect::Cancelled;
+                        true
+                    }
+                    Err(e) if e.contains("NotFound") => {
+                        panic!("an acknowledged queued entry {id} was not found: {e}")
+                    }
+                    Err(_) => {
+                        // Not acknowledged: it may or may not have been applied before the kill.
+                        m.entries.get_mut(&id).unwrap().1 = Expect::Either;
+                        false
+                    }
+                }
+            } else if r < 85 {
+                let runs: Vec<(String, String)> = m
+                    .entries
+                    .iter()
+                    .filter(|(_, (_, e))| *e == Expect::Queued)
+                    .map(|(i, (run, _))| (i.clone(), run.clone()))
+                    .collect();
+                if runs.is_empty() {
+                    continue;
+                }
+                let (id, run) = runs[rng.below(runs.len() as u64) as usize].clone();
+                match call(&conn, "Stop", &(run.as_str(),)).await {
+                    Ok(_) => {
+                        m.entries.get_mut(&id).unwrap().1 = Expect::Cancelled;
+                        true
+                    }
+                    Err(_) => {
+                        m.entries.get_mut(&id).unwrap().1 = Expect::Either;
+                        false
+                    }
+                }
+            } else if r < 93 {
+                match call(&conn, "Pause", &("maintenance", "durability test")).await {
+                    Ok(_) => {
+                        m.paused = Some(true);
+                        true
+                    }
+                    Err(_) => {
+                        m.paused = None;
+                        false
+                    }
+                }
+            } else {
+                match call(&conn, "Resume", &()).await {
+                    Ok(_) => {
+                        m.paused = Some(false);
+                        true
+                    }
+                    Err(_) => {
+                        m.paused = None;
+                        false
+                    }
+                }
+            };
+            if !ok {
+                break;
+            }
+        }
+        killer.join().unwrap();
+        assert!(
+            agent.wait_exit(T).is_some(),
+            "the killed agent did not exit"
+        );
+        kills += 1;
+        // The state file parses after every kill.
+        if let Ok(bytes) = std::fs::read(state.join("resume-queue.json")) {
+            outlive::queue::store::parse(&bytes)
+                .unwrap_or_else(|e| panic!("after kill {kills}: the state does not parse: {e}"));
+        }
+        // Unacknowledged pauses are uncertain until the next acknowledged one.
+    }
+    // A last restart, and the final check.
+    let n = TestSocket::notify();
+    let _agent = start_agent(&bus, &state, &n);
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let conn = connect(&bus.address).await;
+    verify(&conn, &m).await;
+    eprintln!(
+        "{sent} mutations sent, {} acknowledged entries, {kills} kills",
+        m.entries.len()
+    );
+}
+
+// ---- disk full -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn q14_full_state_filesystem_refuses_loudly_keeps_the_last_state_and_recovers() {
+    if !require_root("mounting a tmpfs") || !require_tools(&["dbus-daemon", "unshare", "nsenter"]) {
+        return;
+    }
+    let bus = PrivateBus::start();
+    let d = common::open_tempdir();
+    let ns = MountNs::start(
+        d.path(),
+        "mkdir -p $D/state && mount -t tmpfs -o size=256k,mode=700 tmpfs $D/state",
+    );
+    let state = d.path().join("state");
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut env = HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    let agent = Agent::start(AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        wrapper: ns.wrapper(),
+        state_dir: Some(state.clone()),
+        toml: "[drainer]\ninterval_sec = 1\n".into(),
+        ..AgentSpec::default()
+    });
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let conn = connect(&bus.address).await;
+    let enqueue = |run: &'static str| {
+        let d: HashMap<&str, Variant<'_>> = HashMap::from([
+            ("run_id", Variant::from(run)),
+            ("cwd", Variant::from("/")),
+            ("exec", Variant::from(vec!["/bin/true".to_string()])),
+            (
+                "evidence",
+                Variant::from(vec!["active-subagent".to_string()]),
+            ),
+        ]);
+        let conn = conn.clone();
+        async move { call(&conn, "Enqueue", &(d,)).await }
+    };
+    enqueue("before").await.expect("the first enqueue");
+    let cat = |ns: &MountNs| {
+        ns.sh(&format!("cat {}/resume-queue.json", state.display()))
+            .1
+    };
+    let before = cat(&ns);
+    assert!(before.contains("\"before\""));
+    let (code, _, err) = ns.sh(&format!(
+        "dd if=/dev/zero of={}/filler bs=4k 2>/dev/null; df -k {} | tail -1",
+        state.display(),
+        state.display()
+    ));
+    assert_eq!(code, 0, "{err}");
+    let e = enqueue("while-full")
+        .await
+        .expect_err("a mutation on a full disk");
+    assert!(
+        e.contains("org.outlive.Error.PersistFailed") || e.contains("PersistFailed"),
+        "{e}"
+    );
+    assert_eq!(cat(&ns), before, "the last good state is intact");
+    let ev = j.wait_for("persist-failed in the journal", T, |d| {
+        d.has("OUTLIVE_EVENT", "persist-failed")
+    });
+    assert_eq!(
+        ev.get("MESSAGE_ID"),
+        Some("e72663eda21f4861949d502c83bd09d2")
+    );
+    assert_eq!(agent.pid() > 0, true);
+    // Space comes back: the next tick's retry clears it by itself.
+    ns.sh(&format!("rm {}/filler", state.display()));
+    j.wait_for("persist-recovered", Duration::from_secs(5), |d| {
+        d.has("OUTLIVE_EVENT", "persist-recovered")
+    });
+    enqueue("after").await.expect("an enqueue after recovery");
+    let after = cat(&ns);
+    assert!(
+        after.contains("\"after\"") && !after.contains("while-full"),
+        "{after}"
+    );
+}
+
+// ---- corrupt state ---------------------------------------------------------------------------
+
+#[test]
+fn q15_corrupt_state_file_is_set_aside_audited_and_the_agent_runs() {
+    let d = common::open_tempdir();
+    let state: PathBuf = d.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("resume-queue.json"),
+        b"{\"version\": 1, \"entries\": [{\"id\": 5}]}",
+    )
+    .unwrap();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut a = Agent::start(AgentSpec {
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        state_dir: Some(state.clone()),
+        ..AgentSpec::default()
+    });
+    let ready = n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    assert!(
+        ready.get("STATUS").unwrap().contains("queue: 0 waiting"),
+        "{ready:?}"
+    );
+    let ev = j.wait_for("state-corrupt", T, |d| {
+        d.has("OUTLIVE_EVENT", "state-corrupt")
+    });
+    assert_eq!(
+        ev.get("MESSAGE_ID"),
+        Some("e72663eda21f4861949d502c83bd09d2")
+    );
+    let sidecar = PathBuf::from(ev.get("OUTLIVE_SIDECAR").unwrap());
+    assert!(
+        sidecar.starts_with(&state)
+            && sidecar
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("resume-queue.corrupt-")
+    );
+    assert_eq!(
+        std::fs::read(&sidecar).unwrap(),
+        b"{\"version\": 1, \"entries\": [{\"id\": 5}]}"
+    );
+    let now =
+        outlive::queue::store::parse(&std::fs::read(state.join("resume-queue.json")).unwrap())
+            .unwrap();
+    assert!(now.entries.is_empty(), "the queue starts empty");
+    assert_eq!(
+        a.wait_exit(Duration::from_millis(300)),
+        None,
+        "the agent keeps running"
+    );
+}
