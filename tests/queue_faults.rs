@@ -407,7 +407,7 @@ async fn q14_full_state_filesystem_refuses_loudly_keeps_the_last_state_and_recov
     let (n, j) = (TestSocket::notify(), TestSocket::journal());
     let mut env = HashMap::new();
     env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
-    let agent = Agent::start(AgentSpec {
+    let mut agent = Agent::start(AgentSpec {
         args: vec![],
         env,
         notify: Some(n.path.clone()),
@@ -460,7 +460,11 @@ async fn q14_full_state_filesystem_refuses_loudly_keeps_the_last_state_and_recov
         ev.get("MESSAGE_ID"),
         Some("e72663eda21f4861949d502c83bd09d2")
     );
-    assert_eq!(agent.pid() > 0, true);
+    assert_eq!(
+        agent.wait_exit(Duration::from_millis(10)),
+        None,
+        "the agent keeps running"
+    );
     // Space comes back: the next tick's retry clears it by itself.
     ns.sh(&format!("rm {}/filler", state.display()));
     j.wait_for("persist-recovered", Duration::from_secs(5), |d| {

@@ -683,7 +683,7 @@ fn q15_corrupt_state_is_set_aside_and_the_queue_starts_empty() {
         b"{\"version\": 1, \"entries\": 7}",
     )
     .unwrap();
-    let mut q = f.queue();
+    let q = f.queue();
     assert!(q.entries().unwrap().is_empty());
     let ev = &f.events("state-corrupt")[0];
     assert_eq!(ev.alert, Some(Alert::QueueNotice));
