@@ -32,6 +32,10 @@ mkdir -p /var/lib/outlive
 if [ -f "$STAGE/state.img" ]; then
   mount -n -o loop "$STAGE/state.img" /var/lib/outlive
 fi
+# Files the test put there before the agent starts (a foreign lock, a state file), mtimes kept.
+if [ -d "$STAGE/state" ]; then
+  cp -a "$STAGE/state/." /var/lib/outlive/
+fi
 
 # systemd remounts /sys/fs/cgroup (a tmpfs on hybrid hosts) read-only and resizes it, and a
 # remount changes the superblock, which the box would share with the machine. The box gets a

@@ -57,6 +57,20 @@ impl Stage {
         assert_eq!(code, 0, "mkfs.ext4: {err}");
     }
 
+    /// Put a file into the state directory before boot (`mtime_ago` seconds old).
+    pub fn state_file(&self, name: &str, contents: &[u8], mtime_ago: u64) {
+        let p = self.dir.join("state").join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, contents).unwrap();
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(mtime_ago);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
     /// Make the box's target want a unit.
     pub fn want(&self, unit: &str) {
         use std::io::Write;
