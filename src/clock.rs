@@ -156,6 +156,46 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// An injected clock for tests: boottime and wall time move independently.
+#[cfg(test)]
+pub mod fake {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub struct FakeClock {
+        boot: AtomicU64,
+        wall: AtomicU64,
+    }
+
+    impl FakeClock {
+        pub fn new() -> Arc<FakeClock> {
+            Arc::new(FakeClock {
+                boot: AtomicU64::new(1_000_000),
+                wall: AtomicU64::new(1_795_000_000_000),
+            })
+        }
+        /// Time passes on both clocks.
+        pub fn pass(&self, ms: u64) {
+            self.boot.fetch_add(ms, Ordering::SeqCst);
+            self.wall.fetch_add(ms, Ordering::SeqCst);
+        }
+        /// Only the wall clock steps (an NTP jump or an operator's date).
+        pub fn step_wall(&self, ms: i64) {
+            let w = self.wall.load(Ordering::SeqCst) as i64 + ms;
+            self.wall.store(w as u64, Ordering::SeqCst);
+        }
+    }
+
+    impl super::Clock for FakeClock {
+        fn boot_ms(&self) -> u64 {
+            self.boot.load(Ordering::SeqCst)
+        }
+        fn wall_ms(&self) -> u64 {
+            self.wall.load(Ordering::SeqCst)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

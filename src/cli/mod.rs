@@ -106,7 +106,7 @@ pub enum Command {
     Queue,
     /// Queue a reaped run for revival (flags mirror the Enqueue dictionary).
     #[command(
-        after_help = "Examples:\n  outlivectl enqueue --run-id agent-7 --unit agent@7.service --evidence active-subagent\n                              outlivectl enqueue --job nightly --resume-on-reap --evidence structural-long-work -- /usr/bin/make all"
+        after_help = "Examples:\n  outlivectl enqueue --run-id agent-7 --unit agent@7.service --evidence active-subagent\n  outlivectl enqueue --job nightly --resume-on-reap --evidence structural-long-work -- /usr/bin/make all"
     )]
     Enqueue(Box<EnqueueFlags>),
     /// Cancel an open entry.

@@ -3,6 +3,16 @@
 //! every half watchdog period so its heartbeat and the lock's heartbeat (L-1) stay fresh
 //! while the queue is idle. What a tick does is the caller's (`agent.rs` wires the queue in).
 
+pub mod continuation;
+pub mod gauge;
+pub mod manager;
+pub mod spawn;
+pub mod tick;
+pub mod validate;
+
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,7 +111,7 @@ pub async fn run_loop<F>(
 }
 
 #[cfg(test)]
-mod tests {
+mod loop_tests {
     use super::*;
 
     #[test]

@@ -51,6 +51,30 @@ pub fn sysctl_string(name: &str) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
+/// A 64-bit integer sysctl by name (e.g. `hw.memsize`).
+pub fn sysctl_u64(name: &str) -> io::Result<u64> {
+    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut v: u64 = 0;
+    let mut len: libc::size_t = std::mem::size_of::<u64>();
+    // SAFETY: `v` has `len` writable bytes; no new value is set.
+    let rc = unsafe {
+        libc::sysctlbyname(
+            cname.as_ptr(),
+            (&mut v as *mut u64).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len != std::mem::size_of::<u64>() {
+        return Err(io::Error::other(format!("{name}: {len} bytes, not 8")));
+    }
+    Ok(v)
+}
+
 /// State letter and start time (microseconds since the epoch) of a pid, via
 /// proc_pidinfo(PROC_PIDTBSDINFO). `Z` for a zombie. None when the call fails (EPERM for
 /// another user's process: the caller counts it alive with an unknown start time).

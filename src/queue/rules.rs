@@ -364,8 +364,16 @@ impl PauseKind {
 pub struct Pause {
     pub kind: PauseKind,
     pub reason: String,
-    /// Wall ms.
+    /// Wall ms. A value that is not a millisecond count (hand-edited, or written by another
+    /// tool) reads as 0: malformed, so the pause never heals by itself (P-5), and the rest of
+    /// the state still loads.
+    #[serde(default, deserialize_with = "lenient_ms")]
     pub paused_at: u64,
+}
+
+fn lenient_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(v.as_u64().unwrap_or(0))
 }
 
 /// What a pause request did.

@@ -4,57 +4,24 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::*;
 use crate::audit::{AuditLog, MemorySink};
+use crate::clock::fake::FakeClock;
 use crate::facts::process::KernelProber;
 
 const H: u64 = 3600 * 1000;
 
-struct FakeClock {
-    boot: AtomicU64,
-    wall: AtomicU64,
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) clock: Arc<FakeClock>,
+    pub(crate) sink: Arc<MemorySink>,
+    pub(crate) facts: Facts,
+    pub(crate) settings: Settings,
 }
 
-impl FakeClock {
-    fn new() -> Arc<FakeClock> {
-        Arc::new(FakeClock {
-            boot: AtomicU64::new(1_000_000),
-            wall: AtomicU64::new(1_795_000_000_000),
-        })
-    }
-    /// Time passes on both clocks.
-    fn pass(&self, ms: u64) {
-        self.boot.fetch_add(ms, Ordering::SeqCst);
-        self.wall.fetch_add(ms, Ordering::SeqCst);
-    }
-    /// Only the wall clock steps (an NTP jump or an operator's date).
-    fn step_wall(&self, ms: i64) {
-        let w = self.wall.load(Ordering::SeqCst) as i64 + ms;
-        self.wall.store(w as u64, Ordering::SeqCst);
-    }
-}
-
-impl Clock for FakeClock {
-    fn boot_ms(&self) -> u64 {
-        self.boot.load(Ordering::SeqCst)
-    }
-    fn wall_ms(&self) -> u64 {
-        self.wall.load(Ordering::SeqCst)
-    }
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    clock: Arc<FakeClock>,
-    sink: Arc<MemorySink>,
-    facts: Facts,
-    settings: Settings,
-}
-
-fn settings() -> Settings {
+pub(crate) fn settings() -> Settings {
     Settings {
         enabled: true,
         dry_run: false,
@@ -68,7 +35,7 @@ fn settings() -> Settings {
     }
 }
 
-fn ours() -> Ours {
+pub(crate) fn ours() -> Ours {
     let id = crate::facts::identity::identity().unwrap();
     Ours {
         host_id: id.host_id,
@@ -81,7 +48,7 @@ fn ours() -> Ours {
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    pub(crate) fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("run")).unwrap();
         Fixture {
@@ -93,11 +60,11 @@ impl Fixture {
         }
     }
 
-    fn state_dir(&self) -> std::path::PathBuf {
+    pub(crate) fn state_dir(&self) -> std::path::PathBuf {
         self.dir.path().join("state")
     }
 
-    fn queue(&self) -> Queue {
+    pub(crate) fn queue(&self) -> Queue {
         let auditor = Arc::new(Auditor::new(
             AuditLog::new(&self.dir.path().join("run")),
             vec![self.sink.clone()],
@@ -120,12 +87,12 @@ impl Fixture {
         q
     }
 
-    fn events(&self, kind: &str) -> Vec<Event> {
+    pub(crate) fn events(&self, kind: &str) -> Vec<Event> {
         self.sink.of_kind(kind)
     }
 }
 
-fn root() -> Caller {
+pub(crate) fn root() -> Caller {
     Caller {
         uid: 0,
         gid: 0,
@@ -134,7 +101,7 @@ fn root() -> Caller {
     }
 }
 
-fn member() -> Caller {
+pub(crate) fn member() -> Caller {
     Caller {
         uid: 1000,
         gid: 1000,
@@ -143,7 +110,7 @@ fn member() -> Caller {
     }
 }
 
-fn stranger() -> Caller {
+pub(crate) fn stranger() -> Caller {
     Caller {
         uid: 1001,
         gid: 1001,
@@ -152,7 +119,7 @@ fn stranger() -> Caller {
     }
 }
 
-fn req(run_id: &str) -> Request {
+pub(crate) fn req(run_id: &str) -> Request {
     Request {
         run_id: Some(run_id.into()),
         session: format!("session-{run_id}"),
@@ -169,13 +136,13 @@ fn req(run_id: &str) -> Request {
     }
 }
 
-fn admit(q: &mut Queue, r: Request) -> String {
+pub(crate) fn admit(q: &mut Queue, r: Request) -> String {
     let reply = q.enqueue(&root(), Ok(r)).unwrap();
     assert!(reply.admitted && reply.why.is_empty(), "{reply:?}");
     reply.id
 }
 
-fn status(q: &Queue, id: &str) -> Status {
+pub(crate) fn status(q: &Queue, id: &str) -> Status {
     q.entries()
         .unwrap()
         .iter()

@@ -1,0 +1,432 @@
+//! The service manager the drainer revives through (SPEC D-9): systemd over D-Bus
+//! (`org.freedesktop.systemd1`), the system manager or, with `--user`, the user's. Every call is
+//! bounded by a timeout; a manager that does not answer is [`Undecided`], never a failure (an
+//! entry is not dropped because systemd was slow).
+//!
+//! The success test of D-9 is the pure [`attempt_verdict`] over a unit's state.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use zbus::Connection;
+use zbus::wire::{OwnedObjectPath, Variant};
+
+/// How long one call to the service manager may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The manager did not answer (timeout, bus error): decide later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecided(pub String);
+
+/// Why a start failed (a failed attempt, D-8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The manager refused (`UnitExists`, `NoSuchUnit`, a bad setting, …).
+    Refused(String),
+    /// No answer: the attempt's outcome is decided by verification.
+    Undecided(String),
+}
+
+/// What the success test needs of a unit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitState {
+    pub load_state: String,
+    pub active_state: String,
+    pub sub_state: String,
+    /// `Result` of a service (`success`, `exit-code`, …).
+    pub result: String,
+    pub main_pid: u32,
+    /// `ExecMainStartTimestamp`, µs since the epoch (0: never started).
+    pub exec_main_start_us: u64,
+}
+
+/// D-9's verdict on an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Running: activating, reloading, or active with a running main process.
+    Alive,
+    /// Completed successfully since the attempt began.
+    Completed,
+    /// Anything else, with why.
+    Failed(String),
+}
+
+/// Slack for comparing the manager's start timestamp with ours (same kernel clock; this only
+/// absorbs rounding).
+const START_SLACK_US: u64 = 2_000_000;
+
+/// D-9: success if the unit is alive (`activating`, `reloading`, or `active` with a running main
+/// process) or completed (`active`/`exited`, or `inactive` with `Result=success`) after the
+/// attempt began at `attempt_wall_ms`.
+pub fn attempt_verdict(st: &UnitState, attempt_wall_ms: u64) -> Verdict {
+    let started_since =
+        st.exec_main_start_us + START_SLACK_US >= attempt_wall_ms.saturating_mul(1000);
+    match st.active_state.as_str() {
+        "activating" | "reloading" => Verdict::Alive,
+        "active" if st.sub_state == "exited" => {
+            if started_since {
+                Verdict::Completed
+            } else {
+                Verdict::Failed("active (exited) from before the attempt".into())
+            }
+        }
+        "active" if st.main_pid != 0 => Verdict::Alive,
+        "active" => {
+            // Active without a main process: a target, a socket-activated service, a oneshot
+            // with RemainAfterExit. It is up.
+            Verdict::Alive
+        }
+        "inactive" if st.result == "success" && st.exec_main_start_us > 0 && started_since => {
+            Verdict::Completed
+        }
+        "inactive" if st.result == "success" => {
+            Verdict::Failed("inactive and not started since the attempt".into())
+        }
+        other => Verdict::Failed(format!(
+            "{other}{}{}",
+            if st.sub_state.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", st.sub_state)
+            },
+            if st.result.is_empty() || st.result == "success" {
+                String::new()
+            } else {
+                format!(", result {}", st.result)
+            }
+        )),
+    }
+}
+
+/// A transient unit for an exec target (D-9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transient {
+    pub name: String,
+    pub description: String,
+    pub argv: Vec<String>,
+    pub cwd: String,
+    /// None for a user manager (it runs everything as its user).
+    pub user: Option<(u32, u32)>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// What the drainer asks of the service manager. Implemented by [`Systemd`] and by tests.
+pub trait ServiceManager: Send + Sync {
+    /// The unit's state; `None` when the manager has no such unit loaded.
+    fn unit_state(
+        &self,
+        unit: &str,
+    ) -> impl Future<Output = Result<Option<UnitState>, Undecided>> + Send;
+    /// Load a unit and say whether it can be loaded (`LoadState`).
+    fn load_state(&self, unit: &str) -> impl Future<Output = Result<String, Undecided>> + Send;
+    /// `StartUnit(name, "replace")`.
+    fn start_unit(&self, unit: &str) -> impl Future<Output = Result<(), StartError>> + Send;
+    /// `StartTransientUnit` of a `Type=exec`, `RemainAfterExit=yes` service.
+    fn start_transient(&self, t: &Transient)
+    -> impl Future<Output = Result<(), StartError>> + Send;
+    /// `StopUnit(name, "replace")`.
+    fn stop_unit(&self, unit: &str) -> impl Future<Output = Result<(), Undecided>> + Send;
+    /// `ResetFailedUnit(name)`.
+    fn reset_failed(&self, unit: &str) -> impl Future<Output = Result<(), Undecided>> + Send;
+    /// Units matching the glob `patterns` that are active, activating or reloading.
+    fn alive_units(
+        &self,
+        patterns: &[String],
+    ) -> impl Future<Output = Result<Vec<String>, Undecided>> + Send;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Systemd1Manager {
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Variant<'_>)],
+        aux: &[(&str, &[(&str, Variant<'_>)])],
+    ) -> zbus::Result<OwnedObjectPath>;
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
+}
+
+/// systemd over D-Bus.
+#[derive(Clone)]
+pub struct Systemd {
+    conn: Connection,
+    /// A user manager (no `User=`/`Group=` on transient units).
+    pub user: bool,
+}
+
+async fn bounded<T>(
+    f: impl Future<Output = zbus::Result<T>>,
+) -> Result<zbus::Result<T>, Undecided> {
+    tokio::time::timeout(CALL_TIMEOUT, f).await.map_err(|_| {
+        Undecided(format!(
+            "the service manager did not answer within {} s",
+            CALL_TIMEOUT.as_secs()
+        ))
+    })
+}
+
+fn error_name(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => {
+            format!("{name}: {}", msg.clone().unwrap_or_default())
+        }
+        zbus::Error::FDO(f) => f.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether an error is the manager answering (a refusal) rather than the bus failing.
+fn answered(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::MethodError(..))
+        || matches!(e, zbus::Error::FDO(f) if !matches!(**f,
+        zbus::fdo::Error::NoReply(_) | zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)
+        | zbus::fdo::Error::Disconnected(_) | zbus::fdo::Error::Timeout(_)))
+}
+
+impl Systemd {
+    /// Connect to the system manager (or, `user`, the user's manager on the session bus).
+    pub async fn connect(user: bool) -> zbus::Result<Systemd> {
+        let conn = if user {
+            Connection::session().await?
+        } else {
+            Connection::system().await?
+        };
+        Ok(Systemd { conn, user })
+    }
+
+    /// Whether systemd runs as the service manager here (`/run/systemd/system`, sd_booted(3)).
+    pub fn booted() -> bool {
+        std::path::Path::new("/run/systemd/system").is_dir()
+    }
+
+    async fn manager(&self) -> Result<Systemd1ManagerProxy<'_>, Undecided> {
+        Systemd1ManagerProxy::builder(&self.conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| Undecided(format!("systemd: {e}")))
+    }
+
+    async fn prop<T: TryFrom<zbus::wire::OwnedVariant>>(
+        &self,
+        path: &OwnedObjectPath,
+        iface: &str,
+        name: &str,
+    ) -> Option<T> {
+        let p = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path.as_ref())
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        let v = tokio::time::timeout(CALL_TIMEOUT, p.get(iface.try_into().ok()?, name))
+            .await
+            .ok()?
+            .ok()?;
+        T::try_from(v).ok()
+    }
+}
+
+impl ServiceManager for Systemd {
+    async fn unit_state(&self, unit: &str) -> Result<Option<UnitState>, Undecided> {
+        let m = self.manager().await?;
+        let path = match bounded(m.get_unit(unit)).await? {
+            Ok(p) => p,
+            Err(e) if answered(&e) => return Ok(None),
+            Err(e) => return Err(Undecided(format!("systemd GetUnit {unit}: {e}"))),
+        };
+        let u = "org.freedesktop.systemd1.Unit";
+        let s = "org.freedesktop.systemd1.Service";
+        let active_state: Option<String> = self.prop(&path, u, "ActiveState").await;
+        let Some(active_state) = active_state else {
+            return Err(Undecided(format!(
+                "systemd: cannot read the state of {unit}"
+            )));
+        };
+        Ok(Some(UnitState {
+            load_state: self.prop(&path, u, "LoadState").await.unwrap_or_default(),
+            active_state,
+            sub_state: self.prop(&path, u, "SubState").await.unwrap_or_default(),
+            result: self.prop(&path, s, "Result").await.unwrap_or_default(),
+            main_pid: self.prop(&path, s, "MainPID").await.unwrap_or(0),
+            exec_main_start_us: self
+                .prop(&path, s, "ExecMainStartTimestamp")
+                .await
+                .unwrap_or(0),
+        }))
+    }
+
+    async fn load_state(&self, unit: &str) -> Result<String, Undecided> {
+        let m = self.manager().await?;
+        match bounded(m.load_unit(unit)).await? {
+            Ok(path) => self
+                .prop(&path, "org.freedesktop.systemd1.Unit", "LoadState")
+                .await
+                .ok_or_else(|| Undecided(format!("systemd: cannot read LoadState of {unit}"))),
+            Err(e) if answered(&e) => Ok(format!("error ({})", error_name(&e))),
+            Err(e) => Err(Undecided(format!("systemd LoadUnit {unit}: {e}"))),
+        }
+    }
+
+    async fn start_unit(&self, unit: &str) -> Result<(), StartError> {
+        let m = self
+            .manager()
+            .await
+            .map_err(|u| StartError::Undecided(u.0))?;
+        match bounded(m.start_unit(unit, "replace"))
+            .await
+            .map_err(|u| StartError::Undecided(u.0))?
+        {
+            Ok(_) => Ok(()),
+            Err(e) if answered(&e) => Err(StartError::Refused(error_name(&e))),
+            Err(e) => Err(StartError::Undecided(e.to_string())),
+        }
+    }
+
+    async fn start_transient(&self, t: &Transient) -> Result<(), StartError> {
+        let m = self
+            .manager()
+            .await
+            .map_err(|u| StartError::Undecided(u.0))?;
+        let exec: Vec<(String, Vec<String>, bool)> =
+            vec![(t.argv[0].clone(), t.argv.clone(), false)];
+        let env: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut props: Vec<(&str, Variant<'_>)> = vec![
+            ("Description", Variant::from(t.description.clone())),
+            ("Type", Variant::from("exec")),
+            ("RemainAfterExit", Variant::from(true)),
+            ("ExecStart", Variant::from(exec)),
+            ("WorkingDirectory", Variant::from(t.cwd.clone())),
+            ("Environment", Variant::from(env)),
+        ];
+        if let Some((uid, gid)) = t.user {
+            props.push(("User", Variant::from(uid.to_string())));
+            props.push(("Group", Variant::from(gid.to_string())));
+        }
+        match bounded(m.start_transient_unit(&t.name, "fail", &props, &[]))
+            .await
+            .map_err(|u| StartError::Undecided(u.0))?
+        {
+            Ok(_) => Ok(()),
+            Err(e) if answered(&e) => Err(StartError::Refused(error_name(&e))),
+            Err(e) => Err(StartError::Undecided(e.to_string())),
+        }
+    }
+
+    async fn stop_unit(&self, unit: &str) -> Result<(), Undecided> {
+        let m = self.manager().await?;
+        match bounded(m.stop_unit(unit, "replace")).await? {
+            Ok(_) => Ok(()),
+            // Not loaded any more: nothing to stop.
+            Err(e) if answered(&e) => Ok(()),
+            Err(e) => Err(Undecided(e.to_string())),
+        }
+    }
+
+    async fn reset_failed(&self, unit: &str) -> Result<(), Undecided> {
+        let m = self.manager().await?;
+        match bounded(m.reset_failed_unit(unit)).await? {
+            Ok(()) => Ok(()),
+            Err(e) if answered(&e) => Ok(()),
+            Err(e) => Err(Undecided(e.to_string())),
+        }
+    }
+
+    async fn alive_units(&self, patterns: &[String]) -> Result<Vec<String>, Undecided> {
+        if patterns.is_empty() {
+            return Ok(vec![]);
+        }
+        let m = self.manager().await?;
+        let pats: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        match bounded(m.list_units_by_patterns(&["active", "activating", "reloading"], &pats))
+            .await?
+        {
+            Ok(units) => Ok(units.into_iter().map(|u| u.0).collect()),
+            Err(e) => Err(Undecided(format!("systemd ListUnitsByPatterns: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(active: &str, sub: &str, result: &str, pid: u32, start_us: u64) -> UnitState {
+        UnitState {
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: sub.into(),
+            result: result.into(),
+            main_pid: pid,
+            exec_main_start_us: start_us,
+        }
+    }
+
+    #[test]
+    fn d9_success_test_truth_table() {
+        let began = 1_000_000u64; // ms
+        let after = (began + 5) * 1000; // µs
+        let before = (began - 60_000) * 1000;
+        let cases = [
+            (st("activating", "start", "success", 0, 0), true),
+            (st("reloading", "reload", "success", 12, after), true),
+            (st("active", "running", "success", 12, after), true),
+            (st("active", "exited", "success", 0, after), true),
+            (st("active", "exited", "success", 0, before), false),
+            (st("inactive", "dead", "success", 0, after), true),
+            (st("inactive", "dead", "success", 0, before), false),
+            (st("inactive", "dead", "success", 0, 0), false),
+            (st("failed", "failed", "exit-code", 0, after), false),
+            (st("inactive", "dead", "exit-code", 0, after), false),
+            (
+                st("deactivating", "stop-sigterm", "success", 12, after),
+                false,
+            ),
+        ];
+        for (s, ok) in cases {
+            let v = attempt_verdict(&s, began);
+            assert_eq!(
+                matches!(v, Verdict::Alive | Verdict::Completed),
+                ok,
+                "{s:?} ⇒ {v:?}"
+            );
+        }
+        assert_eq!(
+            attempt_verdict(&st("inactive", "dead", "success", 0, after), began),
+            Verdict::Completed
+        );
+        assert!(
+            matches!(attempt_verdict(&st("failed", "failed", "exit-code", 0, after), began), Verdict::Failed(w) if w.contains("exit-code"))
+        );
+    }
+}

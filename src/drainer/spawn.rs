@@ -1,0 +1,130 @@
+//! Revival without a service manager (SPEC D-9): where there is no systemd (macOS, containers),
+//! an exec target is spawned detached: a new session (setsid), stdio to
+//! `<runtime_dir>/runs/<id>.log`, the entry's uid and gid with that user's groups, the entry's
+//! cwd and environment. It is tracked by pid and start time; the agent keeps the child handle to
+//! reap it and to learn its exit status.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// What to spawn.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub id: String,
+    pub argv: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub env: BTreeMap<String, String>,
+}
+
+/// The groups of `uid` in the user database (its primary group first), as a login would set.
+fn groups_of(uid: u32, gid: u32) -> Vec<libc::gid_t> {
+    let mut out = vec![gid];
+    if let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        && let Ok(name) = CString::new(u.name)
+        && let Ok(gs) = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+    {
+        for g in gs {
+            if !out.contains(&g.as_raw()) {
+                out.push(g.as_raw());
+            }
+        }
+    }
+    out
+}
+
+/// The log file of a spawned run.
+pub fn log_path(runtime_dir: &Path, id: &str) -> PathBuf {
+    runtime_dir.join("runs").join(format!("{id}.log"))
+}
+
+/// Spawn detached. Returns the child, its pid and start time.
+pub fn spawn(spec: &SpawnSpec, runtime_dir: &Path) -> std::io::Result<(Child, i64, u64)> {
+    let runs = runtime_dir.join("runs");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&runs)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log_path(runtime_dir, &spec.id))?;
+    let groups = groups_of(spec.uid, spec.gid);
+    let (uid, gid) = (spec.uid, spec.gid);
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .current_dir(&spec.cwd)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let switch_user = nix::unistd::geteuid().is_root() && (uid != 0 || gid != 0);
+    // SAFETY: only async-signal-safe system calls run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if switch_user
+                && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    let pid = child.id() as i64;
+    let start = crate::facts::process::probe(pid);
+    let start_time = match start {
+        crate::facts::process::Liveness::Alive {
+            start_time: Some(s),
+        } => s,
+        _ => 0,
+    };
+    Ok((child, pid, start_time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn d9_spawned_run_is_detached_with_its_cwd_env_and_log() {
+        let d = tempfile::tempdir().unwrap();
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let spec = SpawnSpec {
+            id: "rq-a-1".into(),
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo \"$OUTLIVE_ENTRY_ID $(pwd) $(ps -o sid= -p $$ | tr -d ' ') $$\"".into(),
+            ],
+            cwd: "/tmp".into(),
+            uid: me.0,
+            gid: me.1,
+            env: BTreeMap::from([("OUTLIVE_ENTRY_ID".into(), "rq-a-1".into())]),
+        };
+        let (mut child, pid, start) = spawn(&spec, d.path()).unwrap();
+        assert!(pid > 0 && start > 0);
+        assert!(child.wait().unwrap().success());
+        let log = std::fs::read_to_string(log_path(d.path(), "rq-a-1")).unwrap();
+        let f: Vec<&str> = log.split_whitespace().collect();
+        assert_eq!(f[0], "rq-a-1");
+        assert_eq!(f[1], "/tmp");
+        assert_eq!(f[2], f[3], "a session of its own (sid == pid): {log}");
+    }
+}

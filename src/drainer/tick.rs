@@ -1,0 +1,1022 @@
+//! The drainer's tick (SPEC D-1 to D-10, P-1 to P-5, Q-13): revive queued runs one at a time,
+//! through the service manager, when the host is calm.
+//!
+//! Order (D-2): (1) heartbeat and lock (the agent's loop); (2) disabled ⇒ `queue-disabled`,
+//! off ⇒ `queue-off`; (3) paused ⇒ §5; (4) pressure and calm accounting; (5) TTL sweep;
+//! (6) breaker; (7) gates: calm (skipped by a manual drain), quota, session cap; (8) the head
+//! candidate; (9) validation; (10) dry run; (11) the attempt. At most one decision per tick.
+//! Verification of an attempt runs on every wake once its grace has elapsed, before the next
+//! decision; a tick never waits a grace out. Outcome words are audited when they change.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+
+use super::continuation;
+use super::gauge::{Gauge, Tier, tier};
+use super::manager::{
+    CALL_TIMEOUT, ServiceManager, StartError, Transient, Verdict, attempt_verdict,
+};
+use super::spawn::{self, SpawnSpec};
+use super::validate::{Check, Context, Paths, validate};
+use crate::audit::{Alert, AuditSink, Event, priority};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::queue::entry::{Entry, Status, Target};
+use crate::queue::rules::{self, PauseKind};
+use crate::queue::{AttemptResult, Finished, Queue};
+
+type SharedQueue = Arc<Mutex<Queue>>;
+
+fn q(queue: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
+    queue.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The drainer's settings (SPEC §9 `[drainer]`, and the queue's dry run and attempts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub required_calm_ticks: u32,
+    pub grace_ms: u64,
+    pub max_revived_alive: u32,
+    pub backoff_base_ms: u64,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown_ms: u64,
+    pub auto_resume_stale_pause: bool,
+    pub stale_pause_window_ms: u64,
+    pub calm_gate: bool,
+    /// 0: the pressure-held notice is off.
+    pub pressure_held_notice_ms: u64,
+    /// A user manager: transient units carry no `User=`/`Group=`.
+    pub user_mode: bool,
+}
+
+impl Settings {
+    /// From the configuration.
+    pub fn from_config(c: &Config, user_mode: bool) -> Settings {
+        let d = &c.drainer;
+        Settings {
+            required_calm_ticks: d.required_calm_ticks,
+            grace_ms: d.grace_sec as u64 * 1000,
+            max_revived_alive: d.max_revived_alive,
+            backoff_base_ms: d.backoff_base_sec as u64 * 1000,
+            breaker_threshold: d.breaker_threshold,
+            breaker_cooldown_ms: d.breaker_cooldown_min as u64 * 60_000,
+            auto_resume_stale_pause: d.auto_resume_stale_pause,
+            stale_pause_window_ms: d.stale_pause_window_min as u64 * 60_000,
+            calm_gate: d.calm_gate,
+            pressure_held_notice_ms: d.pressure_held_notice_min as u64 * 60_000,
+            user_mode,
+        }
+    }
+
+    /// The short backoff after a check that could not decide (D-6).
+    pub fn undecided_backoff_ms(&self) -> u64 {
+        self.backoff_base_ms.clamp(1000, 60_000)
+    }
+}
+
+/// A tick's outcome word (D-3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Revived,
+    QueueDisabled,
+    QueueOff,
+    Paused,
+    BreakerOpen,
+    Calm,
+    Quota,
+    SessionCap,
+    Empty,
+    Invalidated,
+    DryRun,
+    AttemptFailed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Revived => "revived",
+            Outcome::QueueDisabled => "queue-disabled",
+            Outcome::QueueOff => "queue-off",
+            Outcome::Paused => "paused",
+            Outcome::BreakerOpen => "breaker-open",
+            Outcome::Calm => "calm",
+            Outcome::Quota => "quota",
+            Outcome::SessionCap => "session-cap",
+            Outcome::Empty => "empty",
+            Outcome::Invalidated => "invalidated",
+            Outcome::DryRun => "dry-run",
+            Outcome::AttemptFailed => "attempt-failed",
+        }
+    }
+}
+
+/// A tick's report (what `Drain()` answers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub entry_id: Option<String>,
+    pub detail: Option<String>,
+}
+
+impl Report {
+    fn new(outcome: Outcome) -> Report {
+        Report {
+            outcome,
+            entry_id: None,
+            detail: None,
+        }
+    }
+    fn with(outcome: Outcome, id: Option<&str>, detail: impl Into<String>) -> Report {
+        Report {
+            outcome,
+            entry_id: id.map(str::to_string),
+            detail: Some(detail.into()),
+        }
+    }
+}
+
+/// `absent`, `fresh` or `stale` (D-10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuotaSignal {
+    #[default]
+    Absent,
+    Fresh,
+    Stale,
+}
+
+impl QuotaSignal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaSignal::Absent => "absent",
+            QuotaSignal::Fresh => "fresh",
+            QuotaSignal::Stale => "stale",
+        }
+    }
+}
+
+/// What the drainer publishes (properties, status, posture).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Public {
+    /// Wall ms until which the breaker is open (0: closed).
+    pub breaker_open_until: u64,
+    pub quota: QuotaSignal,
+    pub last_outcome: Option<Outcome>,
+    pub calm_streak: u32,
+    pub tier: Option<Tier>,
+    /// Boottime of the last tick.
+    pub last_tick_boot: Option<u64>,
+}
+
+struct Attempt {
+    started_boot: u64,
+    started_wall: u64,
+    unit: Option<String>,
+    transient: bool,
+    child: Option<Child>,
+}
+
+/// A spawned revival (no service manager): kept to reap it and to count it while alive.
+struct Tracked {
+    key: String,
+    child: Child,
+}
+
+/// The drainer.
+pub struct Drainer<M: ServiceManager, P: Paths> {
+    pub settings: Settings,
+    manager: Option<M>,
+    paths: P,
+    gauge: Box<dyn Gauge>,
+    clock: Arc<dyn Clock>,
+    audit: Arc<dyn AuditSink>,
+    state_dir: PathBuf,
+    runtime_dir: PathBuf,
+    public: Arc<Mutex<Public>>,
+    calm_streak: u32,
+    breaker_failures: u32,
+    breaker_until_boot: Option<u64>,
+    quota: Option<(bool, u64)>,
+    seen: HashSet<String>,
+    last_outcome: Option<(Outcome, Option<String>)>,
+    held_since: Option<u64>,
+    held_notified: bool,
+    headsup: Option<(u64, u32)>,
+    attempts: HashMap<String, Attempt>,
+    tracked: Vec<Tracked>,
+    reconciled: bool,
+}
+
+impl<M: ServiceManager, P: Paths> Drainer<M, P> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Settings,
+        manager: Option<M>,
+        paths: P,
+        gauge: Box<dyn Gauge>,
+        clock: Arc<dyn Clock>,
+        audit: Arc<dyn AuditSink>,
+        state_dir: &Path,
+        runtime_dir: &Path,
+    ) -> Drainer<M, P> {
+        Drainer {
+            settings,
+            manager,
+            paths,
+            gauge,
+            clock,
+            audit,
+            state_dir: state_dir.to_path_buf(),
+            runtime_dir: runtime_dir.to_path_buf(),
+            public: Arc::new(Mutex::new(Public::default())),
+            calm_streak: 0,
+            breaker_failures: 0,
+            breaker_until_boot: None,
+            quota: None,
+            seen: HashSet::new(),
+            last_outcome: None,
+            held_since: None,
+            held_notified: false,
+            headsup: None,
+            attempts: HashMap::new(),
+            tracked: Vec::new(),
+            reconciled: false,
+        }
+    }
+
+    /// What the drainer publishes, shared with the bus objects.
+    pub fn public(&self) -> Arc<Mutex<Public>> {
+        Arc::clone(&self.public)
+    }
+
+    /// Whether a service manager is used (else exec targets are spawned detached).
+    pub fn has_manager(&self) -> bool {
+        self.manager.is_some()
+    }
+
+    fn publish(&self) {
+        let now_boot = self.clock.boot_ms();
+        let mut p = self.public.lock().unwrap_or_else(|e| e.into_inner());
+        p.breaker_open_until = match self.breaker_until_boot {
+            Some(until) if until > now_boot => self.clock.wall_ms() + (until - now_boot),
+            _ => 0,
+        };
+        p.quota = self.quota_signal();
+        p.last_outcome = self.last_outcome.as_ref().map(|(o, _)| *o);
+        p.calm_streak = self.calm_streak;
+    }
+
+    fn quota_signal(&self) -> QuotaSignal {
+        match self.quota {
+            None => QuotaSignal::Absent,
+            Some((_, until)) if self.clock.boot_ms() < until => QuotaSignal::Fresh,
+            Some(_) => QuotaSignal::Stale,
+        }
+    }
+
+    /// D-10: a headroom report, valid for `valid_for_ms`.
+    pub fn report_quota(&mut self, can_spawn: bool, valid_for_ms: u64) {
+        self.quota = Some((can_spawn, self.clock.boot_ms() + valid_for_ms));
+        self.audit.record(
+            &Event::new(
+                "quota-reported",
+                format!(
+                    "quota report: {} for {} s",
+                    if can_spawn {
+                        "may spawn"
+                    } else {
+                        "may not spawn"
+                    },
+                    valid_for_ms / 1000
+                ),
+            )
+            .priority(priority::INFO)
+            .field("can_spawn", can_spawn)
+            .field("valid_for_ms", valid_for_ms),
+        );
+        self.publish();
+    }
+
+    /// One tick (D-2). `manual`: a `Drain()` (skips the calm gate).
+    pub async fn tick(&mut self, queue: &SharedQueue, manual: bool) -> Report {
+        let r = self.tick_inner(queue, manual).await;
+        {
+            self.public
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .last_tick_boot = Some(self.clock.boot_ms());
+        }
+        let key = (
+            r.outcome,
+            r.detail
+                .clone()
+                .filter(|_| matches!(r.outcome, Outcome::QueueDisabled | Outcome::Paused)),
+        );
+        if self.last_outcome.as_ref() != Some(&key) {
+            self.audit.record(
+                &Event::new(
+                    "tick-outcome",
+                    format!(
+                        "drainer: {}{}",
+                        r.outcome.as_str(),
+                        r.detail
+                            .as_deref()
+                            .map(|d| format!(" ({d})"))
+                            .unwrap_or_default()
+                    ),
+                )
+                .priority(priority::INFO)
+                .field("outcome", r.outcome.as_str())
+                .field("entry_id", r.entry_id.clone().unwrap_or_default()),
+            );
+            self.last_outcome = Some(key);
+        }
+        self.publish();
+        r
+    }
+
+    async fn tick_inner(&mut self, queue: &SharedQueue, manual: bool) -> Report {
+        self.wake(queue).await;
+        if !self.reconciled {
+            self.reconcile(queue).await;
+        }
+        // (2)
+        let snap = q(queue).snapshot();
+        if !snap.enabled {
+            let o = if snap.disabled_reason == "queue-off" {
+                Outcome::QueueOff
+            } else {
+                Outcome::QueueDisabled
+            };
+            return Report::with(
+                o,
+                None,
+                format!("{}: {}", snap.disabled_reason, snap.disabled_detail),
+            );
+        }
+        let now_boot = self.clock.boot_ms();
+        let now_wall = self.clock.wall_ms();
+        // D-7: the queue's own setting (one source, reloaded with it).
+        let live = !snap.dry_run;
+        // (3) §5
+        if let Some(p) = &snap.pause {
+            self.calm_streak = 0;
+            self.held_since = None;
+            if !live {
+                // P-4: a paused dry-run queue does nothing else.
+                return Report::with(
+                    Outcome::Paused,
+                    None,
+                    format!("{}: {}", p.kind.as_str(), p.reason),
+                );
+            }
+            let stale = self.stale_pause(queue, p);
+            match stale {
+                Some(why) => {
+                    if let Err(e) = q(queue).auto_resume_stale(&why) {
+                        return Report::with(
+                            Outcome::Paused,
+                            None,
+                            format!("the stale pause could not be lifted: {e}"),
+                        );
+                    }
+                    self.headsup = None;
+                }
+                None => {
+                    // P-3: once per (paused_at, open-entry count).
+                    if snap.waiting > 0 && self.headsup != Some((p.paused_at, snap.waiting)) {
+                        self.headsup = Some((p.paused_at, snap.waiting));
+                        self.audit.record(
+                            &Event::new(
+                                "paused-waiting",
+                                format!(
+                                    "revival is paused ({}: {}); {} runs are waiting; run `outlivectl resume` to let them come back",
+                                    p.kind.as_str(),
+                                    p.reason,
+                                    snap.waiting
+                                ),
+                            )
+                            .alert(Alert::PausedWithRunsWaiting)
+                            .field("kind", p.kind.as_str())
+                            .field("waiting", snap.waiting),
+                        );
+                    }
+                    return Report::with(
+                        Outcome::Paused,
+                        None,
+                        format!("{}: {}", p.kind.as_str(), p.reason),
+                    );
+                }
+            }
+        }
+        // (4)
+        let sample = self.gauge.sample();
+        let (t, why) = tier(&sample);
+        self.public.lock().unwrap_or_else(|e| e.into_inner()).tier = Some(t);
+        if t == Tier::Normal {
+            self.calm_streak += 1;
+        } else {
+            self.calm_streak = 0;
+        }
+        q(queue).advance_waiting(t == Tier::Normal);
+        // (5)
+        q(queue).sweep_ttl();
+        // (6)
+        if let Some(until) = self.breaker_until_boot {
+            if now_boot < until {
+                return Report::with(
+                    Outcome::BreakerOpen,
+                    None,
+                    format!("open for {} s more", (until - now_boot) / 1000),
+                );
+            }
+            self.breaker_until_boot = None;
+        }
+        // (7) gates
+        let cands: Vec<Entry> = {
+            let g = q(queue);
+            let state = g.state();
+            rules::candidates(&state.entries, now_boot)
+                .into_iter()
+                .map(|i| state.entries[i].clone())
+                .collect()
+        };
+        if cands.is_empty() {
+            // Nothing to gate: the gates hold entries, and an idle tick asks nothing of the
+            // service manager.
+            self.held_since = None;
+            self.held_notified = false;
+            return Report::new(Outcome::Empty);
+        }
+        if self.settings.calm_gate
+            && !manual
+            && self.calm_streak < self.settings.required_calm_ticks
+        {
+            if live && !cands.is_empty() {
+                let since = *self.held_since.get_or_insert(now_boot);
+                let notice = self.settings.pressure_held_notice_ms;
+                if notice > 0 && !self.held_notified && now_boot.saturating_sub(since) > notice {
+                    self.held_notified = true;
+                    self.audit.record(
+                        &Event::new(
+                            "pressure-held",
+                            format!(
+                                "{} is held under memory/CPU pressure ({why}); will revive when there is headroom",
+                                cands[0].label()
+                            ),
+                        )
+                        .alert(Alert::QueueNotice)
+                        .field("entry_id", &cands[0].id)
+                        .field("tier", t.as_str()),
+                    );
+                }
+            }
+            return Report::with(
+                Outcome::Calm,
+                None,
+                format!(
+                    "{} ({} of {} calm ticks)",
+                    why, self.calm_streak, self.settings.required_calm_ticks
+                ),
+            );
+        }
+        self.held_since = None;
+        self.held_notified = false;
+        if let Some((false, until)) = self.quota
+            && now_boot < until
+        {
+            return Report::with(
+                Outcome::Quota,
+                None,
+                "the quota tracker reported no headroom",
+            );
+        }
+        match self.revived_alive(queue).await {
+            Ok(n) if n >= self.settings.max_revived_alive as usize => {
+                return Report::with(
+                    Outcome::SessionCap,
+                    None,
+                    format!(
+                        "{n} revived runs are alive (limit {})",
+                        self.settings.max_revived_alive
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(why) => {
+                return Report::with(
+                    Outcome::SessionCap,
+                    None,
+                    format!("cannot count the revived runs: {why}"),
+                );
+            }
+        }
+        // (8) and (9)
+        let (stops, global_stop) = {
+            let g = q(queue);
+            (g.state().stops.clone(), g.state().global_stop)
+        };
+        let mut chosen = None;
+        let mut undecided = 0usize;
+        let mut last_undecided = String::new();
+        let checking = std::time::Instant::now();
+        let unseen: Vec<&Entry> = cands
+            .iter()
+            .filter(|e| live || !self.seen.contains(&e.id))
+            .collect();
+        for e in unseen {
+            let tracked_alive = self.tracked_alive(&e.key());
+            let cx = Context {
+                stops: &stops,
+                global_stop,
+                manager: self.manager.as_ref(),
+                tracked_alive,
+            };
+            match validate(e, &cx, &self.paths).await {
+                Check::Pass => {
+                    chosen = Some(e.clone());
+                    break;
+                }
+                Check::Invalid(why, detail) => {
+                    return match q(queue).invalidate(&e.id, why, &detail, live) {
+                        Ok(()) => Report::with(
+                            Outcome::Invalidated,
+                            Some(&e.id),
+                            format!("{why}: {detail}"),
+                        ),
+                        Err(err) => Report::with(
+                            Outcome::Invalidated,
+                            Some(&e.id),
+                            format!("{why}: {detail} (not recorded: {err})"),
+                        ),
+                    };
+                }
+                Check::Undecided(w) => {
+                    let _ = q(queue).defer(&e.id, self.settings.undecided_backoff_ms(), &w);
+                    undecided += 1;
+                    last_undecided = w;
+                    // Each undecided check may have waited out a timeout: keep the tick short
+                    // (the others are checked on later ticks).
+                    if checking.elapsed() >= CALL_TIMEOUT {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some(e) = chosen else {
+            if undecided > 0 {
+                return Report::with(
+                    Outcome::Empty,
+                    None,
+                    format!(
+                        "{undecided} ready entries could not be checked ({last_undecided}); they stay queued and are checked again"
+                    ),
+                );
+            }
+            if !live && !cands.is_empty() {
+                return Report::with(
+                    Outcome::DryRun,
+                    None,
+                    "every ready entry was already reported",
+                );
+            }
+            return Report::new(Outcome::Empty);
+        };
+        // (10) D-7
+        if !live {
+            self.seen.insert(e.id.clone());
+            self.audit.record(
+                &Event::new(
+                    "would-revive",
+                    format!("dry run: would revive {} ({}); nothing is started while queue.dry_run is on", e.label(), e.id),
+                )
+                .priority(priority::INFO)
+                .field("entry_id", &e.id),
+            );
+            return Report::with(Outcome::DryRun, Some(&e.id), "would revive");
+        }
+        // (11)
+        let _ = now_wall;
+        self.attempt(queue, e).await
+    }
+
+    /// P-5: a stale emergency pause, and why.
+    fn stale_pause(&self, queue: &SharedQueue, p: &rules::Pause) -> Option<String> {
+        if !self.settings.auto_resume_stale_pause || p.kind != PauseKind::Emergency {
+            return None;
+        }
+        let now = self.clock.wall_ms();
+        if p.paused_at == 0 || p.paused_at > now {
+            return None;
+        }
+        let window = self.settings.stale_pause_window_ms;
+        let g = q(queue);
+        g.state()
+            .entries
+            .iter()
+            .find(|e| {
+                e.status.is_open()
+                    && e.active_run
+                    && e.queued_at > p.paused_at
+                    && e.queued_at - p.paused_at > window
+            })
+            .map(|e| {
+                format!(
+                    "{} was queued {} min after it began",
+                    e.label(),
+                    (e.queued_at - p.paused_at) / 60_000
+                )
+            })
+    }
+
+    fn tracked_alive(&mut self, key: &str) -> bool {
+        self.reap();
+        self.tracked.iter().any(|t| t.key == key)
+    }
+
+    fn reap(&mut self) {
+        self.tracked
+            .retain_mut(|t| matches!(t.child.try_wait(), Ok(None)));
+    }
+
+    /// D-5 session cap: revived runs still alive.
+    async fn revived_alive(&mut self, queue: &SharedQueue) -> Result<usize, String> {
+        self.reap();
+        let mut n = self.tracked.len();
+        if let Some(m) = &self.manager {
+            let mut patterns = vec!["outlive-revive-*".to_string()];
+            {
+                let g = q(queue);
+                for e in g
+                    .state()
+                    .entries
+                    .iter()
+                    .filter(|e| e.status == Status::Revived)
+                {
+                    if let Target::Unit { unit } = &e.target
+                        && !patterns.contains(unit)
+                    {
+                        patterns.push(unit.clone());
+                    }
+                }
+            }
+            n += m.alive_units(&patterns).await.map_err(|u| u.0)?.len();
+        }
+        Ok(n)
+    }
+
+    /// D-9: start an attempt on `e`.
+    async fn attempt(&mut self, queue: &SharedQueue, e: Entry) -> Report {
+        let transient = matches!(e.target, Target::Exec { .. }) && self.manager.is_some();
+        let unit = match &e.target {
+            Target::Unit { unit } => Some(unit.clone()),
+            Target::Exec { .. } if transient => Some(format!(
+                "outlive-revive-{}-{}.service",
+                e.id,
+                e.attempts + 1
+            )),
+            Target::Exec { .. } => None,
+        };
+        let cont = continuation::prepare(&self.state_dir, &self.runtime_dir, &e);
+        let e = match q(queue).begin_attempt(&e.id, unit.clone()) {
+            Ok(e) => e,
+            Err(err) => {
+                return Report::with(
+                    Outcome::AttemptFailed,
+                    Some(&e.id),
+                    format!("could not record the attempt: {err}"),
+                );
+            }
+        };
+        let started_boot = self.clock.boot_ms();
+        let started_wall = e.last_attempt_at.unwrap_or_else(|| self.clock.wall_ms());
+        let cont = match cont {
+            Ok(p) => p,
+            Err(err) => {
+                let why = format!("cannot write the continuation: {err}");
+                self.fail(queue, &e.id, why.clone(), None).await;
+                return Report::with(Outcome::AttemptFailed, Some(&e.id), why);
+            }
+        };
+        let mut child = None;
+        let started = match (&e.target, &self.manager) {
+            (Target::Unit { unit }, Some(m)) => m.start_unit(unit).await,
+            (Target::Exec { exec, env }, Some(m)) => {
+                let mut env = env.clone();
+                env.insert("OUTLIVE_ENTRY_ID".into(), e.id.clone());
+                env.insert(
+                    "OUTLIVE_RUN_ID".into(),
+                    e.run_id.clone().unwrap_or_default(),
+                );
+                env.insert("OUTLIVE_CONTINUATION".into(), cont.display().to_string());
+                let t = Transient {
+                    name: unit.clone().expect("a transient unit name"),
+                    description: format!("outlive revival of {} ({})", e.label(), e.id),
+                    argv: exec.clone(),
+                    cwd: e.worktree.clone().unwrap_or_else(|| e.cwd.clone()),
+                    user: (!self.settings.user_mode).then_some((e.uid, e.gid)),
+                    env,
+                };
+                m.start_transient(&t).await
+            }
+            (Target::Exec { exec, env }, None) => {
+                let mut env = env.clone();
+                env.insert("OUTLIVE_ENTRY_ID".into(), e.id.clone());
+                env.insert(
+                    "OUTLIVE_RUN_ID".into(),
+                    e.run_id.clone().unwrap_or_default(),
+                );
+                env.insert("OUTLIVE_CONTINUATION".into(), cont.display().to_string());
+                let spec = SpawnSpec {
+                    id: e.id.clone(),
+                    argv: exec.clone(),
+                    cwd: e.worktree.clone().unwrap_or_else(|| e.cwd.clone()),
+                    uid: e.uid,
+                    gid: e.gid,
+                    env,
+                };
+                match spawn::spawn(&spec, &self.runtime_dir) {
+                    Ok((c, pid, start)) => {
+                        let _ = q(queue).set_attempt_pid(&e.id, (pid, start));
+                        child = Some(c);
+                        Ok(())
+                    }
+                    Err(err) => Err(StartError::Refused(format!(
+                        "cannot start {}: {err}",
+                        exec[0]
+                    ))),
+                }
+            }
+            (Target::Unit { unit }, None) => Err(StartError::Refused(format!(
+                "no service manager to start {unit}"
+            ))),
+        };
+        match started {
+            Err(StartError::Refused(why)) => {
+                self.fail(queue, &e.id, why.clone(), unit.filter(|_| transient))
+                    .await;
+                Report::with(Outcome::AttemptFailed, Some(&e.id), why)
+            }
+            other => {
+                self.attempts.insert(
+                    e.id.clone(),
+                    Attempt {
+                        started_boot,
+                        started_wall,
+                        unit: unit.clone(),
+                        transient,
+                        child,
+                    },
+                );
+                let detail = match other {
+                    Err(StartError::Undecided(w)) => {
+                        format!("the start was not confirmed ({w}); verification decides")
+                    }
+                    _ => format!(
+                        "attempt {} started{}",
+                        e.attempts + 1,
+                        unit.map(|u| format!(" as {u}")).unwrap_or_default()
+                    ),
+                };
+                Report::with(Outcome::Revived, Some(&e.id), detail)
+            }
+        }
+    }
+
+    /// A failed attempt (D-8): backoff or give-up, the reset of a failed transient unit, the
+    /// breaker.
+    async fn fail(
+        &mut self,
+        queue: &SharedQueue,
+        id: &str,
+        why: String,
+        transient_unit: Option<String>,
+    ) {
+        let r = q(queue).finish_attempt(
+            id,
+            AttemptResult::Failed { why, backoff: true },
+            self.settings.backoff_base_ms,
+        );
+        if let (Some(u), Some(m)) = (&transient_unit, &self.manager) {
+            let _ = m.reset_failed(u).await;
+        }
+        if matches!(r, Ok(Finished::Failed) | Ok(Finished::GaveUp)) {
+            self.count_failure();
+        }
+    }
+
+    fn count_failure(&mut self) {
+        self.breaker_failures += 1;
+        if self.breaker_failures >= self.settings.breaker_threshold
+            && self.breaker_until_boot.is_none()
+        {
+            let until = self.clock.boot_ms() + self.settings.breaker_cooldown_ms;
+            self.breaker_until_boot = Some(until);
+            self.audit.record(
+                &Event::new(
+                    "breaker-opened",
+                    format!(
+                        "{} revival attempts failed in a row: revival stops for {} min (the breaker is open); it \
+                         closes by itself, and only a success resets the count",
+                        self.breaker_failures,
+                        self.settings.breaker_cooldown_ms / 60_000
+                    ),
+                )
+                .alert(Alert::QueueNotice)
+                .field("failures", self.breaker_failures),
+            );
+        }
+    }
+
+    /// On every wake: reap spawned runs; verify attempts whose grace has elapsed (D-9); stop what
+    /// an attempt started when its entry was cancelled meanwhile.
+    pub async fn wake(&mut self, queue: &SharedQueue) {
+        self.reap();
+        let now = self.clock.boot_ms();
+        let due: Vec<String> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| now.saturating_sub(a.started_boot) >= self.settings.grace_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let cancelled: Vec<String> = {
+            let g = q(queue);
+            self.attempts
+                .keys()
+                .filter(|id| {
+                    g.state()
+                        .entries
+                        .iter()
+                        .any(|e| &e.id == *id && !e.status.is_open())
+                })
+                .cloned()
+                .collect()
+        };
+        for id in cancelled
+            .iter()
+            .chain(due.iter().filter(|d| !cancelled.contains(d)))
+        {
+            let Some(mut a) = self.attempts.remove(id) else {
+                continue;
+            };
+            let verdict = match self.verdict(&mut a).await {
+                Some(v) => v,
+                None => {
+                    // The manager did not answer: check again on the next wake.
+                    self.attempts.insert(id.clone(), a);
+                    continue;
+                }
+            };
+            self.conclude(queue, id, a, verdict, false).await;
+        }
+        self.publish();
+    }
+
+    async fn verdict(&self, a: &mut Attempt) -> Option<Verdict> {
+        if let Some(c) = &mut a.child {
+            return Some(match c.try_wait() {
+                Ok(None) => Verdict::Alive,
+                Ok(Some(s)) if s.success() => Verdict::Completed,
+                Ok(Some(s)) => Verdict::Failed(format!("the process ended with {s}")),
+                Err(e) => Verdict::Failed(format!("cannot wait for the process: {e}")),
+            });
+        }
+        let (Some(unit), Some(m)) = (&a.unit, &self.manager) else {
+            return Some(Verdict::Failed("the attempt did not start".into()));
+        };
+        match m.unit_state(unit).await {
+            Err(_) => None,
+            Ok(None) => Some(Verdict::Failed(format!("{unit} no longer exists"))),
+            Ok(Some(st)) => Some(attempt_verdict(&st, a.started_wall)),
+        }
+    }
+
+    async fn conclude(
+        &mut self,
+        queue: &SharedQueue,
+        id: &str,
+        mut a: Attempt,
+        v: Verdict,
+        at_boot: bool,
+    ) {
+        let result = match &v {
+            Verdict::Alive | Verdict::Completed => AttemptResult::Revived { at_boot },
+            Verdict::Failed(why) => AttemptResult::Failed {
+                why: why.clone(),
+                backoff: !at_boot,
+            },
+        };
+        let fin = q(queue).finish_attempt(id, result, self.settings.backoff_base_ms);
+        match fin {
+            Ok(Finished::Superseded(status)) => {
+                // A cancel during `starting` stands: stop what the attempt started.
+                if let (Some(u), Some(m)) = (&a.unit, &self.manager) {
+                    let _ = m.stop_unit(u).await;
+                }
+                if let Some(c) = &mut a.child {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(c.id() as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    let _ = c.try_wait();
+                }
+                self.audit.record(
+                    &Event::new(
+                        "attempt-stopped",
+                        format!("{id} became {status} during its attempt: what the attempt started was stopped"),
+                    )
+                    .priority(priority::NOTICE)
+                    .field("entry_id", id)
+                    .field("unit", a.unit.clone().unwrap_or_default()),
+                );
+            }
+            Ok(Finished::Revived) => {
+                self.breaker_failures = 0;
+                if v == Verdict::Completed
+                    && a.transient
+                    && let (Some(u), Some(m)) = (&a.unit, &self.manager)
+                {
+                    // A completed transient attempt is stopped so that it unloads.
+                    let _ = m.stop_unit(u).await;
+                }
+                if let Some(c) = a.child.take() {
+                    let key = q(queue)
+                        .state()
+                        .entries
+                        .iter()
+                        .find(|e| e.id == id)
+                        .map(|e| e.key())
+                        .unwrap_or_default();
+                    self.tracked.push(Tracked { key, child: c });
+                }
+            }
+            Ok(Finished::Failed) | Ok(Finished::GaveUp) => {
+                if a.transient
+                    && let (Some(u), Some(m)) = (&a.unit, &self.manager)
+                {
+                    let _ = m.reset_failed(u).await;
+                }
+                self.count_failure();
+            }
+            Err(e) => {
+                tracing::warn!("cannot record the outcome of the attempt on {id}: {e}; retried");
+                self.attempts.insert(id.to_string(), a);
+            }
+        }
+    }
+
+    /// Q-13: entries found `starting` at start: the attempt succeeded while the agent was down
+    /// (alive or completed ⇒ `revived`), failed, or cannot be told yet (checked next tick).
+    async fn reconcile(&mut self, queue: &SharedQueue) {
+        let starting: Vec<Entry> = {
+            let g = q(queue);
+            if !g.snapshot().enabled {
+                return;
+            }
+            g.state()
+                .entries
+                .iter()
+                .filter(|e| e.status == Status::Starting && !self.attempts.contains_key(&e.id))
+                .cloned()
+                .collect()
+        };
+        let mut all = true;
+        for e in starting {
+            let transient = e
+                .attempt_unit
+                .as_deref()
+                .is_some_and(|u| u.starts_with("outlive-revive-"));
+            let a = Attempt {
+                started_boot: 0,
+                started_wall: e.last_attempt_at.unwrap_or(0),
+                unit: e.attempt_unit.clone(),
+                transient,
+                child: None,
+            };
+            let v = match (&e.attempt_unit, e.attempt_pid, &self.manager) {
+                (Some(unit), _, Some(m)) => match m.unit_state(unit).await {
+                    Err(_) => {
+                        all = false;
+                        continue;
+                    }
+                    Ok(None) => Verdict::Failed(format!("{unit} no longer exists (a reboot?)")),
+                    Ok(Some(st)) => attempt_verdict(&st, a.started_wall),
+                },
+                (_, Some((pid, start)), _) => match crate::facts::process::probe(pid) {
+                    crate::facts::process::Liveness::Alive { start_time }
+                        if start_time.is_none_or(|s| s == start) =>
+                    {
+                        Verdict::Alive
+                    }
+                    _ => Verdict::Failed(
+                        "the spawned process is gone and its exit status is unknown".into(),
+                    ),
+                },
+                _ => Verdict::Failed("the attempt did not start before outlived stopped".into()),
+            };
+            self.conclude(queue, &e.id, a, v, true).await;
+        }
+        self.reconciled = all;
+    }
+}

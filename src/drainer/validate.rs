@@ -1,0 +1,233 @@
+//! Validation before an attempt (SPEC D-6), in this order; the first failure wins and becomes
+//! `invalidated:<why>`:
+//!
+//! 1. `corrupt-entry`; 2. `already-running`; 3. `operator-stop`; 4. `ran-since`;
+//! 5. `target-missing`; 6. `cwd-missing`, `worktree-missing`; 7. `run-finished`.
+//!
+//! A check that cannot decide (EACCES, a timeout, a service manager that does not answer)
+//! neither invalidates nor attempts: [`Check::Undecided`]. Paths are checked through the facts
+//! worker under its timeout, off the runtime's thread, so a hung mount cannot stall the agent.
+
+use std::future::Future;
+
+use super::manager::{ServiceManager, Undecided};
+use crate::facts::Facts;
+use crate::facts::probe::Run;
+use crate::queue::entry::{Entry, Target, corrupt_reason};
+use crate::queue::store::RunStop;
+
+/// The result of validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Pass,
+    /// `invalidated:<why>`, with a detail for the audit.
+    Invalid(&'static str, String),
+    /// Decide later.
+    Undecided(String),
+}
+
+/// What a path check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathState {
+    Exists,
+    Missing,
+    Undecided(String),
+}
+
+/// Path checks (the real one goes through the facts worker; tests substitute).
+pub trait Paths: Send + Sync {
+    /// Whether `path` exists (`dir`: as a directory).
+    fn check(&self, path: &str, dir: bool) -> impl Future<Output = PathState> + Send;
+}
+
+/// Path checks on the facts worker, under `facts.statfs_timeout_ms`.
+#[derive(Clone)]
+pub struct WorkerPaths(pub Facts);
+
+impl Paths for WorkerPaths {
+    async fn check(&self, path: &str, dir: bool) -> PathState {
+        let facts = self.0.clone();
+        let p = std::path::PathBuf::from(path);
+        let r = tokio::task::spawn_blocking(move || {
+            let timeout = facts.timeout();
+            facts.worker().run(timeout, move || std::fs::metadata(&p))
+        })
+        .await;
+        match r {
+            Ok(Run::Done(Ok(m))) if !dir || m.is_dir() => PathState::Exists,
+            Ok(Run::Done(Ok(_))) => PathState::Missing,
+            Ok(Run::Done(Err(e)))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                PathState::Missing
+            }
+            Ok(Run::Done(Err(e))) => PathState::Undecided(format!("{path}: {e}")),
+            Ok(Run::Timeout) => {
+                PathState::Undecided(format!("{path}: no answer within the statfs timeout"))
+            }
+            Err(e) => PathState::Undecided(format!("{path}: {e}")),
+        }
+    }
+}
+
+/// What validation needs besides the entry.
+pub struct Context<'a, M> {
+    pub stops: &'a [RunStop],
+    pub global_stop: Option<u64>,
+    /// None where there is no service manager (units cannot be started).
+    pub manager: Option<&'a M>,
+    /// Whether a spawned process of the entry's key is alive (no service manager).
+    pub tracked_alive: bool,
+}
+
+fn undecided(u: Undecided) -> Check {
+    Check::Undecided(u.0)
+}
+
+/// D-6, in order.
+pub async fn validate<M: ServiceManager, P: Paths>(
+    e: &Entry,
+    cx: &Context<'_, M>,
+    paths: &P,
+) -> Check {
+    // 1.
+    if let Some(why) = corrupt_reason(e) {
+        return Check::Invalid("corrupt-entry", why);
+    }
+    let anchor = e.ttl_anchor();
+    // 2.
+    if cx.tracked_alive {
+        return Check::Invalid(
+            "already-running",
+            "a revived process of this run is alive".into(),
+        );
+    }
+    let mut unit_state = None;
+    if let Some(m) = cx.manager {
+        if let Target::Unit { unit } = &e.target {
+            match m.unit_state(unit).await {
+                Err(u) => return undecided(u),
+                Ok(Some(st)) => {
+                    if matches!(
+                        st.active_state.as_str(),
+                        "active" | "activating" | "reloading"
+                    ) {
+                        return Check::Invalid(
+                            "already-running",
+                            format!("{unit} is {}", st.active_state),
+                        );
+                    }
+                    unit_state = Some(st);
+                }
+                Ok(None) => {}
+            }
+        }
+        match m.alive_units(&[format!("outlive-revive-{}-*", e.id)]).await {
+            Err(u) => return undecided(u),
+            Ok(alive) if !alive.is_empty() => {
+                return Check::Invalid("already-running", format!("{} is alive", alive.join(", ")));
+            }
+            Ok(_) => {}
+        }
+    }
+    // 3. A stop in the same millisecond as the enqueue counts: the stop was recorded after it
+    // (mutations are serialised), and a safety stop errs on the side of stopping.
+    if let Some(run) = &e.run_id
+        && let Some(s) = cx
+            .stops
+            .iter()
+            .filter(|s| &s.run_id == run && s.at >= anchor)
+            .max_by_key(|s| s.at)
+    {
+        return Check::Invalid(
+            "operator-stop",
+            format!(
+                "an operator stopped run {run} at {}",
+                crate::clock::rfc3339_ms(s.at)
+            ),
+        );
+    }
+    if let Some(g) = cx.global_stop
+        && g >= anchor
+    {
+        return Check::Invalid(
+            "operator-stop",
+            format!(
+                "an operator stopped all revival at {}",
+                crate::clock::rfc3339_ms(g)
+            ),
+        );
+    }
+    // 4. and 5.
+    match &e.target {
+        Target::Unit { unit } => {
+            let Some(m) = cx.manager else {
+                return Check::Invalid(
+                    "target-missing",
+                    format!("{unit}: there is no service manager to start units"),
+                );
+            };
+            if let Some(st) = &unit_state
+                && st.exec_main_start_us / 1000 > anchor
+            {
+                return Check::Invalid(
+                    "ran-since",
+                    format!(
+                        "{unit} started at {} after the run was queued",
+                        crate::clock::rfc3339_ms(st.exec_main_start_us / 1000)
+                    ),
+                );
+            }
+            match m.load_state(unit).await {
+                Err(u) => return undecided(u),
+                Ok(ls) if ls == "loaded" => {}
+                Ok(ls) => {
+                    return Check::Invalid(
+                        "target-missing",
+                        format!("{unit} cannot be loaded ({ls})"),
+                    );
+                }
+            }
+        }
+        Target::Exec { exec, .. } => match paths.check(&exec[0], false).await {
+            PathState::Exists => {}
+            PathState::Missing => {
+                return Check::Invalid("target-missing", format!("{} does not exist", exec[0]));
+            }
+            PathState::Undecided(w) => return Check::Undecided(w),
+        },
+    }
+    // 6.
+    match paths.check(&e.cwd, true).await {
+        PathState::Exists => {}
+        PathState::Missing => {
+            return Check::Invalid("cwd-missing", format!("{} is not a directory", e.cwd));
+        }
+        PathState::Undecided(w) => return Check::Undecided(w),
+    }
+    if let Some(w) = &e.worktree {
+        match paths.check(w, true).await {
+            PathState::Exists => {}
+            PathState::Missing => {
+                return Check::Invalid("worktree-missing", format!("{w} is not a directory"));
+            }
+            PathState::Undecided(why) => return Check::Undecided(why),
+        }
+    }
+    // 7.
+    if e.active_run
+        && let Some(f) = &e.run_state_file
+    {
+        match paths.check(f, false).await {
+            PathState::Exists => {}
+            PathState::Missing => {
+                return Check::Invalid("run-finished", format!("{f} is gone: the run finished"));
+            }
+            PathState::Undecided(why) => return Check::Undecided(why),
+        }
+    }
+    Check::Pass
+}
