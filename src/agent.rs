@@ -8,10 +8,12 @@
 //! (`RELOADING=1` … `READY=1`); SIGTERM stops (`STOPPING=1`, finish the current tick, release
 //! the lock). The agent never forks.
 
+use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -20,11 +22,15 @@ use tokio::sync::watch;
 use crate::audit::{Alert, AuditLog, AuditSink, Auditor, Event, priority};
 use crate::clock::SystemClock;
 use crate::config::{Config, Mode, Paths};
+use crate::drainer::gauge::HostGauge;
+use crate::drainer::manager::Systemd;
+use crate::drainer::tick::{Drainer, Handle, Report, Settings as DrainerSettings};
+use crate::drainer::validate::WorkerPaths;
 use crate::drainer::{self, Timing, Wake};
 use crate::facts::process::KernelProber;
 use crate::facts::{self, Facts};
 use crate::publish::dbus::auth::AuthPolicy;
-use crate::publish::dbus::queue1::lock as lock_queue;
+use crate::publish::dbus::queue1::{DrainService, lock as lock_queue};
 use crate::publish::dbus::{
     Agent1, Bus, BusTarget, HostState, Objects, Publisher, ResumeQueue1, SharedQueue, StartError,
 };
@@ -256,8 +262,9 @@ fn lock_env(host: &HostState) -> LockEnv<'_> {
 
 /// The `STATUS=` line (X-3), also the `StatusText` property: `observe-only:` while dry run is on,
 /// the queue and the lock, and the bus when it is not what it should be.
-fn status_line(queue: &SharedQueue, bus: Option<&Bus>, no_bus: bool) -> String {
+fn status_line(queue: &SharedQueue, drainer: &Handle, bus: Option<&Bus>, no_bus: bool) -> String {
     let s = lock_queue(queue).snapshot();
+    let d = drainer.public();
     let mut parts = Vec::new();
     if s.enabled {
         parts.push(format!("queue: {} waiting", s.waiting));
@@ -266,6 +273,12 @@ fn status_line(queue: &SharedQueue, bus: Option<&Bus>, no_bus: bool) -> String {
     }
     if let Some(p) = &s.pause {
         parts.push(format!("paused ({})", p.kind.as_str()));
+    }
+    if d.breaker_open_until > 0 {
+        parts.push(format!(
+            "breaker open until {}",
+            crate::clock::rfc3339_ms(d.breaker_open_until)
+        ));
     }
     if s.persist_failed.is_some() {
         parts.push("state not written (persist-failed)".into());
@@ -294,6 +307,84 @@ impl Agent {
             Duration::from_secs(self.config.drainer.interval_sec as u64),
             self.watchdog,
         )
+    }
+
+    /// The drainer and what runs it. The service manager is systemd when it runs here (the
+    /// user's with `--user`); without it exec targets are spawned detached and unit targets
+    /// cannot be revived.
+    async fn runner(&self) -> Runner {
+        let user_mode = self.mode == Mode::User;
+        let manager = if !Systemd::booted() {
+            tracing::info!(
+                "systemd is not the service manager here: exec targets are spawned detached, unit targets cannot be revived"
+            );
+            None
+        } else {
+            match tokio::time::timeout(
+                crate::drainer::manager::CALL_TIMEOUT,
+                Systemd::connect(user_mode),
+            )
+            .await
+            {
+                Ok(Ok(m)) => Some(m),
+                Ok(Err(e)) => {
+                    self.manager_unreachable(&e.to_string());
+                    None
+                }
+                Err(_) => {
+                    self.manager_unreachable("no answer within 5 s");
+                    None
+                }
+            }
+        };
+        let uid = nix::unistd::getuid().as_raw();
+        if user_mode && manager.is_some() && !lingers(uid) {
+            self.audit.record(
+                &Event::new(
+                    "no-linger",
+                    format!(
+                        "the user manager of uid {uid} does not linger: runs revived through it stop when that user \
+                         logs out. Run `loginctl enable-linger` for this user, or run outlived as a system service."
+                    ),
+                )
+                .alert(Alert::QueueNotice)
+                .field("reason", "no-linger"),
+            );
+        }
+        let d = Drainer::new(
+            DrainerSettings::from_config(&self.config, user_mode),
+            manager,
+            WorkerPaths(self.host.facts.clone()),
+            Box::new(HostGauge),
+            Arc::new(SystemClock),
+            Arc::clone(&self.audit),
+            &self.config.state_dir,
+            &self.config.runtime_dir,
+        );
+        Runner {
+            host: Arc::clone(&self.host),
+            queue: Arc::clone(&self.queue),
+            handle: d.handle(),
+            drainer: tokio::sync::Mutex::new(d),
+            notifier: Arc::clone(&self.notifier),
+            bus: OnceLock::new(),
+            no_bus: self.opts.no_bus,
+            last_tick_at: Arc::clone(&self.last_tick_at),
+            poke: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    fn manager_unreachable(&self, why: &str) {
+        self.audit.record(
+            &Event::new(
+                "manager-unreachable",
+                format!(
+                    "cannot reach systemd over D-Bus ({why}): exec targets will be spawned detached and unit \
+                     targets cannot be revived until outlived restarts"
+                ),
+            )
+            .alert(Alert::QueueNotice),
+        );
     }
 
     async fn start_bus(&self, objects: Objects) -> Result<Arc<Bus>, (String, i32, i32)> {
@@ -345,9 +436,13 @@ impl Agent {
         // L-3: the lock is decided before the bus name is requested.
         lock_queue(&self.queue).evaluate_lock(&lock_env(&self.host), true);
 
+        let no_bus = self.opts.no_bus;
+        let runner = Arc::new(self.runner().await);
+        let handle = runner.handle.clone();
         let publisher = Arc::new(Publisher::new(
             Arc::clone(&self.host),
             Arc::clone(&self.queue),
+            handle.clone(),
         ));
         let auth = AuthPolicy {
             user_mode: self.mode == Mode::User,
@@ -364,10 +459,11 @@ impl Agent {
                 auth,
                 last_tick_at: Arc::clone(&self.last_tick_at),
                 publisher: Arc::clone(&publisher),
+                drainer: handle.clone(),
+                drain: Arc::clone(&runner) as Arc<dyn DrainService>,
             },
             publisher: Arc::clone(&publisher),
         };
-        let no_bus = self.opts.no_bus;
         let bus = if no_bus {
             None
         } else {
@@ -376,6 +472,9 @@ impl Agent {
                 Err((msg, errno, status)) => return fatal(&self.notifier, &msg, errno, status),
             }
         };
+        if let Some(b) = &bus {
+            let _ = runner.bus.set(Arc::clone(b));
+        }
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (timing_tx, timing_rx) = watch::channel(self.timing());
@@ -392,7 +491,7 @@ impl Agent {
             tokio::spawn(Arc::clone(b).run(beat, shutdown_rx.clone()))
         });
 
-        let line = status_line(&self.queue, bus.as_deref(), no_bus);
+        let line = status_line(&self.queue, &handle, bus.as_deref(), no_bus);
         self.host.set_status_text(&line);
         self.notifier.ready(&line);
         let id = self.host.identity();
@@ -416,21 +515,13 @@ impl Agent {
             .field("host_id", id.host_id),
         );
 
-        let tick = Ticker {
-            host: Arc::clone(&self.host),
-            queue: Arc::clone(&self.queue),
-            notifier: Arc::clone(&self.notifier),
-            bus: bus.clone(),
-            no_bus,
-            last_tick_at: Arc::clone(&self.last_tick_at),
-        };
+        let loop_runner = Arc::clone(&runner);
         let drainer_task = tokio::spawn(drainer::run_loop(
             drainer_beat,
             timing_rx,
             shutdown_rx.clone(),
-            async move |w| {
-                tick.wake(w).await;
-            },
+            Arc::clone(&runner.poke),
+            async move |w| loop_runner.wake(w).await,
         ));
 
         loop {
@@ -439,7 +530,9 @@ impl Agent {
                 _ = sigint.recv() => break,
                 _ = sighup.recv() => {
                     self.reload(&timing_tx);
-                    let line = status_line(&self.queue, bus.as_deref(), no_bus);
+                    runner.drainer.lock().await.settings =
+                        DrainerSettings::from_config(&self.config, self.mode == Mode::User);
+                    let line = status_line(&self.queue, &handle, bus.as_deref(), no_bus);
                     self.host.set_status_text(&line);
                     self.notifier.ready(&line);
                     if let Some(b) = &bus { b.sync().await; }
@@ -519,39 +612,100 @@ impl Agent {
     }
 }
 
-/// What one wake of the drainer loop does (D-2; the revival steps come with the drainer).
-struct Ticker {
+/// The drainer as the agent runs it: systemd over D-Bus (or a detached spawn), path checks on
+/// the facts worker, the kernel's gauges.
+type AgentDrainer = Drainer<Systemd, WorkerPaths>;
+
+/// What one wake of the drainer loop, or a `Drain()`, does (D-1, D-2). The drainer sits behind
+/// an async mutex: the loop waits for it, a `Drain()` that finds it taken is `Busy`.
+struct Runner {
     host: Arc<HostState>,
     queue: SharedQueue,
+    drainer: tokio::sync::Mutex<AgentDrainer>,
+    handle: Handle,
     notifier: Arc<Notifier>,
-    bus: Option<Arc<Bus>>,
+    bus: OnceLock<Arc<Bus>>,
     no_bus: bool,
     last_tick_at: Arc<AtomicU64>,
+    /// Wakes the loop (a `Drain()` started an attempt whose grace the loop must time).
+    poke: Arc<tokio::sync::Notify>,
 }
 
-impl Ticker {
-    async fn wake(&self, w: Wake) {
-        if w == Wake::Tick {
+impl Runner {
+    /// D-2 step 1: on a tick record `last_tick_at` and refresh the hostname; always touch the
+    /// lock (or retry its acquisition). On a tick also the queue's housekeeping (retention,
+    /// checkpoint, the Q-14 persist retry).
+    fn step_one(&self, tick: bool) {
+        if tick {
             self.last_tick_at
                 .store(crate::clock::wall_ms(), Ordering::Relaxed);
             self.host.refresh_hostname();
         }
-        {
-            let mut q = lock_queue(&self.queue);
-            // Step 1: the lock's heartbeat, or a retry of its acquisition (also on idle wakes).
-            q.heartbeat(&lock_env(&self.host));
-            if w == Wake::Tick {
-                // Steps 4 and 5 (waiting accounting, TTL), and the Q-14 persist retry.
-                q.advance_waiting(false);
-                q.sweep_ttl();
-                q.housekeeping();
-            }
-        }
-        let line = status_line(&self.queue, self.bus.as_deref(), self.no_bus);
-        self.notifier.status(&line);
-        self.host.set_status_text(&line);
-        if let Some(b) = &self.bus {
-            b.sync().await;
+        let mut q = lock_queue(&self.queue);
+        q.heartbeat(&lock_env(&self.host));
+        if tick {
+            q.housekeeping();
         }
     }
+
+    /// One wake of the loop; returns when the next attempt's grace ends.
+    async fn wake(&self, w: Wake) -> Option<Duration> {
+        let due = {
+            let mut d = self.drainer.lock().await;
+            #[cfg(feature = "fault-hooks")]
+            if crate::faults::wedged(drainer::LOOP_NAME) {
+                // A tick that awaits something that never completes, holding the drainer:
+                // exactly the wedge X-4 exists to catch (and a `Drain()` meanwhile is `Busy`).
+                tracing::warn!("fault hook: wedging the {} loop", drainer::LOOP_NAME);
+                std::future::pending::<()>().await;
+            }
+            self.step_one(w == Wake::Tick);
+            match w {
+                Wake::Tick => {
+                    d.tick(&self.queue, false).await;
+                }
+                Wake::Idle => d.wake(&self.queue).await,
+            }
+            d.next_due()
+        };
+        self.status();
+        if let Some(b) = self.bus.get() {
+            b.sync().await;
+        }
+        due
+    }
+
+    fn status(&self) {
+        let line = status_line(
+            &self.queue,
+            &self.handle,
+            self.bus.get().map(|b| &**b),
+            self.no_bus,
+        );
+        self.notifier.status(&line);
+        self.host.set_status_text(&line);
+    }
+}
+
+impl DrainService for Runner {
+    fn drain(&self) -> Pin<Box<dyn Future<Output = Option<Report>> + Send + '_>> {
+        Box::pin(async move {
+            let mut d = self.drainer.try_lock().ok()?;
+            self.step_one(true);
+            let r = d.tick(&self.queue, true).await;
+            drop(d);
+            self.status();
+            self.poke.notify_one();
+            Some(r)
+        })
+    }
+}
+
+/// Whether `user` lingers (`/var/lib/systemd/linger/<user>`): without it a user manager, and
+/// every run it revived, stops at logout (D-9).
+fn lingers(uid: u32) -> bool {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .is_some_and(|u| Path::new("/var/lib/systemd/linger").join(u.name).exists())
 }

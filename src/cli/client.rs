@@ -36,6 +36,8 @@ pub trait ResumeQueue1 {
     fn resume(&self) -> zbus::Result<bool>;
     fn stop(&self, run_id: &str) -> zbus::Result<u32>;
     fn stop_all(&self) -> zbus::Result<()>;
+    fn drain(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn report_quota(&self, can_spawn: bool, valid_for_sec: u32) -> zbus::Result<()>;
 }
 
 /// A failure, with the exit status it means.
@@ -84,7 +86,7 @@ fn hint(name: &str) -> &'static str {
         "InvalidArgument" => "see `outlivectl help <command>`",
         "AccessDenied" => "this needs root or membership of the group `outlive`",
         "NotFound" => "`outlivectl queue` lists the entries",
-        "Busy" => "try again shortly",
+        "Busy" => "a tick is running: try again in a moment",
         _ => "",
     }
 }

@@ -135,6 +135,20 @@ pub enum Command {
     },
     /// Stop all revival: a durable global stop and a deliberate halt until `resume`.
     StopAll,
+    /// Run a drainer tick now, skipping the calm gate; prints its outcome.
+    Drain,
+    /// Report quota headroom for the quota gate (for a quota tracker).
+    #[command(
+        after_help = "Examples:\n  outlivectl quota --can-spawn false --valid-for 300\n  outlivectl quota --can-spawn true --valid-for 60"
+    )]
+    Quota {
+        /// Whether new runs may be started now.
+        #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+        can_spawn: bool,
+        /// How long the report holds, in seconds; after that the gate passes again.
+        #[arg(long, value_name = "SECS")]
+        valid_for: u32,
+    },
     /// The host lock: record, facts and decision, explained ("why is my queue disabled?").
     Lock {
         /// The state directory [default: from the configuration].
@@ -276,6 +290,18 @@ pub fn outlivectl_main() -> i32 {
             client::block_on(queue::op(user, json, queue::Op::Stop(run_id)))
         }
         Command::StopAll => client::block_on(queue::op(user, json, queue::Op::StopAll)),
+        Command::Drain => client::block_on(queue::op(user, json, queue::Op::Drain)),
+        Command::Quota {
+            can_spawn,
+            valid_for,
+        } => client::block_on(queue::op(
+            user,
+            json,
+            queue::Op::Quota {
+                can_spawn,
+                valid_for_sec: valid_for,
+            },
+        )),
         Command::Lock {
             state_dir,
             config,

@@ -247,6 +247,18 @@ pub async fn show(user: bool, json: bool) -> Result<(), Failure> {
             s("PauseReason")
         );
     }
+    let breaker = props["BreakerOpenUntil"].as_u64().unwrap_or(0);
+    if breaker > 0 {
+        println!(
+            "breaker: open until {} (attempts kept failing; it closes by itself)",
+            ts(&props["BreakerOpenUntil"])
+        );
+    }
+    match s("QuotaSignal").as_str() {
+        "fresh" => println!("quota: a fresh report from the quota tracker applies"),
+        "stale" => println!("quota: the last report expired; the gate passes"),
+        _ => {}
+    }
     if entries.is_empty() {
         if b("Enabled") {
             println!("no entries");
@@ -300,6 +312,26 @@ pub enum Op {
     Resume,
     Stop(String),
     StopAll,
+    Drain,
+    Quota { can_spawn: bool, valid_for_sec: u32 },
+}
+
+/// Plain words for `Drain()`'s outcome words (D-3).
+pub fn explain_outcome(word: &str) -> &'static str {
+    match word {
+        "revived" => {
+            "an attempt started; it is verified after drainer.grace_sec (`outlivectl queue`)"
+        }
+        "breaker-open" => "recent attempts kept failing: revival waits for the breaker's cooldown",
+        "calm" => "the host is under pressure (skipped only by a manual drain)",
+        "quota" => "the quota tracker reported no headroom",
+        "session-cap" => "drainer.max_revived_alive revived runs are still alive",
+        "empty" => "no entry is ready (none queued, or all backing off)",
+        "invalidated" => "the head entry can no longer be revived and was marked invalidated",
+        "dry-run" => "observe-only (queue.dry_run): nothing is started",
+        "attempt-failed" => "the attempt could not be started; it is retried after its backoff",
+        _ => "",
+    }
 }
 
 /// Run one mutation.
@@ -349,6 +381,42 @@ pub async fn op(user: bool, json: bool, op: Op) -> Result<(), Failure> {
         Op::StopAll => {
             q.stop_all().await.map_err(failure)?;
             ("all revival stopped (deliberate halt); `outlivectl resume` lets new runs come back".into(), serde_json::json!({"stopped_all": true}))
+        }
+        Op::Drain => {
+            let reply = q.drain().await.map_err(failure)?;
+            let v = crate::publish::dbus::variant::dict_to_json(&reply);
+            let word = v["outcome"].as_str().unwrap_or("-").to_string();
+            let mut text = format!("tick: {word}");
+            if let Some(id) = v["entry_id"].as_str() {
+                text.push_str(&format!(" ({id})"));
+            }
+            if let Some(d) = v["detail"].as_str() {
+                text.push_str(&format!(": {d}"));
+            }
+            let why = explain_outcome(&word);
+            if !why.is_empty() {
+                text.push_str(&format!("\n  {why}"));
+            }
+            (text, v)
+        }
+        Op::Quota {
+            can_spawn,
+            valid_for_sec,
+        } => {
+            q.report_quota(*can_spawn, *valid_for_sec)
+                .await
+                .map_err(failure)?;
+            (
+                format!(
+                    "quota reported: {} for {valid_for_sec} s",
+                    if *can_spawn {
+                        "may spawn"
+                    } else {
+                        "may not spawn"
+                    }
+                ),
+                serde_json::json!({"can_spawn": can_spawn, "valid_for_sec": valid_for_sec}),
+            )
         }
     };
     if json {

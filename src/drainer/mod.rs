@@ -63,14 +63,17 @@ pub enum Wake {
 }
 
 /// Run the loop until `shutdown` is true. `on_wake` runs for every tick and idle wake; the loop
-/// beats its heartbeat before each. Timing changes (reload) apply from the next wait.
+/// beats its heartbeat before each. It returns how soon something is due (an attempt's grace
+/// ending, D-1), and the loop wakes then at the latest; `poke` wakes it at once (a `Drain()`
+/// started an attempt). Timing changes (reload) apply from the next wait.
 pub async fn run_loop<F>(
     beat: Arc<LoopBeat>,
     mut timing: watch::Receiver<Timing>,
     mut shutdown: watch::Receiver<bool>,
+    poke: Arc<tokio::sync::Notify>,
     mut on_wake: F,
 ) where
-    F: AsyncFnMut(Wake),
+    F: AsyncFnMut(Wake) -> Option<Duration>,
 {
     let mut next_tick = Instant::now();
     loop {
@@ -86,19 +89,16 @@ pub async fn run_loop<F>(
         } else {
             Wake::Idle
         };
-        #[cfg(feature = "fault-hooks")]
-        if crate::faults::wedged(LOOP_NAME) {
-            // A tick that awaits something that never completes: exactly the wedge X-4 exists
-            // to catch. The other loops keep running; only this heartbeat stops.
-            tracing::warn!("fault hook: wedging the {LOOP_NAME} loop");
-            std::future::pending::<()>().await;
+        beat.beat();
+        let due = on_wake(kind).await;
+        beat.beat();
+        let mut until = next_tick.min(Instant::now() + t.wake);
+        if let Some(d) = due {
+            until = until.min(Instant::now() + d.max(Duration::from_millis(10)));
         }
-        beat.beat();
-        on_wake(kind).await;
-        beat.beat();
-        let until = next_tick.min(Instant::now() + t.wake);
         tokio::select! {
             _ = tokio::time::sleep_until(until) => {}
+            _ = poke.notified() => {}
             _ = shutdown.changed() => {}
             r = timing.changed() => {
                 if r.is_ok() {
@@ -142,8 +142,10 @@ mod loop_tests {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = Arc::clone(&seen);
         let start = Instant::now();
-        let task = tokio::spawn(run_loop(beat, timing, stop, async move |w| {
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(run_loop(beat, timing, stop, poke, async move |w| {
             s2.lock().unwrap().push((w, start.elapsed().as_secs()));
+            None
         }));
         tokio::time::sleep(Duration::from_secs(25)).await;
         stop_tx.send(true).unwrap();

@@ -574,16 +574,16 @@ fn d10_no_report_or_an_expired_one_passes_and_the_signal_says_which() {
     let mut r = Rig::new();
     r.admit(exec("a", "/bin/true"));
     r.admit(exec("b", "/bin/true"));
-    assert_eq!(r.d.public().lock().unwrap().quota.as_str(), "absent");
+    assert_eq!(r.d.public().quota.as_str(), "absent");
     r.d.report_quota(false, 200 * S);
-    assert_eq!(r.d.public().lock().unwrap().quota.as_str(), "fresh");
+    assert_eq!(r.d.public().quota.as_str(), "fresh");
     assert_eq!(
         r.outcomes(3),
         vec![Outcome::Calm, Outcome::Calm, Outcome::Quota]
     );
     // 240 s later the 200 s report is stale: the gate passes.
     assert_eq!(r.tick().outcome, Outcome::Revived);
-    assert_eq!(r.d.public().lock().unwrap().quota.as_str(), "stale");
+    assert_eq!(r.d.public().quota.as_str(), "stale");
     assert_eq!(r.count("quota-reported"), 1);
 }
 
@@ -859,7 +859,7 @@ fn d8_the_breaker_opens_once_and_closes_after_its_cooldown() {
         ev.alert.map(|a| a.message_id()),
         Some(crate::audit::Alert::QueueNotice.message_id())
     );
-    let until = r.d.public().lock().unwrap().breaker_open_until;
+    let until = r.d.public().breaker_open_until;
     assert_eq!(until, r.clock().wall_ms() + 30 * MIN);
     // While open: no attempts, and no second notice.
     let starts = r.manager.starts().len();
@@ -874,7 +874,7 @@ fn d8_the_breaker_opens_once_and_closes_after_its_cooldown() {
     r.clock().pass(30 * MIN - t);
     let rep = r.tick_now();
     assert_eq!(rep.outcome, Outcome::Revived, "{rep:?}");
-    assert_eq!(r.d.public().lock().unwrap().breaker_open_until, 0);
+    assert_eq!(r.d.public().breaker_open_until, 0);
     let _ = ids;
 }
 

@@ -169,6 +169,74 @@ pub struct Public {
     pub last_tick_boot: Option<u64>,
 }
 
+/// What the drainer shares with the bus: what it publishes, and the quota report (D-10), which
+/// `ReportQuota` sets without waiting for a running tick.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Mutex<Shared>>,
+    clock: Arc<dyn Clock>,
+    audit: Arc<dyn AuditSink>,
+}
+
+#[derive(Default)]
+struct Shared {
+    public: Public,
+    /// (can_spawn, valid until boottime ms).
+    quota: Option<(bool, u64)>,
+}
+
+impl Handle {
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The published state, with the quota signal as of now.
+    pub fn public(&self) -> Public {
+        let s = self.shared();
+        let mut p = s.public.clone();
+        p.quota = match s.quota {
+            None => QuotaSignal::Absent,
+            Some((_, until)) if self.clock.boot_ms() < until => QuotaSignal::Fresh,
+            Some(_) => QuotaSignal::Stale,
+        };
+        p
+    }
+
+    /// The quota report while it is fresh: whether spawning is allowed.
+    fn fresh_quota(&self) -> Option<bool> {
+        match self.shared().quota {
+            Some((can, until)) if self.clock.boot_ms() < until => Some(can),
+            _ => None,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Public)) {
+        f(&mut self.shared().public)
+    }
+
+    /// D-10: a headroom report, valid for `valid_for_ms`.
+    pub fn report_quota(&self, can_spawn: bool, valid_for_ms: u64) {
+        self.shared().quota = Some((can_spawn, self.clock.boot_ms().saturating_add(valid_for_ms)));
+        self.audit.record(
+            &Event::new(
+                "quota-reported",
+                format!(
+                    "quota report: {} for {} s",
+                    if can_spawn {
+                        "may spawn"
+                    } else {
+                        "may not spawn"
+                    },
+                    valid_for_ms / 1000
+                ),
+            )
+            .priority(priority::INFO)
+            .field("can_spawn", can_spawn)
+            .field("valid_for_ms", valid_for_ms),
+        );
+    }
+}
+
 struct Attempt {
     started_boot: u64,
     started_wall: u64,
@@ -193,11 +261,11 @@ pub struct Drainer<M: ServiceManager, P: Paths> {
     audit: Arc<dyn AuditSink>,
     state_dir: PathBuf,
     runtime_dir: PathBuf,
-    public: Arc<Mutex<Public>>,
+    handle: Handle,
     calm_streak: u32,
     breaker_failures: u32,
-    breaker_until_boot: Option<u64>,
-    quota: Option<(bool, u64)>,
+    /// (boottime, wall) ms until which the breaker is open.
+    breaker_until: Option<(u64, u64)>,
     seen: HashSet<String>,
     last_outcome: Option<(Outcome, Option<String>)>,
     held_since: Option<u64>,
@@ -225,15 +293,18 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             manager,
             paths,
             gauge,
+            handle: Handle {
+                shared: Arc::default(),
+                clock: Arc::clone(&clock),
+                audit: Arc::clone(&audit),
+            },
             clock,
             audit,
             state_dir: state_dir.to_path_buf(),
             runtime_dir: runtime_dir.to_path_buf(),
-            public: Arc::new(Mutex::new(Public::default())),
             calm_streak: 0,
             breaker_failures: 0,
-            breaker_until_boot: None,
-            quota: None,
+            breaker_until: None,
             seen: HashSet::new(),
             last_outcome: None,
             held_since: None,
@@ -245,9 +316,19 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         }
     }
 
-    /// What the drainer publishes, shared with the bus objects.
-    pub fn public(&self) -> Arc<Mutex<Public>> {
-        Arc::clone(&self.public)
+    /// What the drainer shares with the bus objects.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// What the drainer publishes now.
+    pub fn public(&self) -> Public {
+        self.handle.public()
+    }
+
+    /// D-10 (see [`Handle::report_quota`]).
+    pub fn report_quota(&self, can_spawn: bool, valid_for_ms: u64) {
+        self.handle.report_quota(can_spawn, valid_for_ms)
     }
 
     /// Whether a service manager is used (else exec targets are spawned detached).
@@ -257,56 +338,24 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
 
     fn publish(&self) {
         let now_boot = self.clock.boot_ms();
-        let mut p = self.public.lock().unwrap_or_else(|e| e.into_inner());
-        p.breaker_open_until = match self.breaker_until_boot {
-            Some(until) if until > now_boot => self.clock.wall_ms() + (until - now_boot),
+        let breaker = match self.breaker_until {
+            Some((boot, wall)) if boot > now_boot => wall,
             _ => 0,
         };
-        p.quota = self.quota_signal();
-        p.last_outcome = self.last_outcome.as_ref().map(|(o, _)| *o);
-        p.calm_streak = self.calm_streak;
-    }
-
-    fn quota_signal(&self) -> QuotaSignal {
-        match self.quota {
-            None => QuotaSignal::Absent,
-            Some((_, until)) if self.clock.boot_ms() < until => QuotaSignal::Fresh,
-            Some(_) => QuotaSignal::Stale,
-        }
-    }
-
-    /// D-10: a headroom report, valid for `valid_for_ms`.
-    pub fn report_quota(&mut self, can_spawn: bool, valid_for_ms: u64) {
-        self.quota = Some((can_spawn, self.clock.boot_ms() + valid_for_ms));
-        self.audit.record(
-            &Event::new(
-                "quota-reported",
-                format!(
-                    "quota report: {} for {} s",
-                    if can_spawn {
-                        "may spawn"
-                    } else {
-                        "may not spawn"
-                    },
-                    valid_for_ms / 1000
-                ),
-            )
-            .priority(priority::INFO)
-            .field("can_spawn", can_spawn)
-            .field("valid_for_ms", valid_for_ms),
-        );
-        self.publish();
+        let outcome = self.last_outcome.as_ref().map(|(o, _)| *o);
+        let streak = self.calm_streak;
+        self.handle.update(|p| {
+            p.breaker_open_until = breaker;
+            p.last_outcome = outcome;
+            p.calm_streak = streak;
+        });
     }
 
     /// One tick (D-2). `manual`: a `Drain()` (skips the calm gate).
     pub async fn tick(&mut self, queue: &SharedQueue, manual: bool) -> Report {
         let r = self.tick_inner(queue, manual).await;
-        {
-            self.public
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .last_tick_boot = Some(self.clock.boot_ms());
-        }
+        let now = self.clock.boot_ms();
+        self.handle.update(|p| p.last_tick_boot = Some(now));
         let key = (
             r.outcome,
             r.detail
@@ -361,6 +410,9 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         let live = !snap.dry_run;
         // (3) §5
         if let Some(p) = &snap.pause {
+            // Paused time is waiting time (the unpause credits it to `frozen_ms`, Q-12), never
+            // calm time.
+            q(queue).advance_waiting(false);
             self.calm_streak = 0;
             self.held_since = None;
             if !live {
@@ -413,7 +465,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         // (4)
         let sample = self.gauge.sample();
         let (t, why) = tier(&sample);
-        self.public.lock().unwrap_or_else(|e| e.into_inner()).tier = Some(t);
+        self.handle.update(|p| p.tier = Some(t));
         if t == Tier::Normal {
             self.calm_streak += 1;
         } else {
@@ -423,7 +475,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         // (5)
         q(queue).sweep_ttl();
         // (6)
-        if let Some(until) = self.breaker_until_boot {
+        if let Some((until, _)) = self.breaker_until {
             if now_boot < until {
                 return Report::with(
                     Outcome::BreakerOpen,
@@ -431,7 +483,14 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                     format!("open for {} s more", (until - now_boot) / 1000),
                 );
             }
-            self.breaker_until_boot = None;
+            self.breaker_until = None;
+            self.audit.record(
+                &Event::new(
+                    "breaker-closed",
+                    "the breaker closed after its cooldown: revival attempts resume",
+                )
+                .priority(priority::NOTICE),
+            );
         }
         // (7) gates
         let cands: Vec<Entry> = {
@@ -483,9 +542,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         }
         self.held_since = None;
         self.held_notified = false;
-        if let Some((false, until)) = self.quota
-            && now_boot < until
-        {
+        if self.handle.fresh_quota() == Some(false) {
             return Report::with(
                 Outcome::Quota,
                 None,
@@ -808,11 +865,10 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
 
     fn count_failure(&mut self) {
         self.breaker_failures += 1;
-        if self.breaker_failures >= self.settings.breaker_threshold
-            && self.breaker_until_boot.is_none()
+        if self.breaker_failures >= self.settings.breaker_threshold && self.breaker_until.is_none()
         {
-            let until = self.clock.boot_ms() + self.settings.breaker_cooldown_ms;
-            self.breaker_until_boot = Some(until);
+            let ms = self.settings.breaker_cooldown_ms;
+            self.breaker_until = Some((self.clock.boot_ms() + ms, self.clock.wall_ms() + ms));
             self.audit.record(
                 &Event::new(
                     "breaker-opened",
@@ -827,6 +883,16 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 .field("failures", self.breaker_failures),
             );
         }
+    }
+
+    /// How long until the next attempt's grace ends (the loop wakes then to verify it).
+    pub fn next_due(&self) -> Option<std::time::Duration> {
+        let now = self.clock.boot_ms();
+        self.attempts
+            .values()
+            .map(|a| (a.started_boot + self.settings.grace_ms).saturating_sub(now))
+            .min()
+            .map(std::time::Duration::from_millis)
     }
 
     /// On every wake: reap spawned runs; verify attempts whose grace has elapsed (D-9); stop what

@@ -35,16 +35,25 @@ pub use queue1::{ResumeQueue1, SharedQueue};
 pub struct Publisher {
     host: Arc<HostState>,
     queue: SharedQueue,
+    drainer: crate::drainer::tick::Handle,
     last: tokio::sync::Mutex<(agent1::Agent1Props, queue1::QueueProps)>,
 }
 
 impl Publisher {
     /// A publisher whose baseline is the current state.
-    pub fn new(host: Arc<HostState>, queue: SharedQueue) -> Publisher {
-        let baseline = (host.props(), queue1::QueueProps::of(&queue1::lock(&queue)));
+    pub fn new(
+        host: Arc<HostState>,
+        queue: SharedQueue,
+        drainer: crate::drainer::tick::Handle,
+    ) -> Publisher {
+        let baseline = (
+            host.props(),
+            queue1::QueueProps::of(&queue1::lock(&queue), &drainer.public()),
+        );
         Publisher {
             host,
             queue,
+            drainer,
             last: tokio::sync::Mutex::new(baseline),
         }
     }
@@ -52,7 +61,7 @@ impl Publisher {
     fn current(&self) -> (agent1::Agent1Props, queue1::QueueProps) {
         (
             self.host.props(),
-            queue1::QueueProps::of(&queue1::lock(&self.queue)),
+            queue1::QueueProps::of(&queue1::lock(&self.queue), &self.drainer.public()),
         )
     }
 

@@ -7,6 +7,8 @@
 //! for whatever changed.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,6 +20,7 @@ use super::Publisher;
 use super::auth::{self, AuthPolicy};
 use super::errors::OutliveError;
 use super::variant::to_dict;
+use crate::drainer::tick::{Handle, Outcome, Public, Report};
 use crate::queue::entry::{Entry, Target, clamp_evidence};
 use crate::queue::rules::Request;
 use crate::queue::{Caller, Queue, QueueError};
@@ -68,8 +71,8 @@ pub struct QueueProps {
 }
 
 impl QueueProps {
-    /// From the queue.
-    pub fn of(q: &Queue) -> QueueProps {
+    /// From the queue and what the drainer publishes.
+    pub fn of(q: &Queue, d: &Public) -> QueueProps {
         let s = q.snapshot();
         QueueProps {
             enabled: s.enabled,
@@ -89,10 +92,15 @@ impl QueueProps {
                 .unwrap_or_default(),
             paused_at: s.pause.as_ref().map(|p| p.paused_at).unwrap_or(0),
             waiting: s.waiting,
-            breaker_open_until: 0,
-            quota_signal: "absent".into(),
+            breaker_open_until: d.breaker_open_until,
+            quota_signal: d.quota.as_str().into(),
         }
     }
+}
+
+/// Runs a manual tick for `Drain()` (D-1): `None` while a tick is running (`Busy`).
+pub trait DrainService: Send + Sync {
+    fn drain(&self) -> Pin<Box<dyn Future<Output = Option<Report>> + Send + '_>>;
 }
 
 /// The interface object.
@@ -102,11 +110,13 @@ pub struct ResumeQueue1 {
     pub auth: AuthPolicy,
     pub last_tick_at: Arc<AtomicU64>,
     pub publisher: Arc<Publisher>,
+    pub drainer: Handle,
+    pub drain: Arc<dyn DrainService>,
 }
 
 impl ResumeQueue1 {
     fn props(&self) -> QueueProps {
-        QueueProps::of(&lock(&self.queue))
+        QueueProps::of(&lock(&self.queue), &self.drainer.public())
     }
 
     async fn caller(&self, conn: &Connection, hdr: &Header<'_>) -> Result<Caller, OutliveError> {
@@ -525,6 +535,47 @@ impl ResumeQueue1 {
         Ok(n)
     }
 
+    /// Run a tick now (D-1), skipping the calm gate (D-5). Replies `outcome` (a D-3 word) and
+    /// optionally `entry_id` and `detail`.
+    async fn drain(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, OwnedVariant>, OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        if !caller.may_mutate {
+            return Err(OutliveError::AccessDenied(
+                "Drain needs root or membership in the outlive group".into(),
+            ));
+        }
+        let report =
+            self.drain.drain().await.ok_or_else(|| {
+                OutliveError::Busy("a tick is running; try again in a moment".into())
+            })?;
+        self.publisher.sync(conn).await;
+        drain_reply(report)
+    }
+
+    /// A headroom report from the quota tracker (D-10), valid for `valid_for_sec`.
+    async fn report_quota(
+        &self,
+        can_spawn: bool,
+        valid_for_sec: u32,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let caller = self.caller(conn, &hdr).await?;
+        if !caller.may_mutate {
+            return Err(OutliveError::AccessDenied(
+                "ReportQuota needs root or membership in the outlive group".into(),
+            ));
+        }
+        self.drainer
+            .report_quota(can_spawn, u64::from(valid_for_sec) * 1000);
+        self.publisher.sync(conn).await;
+        Ok(())
+    }
+
     /// Stop everything: a durable global stop and a deliberate halt.
     async fn stop_all(
         &self,
@@ -535,6 +586,27 @@ impl ResumeQueue1 {
         lock(&self.queue).stop_all(&caller)?;
         self.publisher.sync(conn).await;
         Ok(())
+    }
+}
+
+/// D-3: `Drain()`'s reply, or the errors that stand for `queue-disabled`, `queue-off` and
+/// `paused`.
+pub fn drain_reply(r: Report) -> Result<HashMap<String, OwnedVariant>, OutliveError> {
+    let detail = r.detail.clone().unwrap_or_default();
+    match r.outcome {
+        Outcome::QueueDisabled | Outcome::QueueOff => Err(OutliveError::QueueDisabled(detail)),
+        Outcome::Paused => Err(OutliveError::QueuePaused(detail)),
+        o => {
+            let mut out = serde_json::Map::new();
+            out.insert("outcome".into(), o.as_str().into());
+            if let Some(id) = r.entry_id {
+                out.insert("entry_id".into(), id.into());
+            }
+            if let Some(d) = r.detail {
+                out.insert("detail".into(), d.into());
+            }
+            Ok(to_dict(&serde_json::Value::Object(out)))
+        }
     }
 }
 

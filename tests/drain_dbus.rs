@@ -1,0 +1,267 @@
+//! The drainer over D-Bus and `outlivectl` (SPEC D-1, D-3, D-9, D-10, D-11, X-1) where there is
+//! no systemd (as on this test host, in a container, or on macOS): `Drain()`, `ReportQuota()`,
+//! a revival by a detached spawn as the enqueuer, and the error mapping. Revival through
+//! systemd is shown under a real systemd in `box_e2e.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::bus::{MEMBER, PrivateBus, STRANGER};
+use common::{Agent, TestSocket, bus_agent, require_root, require_tools};
+
+const T: Duration = Duration::from_secs(15);
+const ROOT: (u32, u32) = (0, 0);
+/// Live, a long interval (only the first tick and manual drains), a 1 s grace.
+const CONFIG: &str = "[queue]\ndry_run = false\n[drainer]\ninterval_sec = 240\ngrace_sec = 1\n";
+
+fn ready() -> bool {
+    require_root("owning the bus name, test users in a mount namespace")
+        && require_tools(&["dbus-daemon", "busctl", "unshare", "nsenter"])
+}
+
+struct Setup {
+    bus: PrivateBus,
+    agent: Agent,
+    _n: TestSocket,
+    j: TestSocket,
+}
+
+fn setup(toml: &str) -> Setup {
+    let bus = PrivateBus::with_users();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let agent = bus_agent(&bus, &n, &j, toml);
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    Setup {
+        bus,
+        agent,
+        _n: n,
+        j,
+    }
+}
+
+fn json(s: &Setup, who: (u32, u32), args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let (code, out, err) = s.bus.outlivectl_as(who, &a);
+    assert_eq!(code, 0, "outlivectl {args:?}: {out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `outlivectl drain --json`, retried while a scheduled tick is running (`Busy`).
+fn drain(s: &Setup, who: (u32, u32)) -> serde_json::Value {
+    let end = Instant::now() + T;
+    loop {
+        let (code, out, err) = s.bus.outlivectl_as(who, &["--json", "drain"]);
+        if code == 0 {
+            return serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        }
+        assert!(
+            err.contains("org.outlive.Error.Busy") && Instant::now() < end,
+            "drain: {code} {out}{err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn enqueue(s: &Setup, who: (u32, u32), run: &str, argv: &[&str]) -> String {
+    let mut a = vec![
+        "enqueue",
+        "--run-id",
+        run,
+        "--evidence",
+        "active-subagent",
+        "--cwd",
+        "/",
+        "--reason",
+        "age-limit",
+        "--",
+    ];
+    a.extend_from_slice(argv);
+    let v = json(s, who, &a);
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+fn entry(s: &Setup, id: &str) -> serde_json::Value {
+    let v = json(s, ROOT, &["queue"]);
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {id} in {v}"))
+}
+
+fn wait_status(s: &Setup, id: &str, want: &str) -> serde_json::Value {
+    let end = Instant::now() + T;
+    loop {
+        let e = entry(s, id);
+        if e["status"] == want {
+            return e;
+        }
+        assert!(Instant::now() < end, "{id} never became {want}: {e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn queue_prop(s: &Setup, name: &str) -> serde_json::Value {
+    json(s, ROOT, &["queue"])["queue"][name].clone()
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn d9_drain_revives_a_member_run_by_detached_spawn_that_outlives_the_agent() {
+    if !ready() {
+        return;
+    }
+    let mut s = setup(CONFIG);
+    // Drain is a mutation: the stranger is refused (by the policy or the agent).
+    let (code, _, err) = s.bus.outlivectl_as(STRANGER, &["drain"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("AccessDenied"), "{err}");
+    assert_eq!(drain(&s, ROOT)["outcome"], "empty");
+    let script = "echo pid=$$ uid=$(id -u) cwd=$(pwd) entry=$OUTLIVE_ENTRY_ID run=$OUTLIVE_RUN_ID; \
+                  cat \"$OUTLIVE_CONTINUATION\"; exec sleep 300";
+    let id = enqueue(&s, MEMBER, "spawned", &["/bin/sh", "-c", script]);
+    let r = drain(&s, MEMBER);
+    assert_eq!(r["outcome"], "revived", "{r}");
+    assert_eq!(r["entry_id"], id.as_str());
+    assert_eq!(entry(&s, &id)["status"], "starting");
+    // Verified once the 1 s grace has passed (the loop wakes for it; no further drain).
+    let e = wait_status(&s, &id, "revived");
+    assert_eq!(e["attempts"], 0);
+    let log_path = s.agent.runtime_dir.join(format!("runs/{id}.log"));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains(&format!("uid={} cwd=/ entry={id} run=spawned", MEMBER.0)),
+        "{log}"
+    );
+    assert!(
+        log.contains("restarted by outlive") && log.contains("It was not resumed"),
+        "the member read its continuation: {log}"
+    );
+    let pid: i32 = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ev = s.j.wait_for("the revival in the journal", T, |d| {
+        d.has("MESSAGE_ID", "234242b2aed347baac257c41c5caf85b")
+    });
+    assert_eq!(ev.get("OUTLIVE_ENTRY_ID"), Some(id.as_str()));
+    assert!(ev.get("MESSAGE").unwrap().contains("revived"));
+    // The run is detached: stopping the agent does not stop it.
+    s.agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(s.agent.wait_exit(T), Some(0));
+    assert!(alive(pid), "the revived run died with the agent");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+#[test]
+fn d3_drain_maps_paused_and_disabled_to_errors() {
+    if !ready() {
+        return;
+    }
+    let s = setup(CONFIG);
+    let (code, _, err) = s.bus.outlivectl_as(
+        ROOT,
+        &["pause", "--kind", "maintenance", "--reason", "disk swap"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = s.bus.outlivectl_as(MEMBER, &["drain"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("org.outlive.Error.QueuePaused") && err.contains("outlivectl resume"),
+        "{err}"
+    );
+    drop(s);
+    let s = setup("[queue]\nenabled = false\n");
+    let (code, _, err) = s.bus.outlivectl_as(ROOT, &["drain"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("org.outlive.Error.QueueDisabled") && err.contains("queue-off"),
+        "{err}"
+    );
+}
+
+#[test]
+fn d10_report_quota_gates_a_drain_and_the_signal_is_published() {
+    if !ready() {
+        return;
+    }
+    let s = setup(CONFIG);
+    assert_eq!(queue_prop(&s, "QuotaSignal"), "absent");
+    let id = enqueue(&s, ROOT, "q", &["/bin/sleep", "5"]);
+    let (code, _, err) = s.bus.outlivectl_as(
+        STRANGER,
+        &["quota", "--can-spawn", "false", "--valid-for", "60"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("AccessDenied"), "{err}");
+    let v = json(
+        &s,
+        MEMBER,
+        &["quota", "--can-spawn", "false", "--valid-for", "60"],
+    );
+    assert_eq!(v["can_spawn"], false);
+    assert_eq!(queue_prop(&s, "QuotaSignal"), "fresh");
+    let r = drain(&s, ROOT);
+    assert_eq!(r["outcome"], "quota", "{r}");
+    assert_eq!(entry(&s, &id)["status"], "queued");
+    // A 1 s report expires: then the gate passes and the signal reads stale.
+    json(
+        &s,
+        MEMBER,
+        &["quota", "--can-spawn", "false", "--valid-for", "1"],
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(queue_prop(&s, "QuotaSignal"), "stale");
+    let r = drain(&s, ROOT);
+    assert_eq!(r["outcome"], "revived", "{r}");
+    s.j.wait_for("the quota report audited", T, |d| {
+        d.has("OUTLIVE_EVENT", "quota-reported")
+    });
+}
+
+#[test]
+fn d1_a_drain_while_a_tick_runs_is_busy() {
+    if !ready() {
+        return;
+    }
+    if !cfg!(feature = "fault-hooks") {
+        assert!(common::require(
+            false,
+            "the fault-hooks feature (make test enables it)"
+        ));
+        return;
+    }
+    let s = setup(CONFIG);
+    assert_eq!(drain(&s, ROOT)["outcome"], "empty");
+    std::fs::write(s.agent.runtime_dir.join("fault-wedge-drainer"), "").unwrap();
+    // This drain wakes the loop, whose next wake then wedges holding the drainer.
+    assert_eq!(drain(&s, ROOT)["outcome"], "empty");
+    let end = Instant::now() + T;
+    loop {
+        let (code, out, err) = s.bus.outlivectl_as(ROOT, &["drain"]);
+        if code == 1 && err.contains("org.outlive.Error.Busy") {
+            assert!(err.contains("try again"), "{err}");
+            break;
+        }
+        assert!(Instant::now() < end, "never Busy: {code} {out}{err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
