@@ -353,3 +353,443 @@ fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
         diff.join("\n")
     );
 }
+
+// ---- the drainer under real systemd (SPEC §4, §5, X-4) --------------------------------------
+
+const CTL: &str = "/usr/local/bin/outlivectl";
+
+/// The issue's test configuration: live, a tick a second, a 2 s grace, no calm gate.
+const DRAIN_CONFIG: &str = "[queue]\ndry_run = false\n\n[drainer]\ninterval_sec = 1\ngrace_sec = 2\n\
+                            required_calm_ticks = 2\nbackoff_base_sec = 1\ncalm_gate = false\n\
+                            stale_pause_window_min = 0\n";
+
+fn ctl(b: &SystemdBox, args: &[&str]) -> (i32, String, String) {
+    let mut a = vec![CTL];
+    a.extend_from_slice(args);
+    b.run(&a)
+}
+
+fn ctl_as(b: &SystemdBox, user: &str, args: &[&str]) -> (i32, String, String) {
+    let mut a = vec![
+        "setpriv",
+        "--reuid",
+        user,
+        "--regid",
+        user,
+        "--init-groups",
+        CTL,
+    ];
+    a.extend_from_slice(args);
+    b.run(&a)
+}
+
+/// Enqueue (as root unless `user`), returning the id.
+fn enqueue_in(b: &SystemdBox, user: Option<&str>, args: &[&str]) -> String {
+    let mut a = vec![
+        "enqueue",
+        "--evidence",
+        "active-subagent",
+        "--reason",
+        "age-limit",
+    ];
+    a.extend_from_slice(args);
+    let (code, out, err) = match user {
+        Some(u) => ctl_as(b, u, &a),
+        None => ctl(b, &a),
+    };
+    assert_eq!(code, 0, "enqueue {args:?}: {out}{err}");
+    out.trim()
+        .strip_prefix("queued as ")
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string()
+}
+
+fn box_entry(b: &SystemdBox, id: &str) -> serde_json::Value {
+    let (code, out, err) = ctl(b, &["--json", "queue"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn wait_entry(b: &SystemdBox, id: &str, status: &str, timeout: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    b.wait_for(&format!("{id} to be {status}"), timeout, |b| {
+        last = box_entry(b, id);
+        last["status"] == status
+    });
+    last
+}
+
+fn queue_property(b: &SystemdBox, name: &str) -> String {
+    let (_, out, _) = b.run(&[
+        "busctl",
+        "get-property",
+        "org.outlive.Agent1",
+        "/org/outlive/Agent1/ResumeQueue",
+        "org.outlive.ResumeQueue1",
+        name,
+    ]);
+    out.trim().to_string()
+}
+
+fn set_grace(b: &SystemdBox, secs: u32) {
+    let (code, _, err) = b.sh(&format!(
+        "sed -i 's/^grace_sec = .*/grace_sec = {secs}/' /etc/outlive/outlive.toml && systemctl reload outlived"
+    ));
+    assert_eq!(code, 0, "{err}");
+    b.wait_for("the reload", Duration::from_secs(10), |b| {
+        b.show("outlived", "ActiveState") == "active"
+            && !journal_json(b, &["OUTLIVE_EVENT=config-reloaded"]).is_empty()
+    });
+}
+
+/// D-9 (a), (b), (c) and Q-13 (f): a killed unit is started again; a member's exec target runs
+/// as a transient unit as that member, in its 0700 home, reads its continuation and outlives the
+/// agent; an agent killed within an attempt's grace finds the revival at restart and counts it
+/// once; a target that always fails is tried three times, gives up once and opens the breaker
+/// once; a member may not enqueue a unit outside `queue.allowed_units`.
+#[test]
+fn box_the_drainer_revives_through_systemd() {
+    if !box_available() {
+        return;
+    }
+    let before = HostSnapshot::take(&[]);
+    {
+        let stage = Stage::new("drainer");
+        stage.state_image(64);
+        stage.file("/etc/outlive/outlive.toml", DRAIN_CONFIG);
+        stage.file(
+            "/etc/systemd/system/outlived.service.d/test.conf",
+            "[Service]\nRestartSec=1s\n",
+        );
+        stage.file(
+            "/etc/systemd/system/demo-run.service",
+            "[Unit]\nDescription=a long run\n[Service]\nExecStart=/bin/sleep infinity\n",
+        );
+        stage.want("outlived.service");
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        let status = b.show("outlived", "StatusText");
+        assert!(status.starts_with("queue: 0 waiting"), "live: {status}");
+
+        // (a) a unit killed under its run, enqueued, started again by StartUnit.
+        b.run(&["systemctl", "start", "demo-run.service"]);
+        b.run(&["systemctl", "kill", "--signal=KILL", "demo-run.service"]);
+        b.wait_for("demo-run to die", Duration::from_secs(10), |b| {
+            b.show("demo-run", "ActiveState") != "active"
+        });
+        let demo = enqueue_in(
+            &b,
+            None,
+            &[
+                "--run-id",
+                "demo",
+                "--unit",
+                "demo-run.service",
+                "--cwd",
+                "/",
+            ],
+        );
+        b.wait_for("demo-run active again", Duration::from_secs(15), |b| {
+            b.show("demo-run", "ActiveState") == "active"
+        });
+        let e = wait_entry(&b, &demo, "revived", Duration::from_secs(15));
+        assert_eq!(e["attempt_unit"], "demo-run.service", "{e}");
+        let rev = journal_json(&b, &["MESSAGE_ID=234242b2aed347baac257c41c5caf85b"]);
+        assert!(
+            rev.iter().any(|j| j["OUTLIVE_ENTRY_ID"] == demo.as_str()),
+            "{rev:?}"
+        );
+        let (code, _, _) = b.run(&[
+            "test",
+            "-s",
+            "/run/outlive/continuations/unit/demo-run.service.txt",
+        ]);
+        assert_eq!(code, 0, "the unit's continuation copy");
+
+        // (b) a member's exec target: a transient unit as the member, in its 0700 home.
+        let (code, _, err) = b.sh(
+            "groupadd --system outlive && useradd --create-home --user-group --groups outlive member && \
+             useradd --create-home --user-group stranger && chmod 0700 /home/member && \
+             setpriv --reuid member --regid member --init-groups mkdir /home/member/proj && \
+             busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig",
+        );
+        assert_eq!(code, 0, "{err}");
+        let script =
+            "cat \"$OUTLIVE_CONTINUATION\" > cont.txt && pwd > cwd.txt && exec sleep infinity";
+        let mine = enqueue_in(
+            &b,
+            Some("member"),
+            &[
+                "--run-id",
+                "member-run",
+                "--cwd",
+                "/home/member/proj",
+                "--",
+                "/bin/sh",
+                "-c",
+                script,
+            ],
+        );
+        let e = wait_entry(&b, &mine, "revived", Duration::from_secs(15));
+        let unit = format!("outlive-revive-{mine}-1.service");
+        assert_eq!(e["attempt_unit"], unit.as_str(), "{e}");
+        let (_, uid, _) = b.run(&["id", "-u", "member"]);
+        assert_eq!(b.show(&unit, "User"), uid.trim(), "runs as the member");
+        assert_eq!(b.show(&unit, "ActiveState"), "active");
+        let pid = b.show(&unit, "MainPID");
+        let (_, st, _) = b.run(&["grep", "^Uid:", &format!("/proc/{pid}/status")]);
+        assert!(st.split_whitespace().nth(1) == Some(uid.trim()), "{st}");
+        let (_, cwd, _) = b.run(&["cat", "/home/member/proj/cwd.txt"]);
+        assert_eq!(cwd.trim(), "/home/member/proj");
+        let (_, cont, _) = b.run(&["cat", "/home/member/proj/cont.txt"]);
+        assert!(
+            cont.contains("restarted by outlive") && cont.contains(&mine),
+            "the member read its continuation: {cont}"
+        );
+        // Stopping the agent does not stop the revived run.
+        b.run(&["systemctl", "stop", "outlived"]);
+        assert_eq!(
+            b.show(&unit, "ActiveState"),
+            "active",
+            "the run outlives the agent"
+        );
+        b.run(&["systemctl", "start", "outlived"]);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+
+        // (f) the agent dies within the grace of an attempt that succeeds.
+        set_grace(&b, 20);
+        let graceful = enqueue_in(
+            &b,
+            None,
+            &[
+                "--run-id",
+                "graceful",
+                "--cwd",
+                "/",
+                "--",
+                "/bin/sleep",
+                "infinity",
+            ],
+        );
+        wait_entry(&b, &graceful, "starting", Duration::from_secs(15));
+        let restarts: u32 = b.show("outlived", "NRestarts").parse().unwrap();
+        b.run(&["systemctl", "kill", "--signal=KILL", "outlived"]);
+        b.wait_for("outlived restarted", Duration::from_secs(20), |b| {
+            b.show("outlived", "NRestarts").parse::<u32>().unwrap_or(0) > restarts
+                && b.show("outlived", "ActiveState") == "active"
+        });
+        let e = wait_entry(&b, &graceful, "revived", Duration::from_secs(10));
+        assert_eq!(e["attempts"], 0, "not re-queued: {e}");
+        let revived: Vec<_> = journal_json(&b, &["OUTLIVE_EVENT=revived"])
+            .into_iter()
+            .filter(|j| j["OUTLIVE_ENTRY_ID"] == graceful.as_str())
+            .collect();
+        assert_eq!(revived.len(), 1, "{revived:?}");
+        assert_eq!(revived[0]["OUTLIVE_VERIFIED_AT_BOOT"], "true");
+        let (_, state, _) = b.run(&["cat", "/var/lib/outlive/resume-queue.json"]);
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+        assert_eq!(
+            state["ledger"]["run:graceful"].as_array().map(Vec::len),
+            Some(1),
+            "counted once in the ledger: {}",
+            state["ledger"]
+        );
+        set_grace(&b, 2);
+
+        // (c) a target that always fails: attempts 1, 2, 3, then gave-up, one alert, one breaker.
+        let failing = enqueue_in(
+            &b,
+            None,
+            &["--run-id", "failing", "--cwd", "/", "--", "/bin/false"],
+        );
+        let e = wait_entry(
+            &b,
+            &failing,
+            "gave-up:max-attempts",
+            Duration::from_secs(40),
+        );
+        assert_eq!(e["attempts"], 3, "{e}");
+        for n in 1..=3 {
+            let started =
+                journal_json(&b, &[&format!("UNIT=outlive-revive-{failing}-{n}.service")]);
+            assert!(!started.is_empty(), "no journal for attempt {n}");
+        }
+        assert!(
+            journal_json(&b, &[&format!("UNIT=outlive-revive-{failing}-4.service")]).is_empty()
+        );
+        let gave = journal_json(&b, &["MESSAGE_ID=2b024c8048ec43d5bd93e3e01858924d"]);
+        assert_eq!(gave.len(), 1, "{gave:?}");
+        assert!(
+            gave[0]["MESSAGE"]
+                .as_str()
+                .unwrap()
+                .starts_with("could not bring")
+        );
+        let breaker = journal_json(&b, &["OUTLIVE_EVENT=breaker-opened"]);
+        assert_eq!(breaker.len(), 1, "{breaker:?}");
+        assert_ne!(queue_property(&b, "BreakerOpenUntil"), "t 0");
+        // A failed attempt's unit is reset, so nothing failed is left behind.
+        let (_, failed, _) = b.run(&[
+            "systemctl",
+            "list-units",
+            "--failed",
+            "--plain",
+            "--no-legend",
+        ]);
+        assert!(!failed.contains("outlive-revive-"), "{failed}");
+        // A member may not enqueue a unit outside queue.allowed_units.
+        let (code, _, err) = ctl_as(
+            &b,
+            "member",
+            &[
+                "enqueue",
+                "--run-id",
+                "u",
+                "--unit",
+                "demo-run.service",
+                "--evidence",
+                "active-subagent",
+                "--cwd",
+                "/",
+            ],
+        );
+        assert_eq!(code, 1);
+        assert!(err.contains("AccessDenied"), "{err}");
+        b.halt();
+    }
+    let diff = before.diff(&HostSnapshot::take(&[]));
+    assert!(
+        diff.is_empty(),
+        "the box changed the machine:\n{}",
+        diff.join("\n")
+    );
+}
+
+/// P-5 (d): a stale emergency pause heals itself once an active run is queued after it (window
+/// 0), while a stop-all pause with the same kind of entry stays. X-4 (e): a drainer tick wedged
+/// on purpose (fault hook) makes systemd restart the agent through `WATCHDOG=trigger`, and the
+/// 11c20c… entry names the drainer.
+#[test]
+fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted() {
+    if !box_available() {
+        return;
+    }
+    let before = HostSnapshot::take(&[]);
+    {
+        let stage = Stage::new("pauses");
+        stage.state_image(64);
+        stage.file("/etc/outlive/outlive.toml", DRAIN_CONFIG);
+        stage.file(
+            "/etc/systemd/system/outlived.service.d/test.conf",
+            "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n",
+        );
+        stage.want("outlived.service");
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+
+        // (d) emergency, then an active run queued after it: healed.
+        let (code, _, err) = ctl(
+            &b,
+            &["pause", "--kind", "emergency", "--reason", "sentinel"],
+        );
+        assert_eq!(code, 0, "{err}");
+        std::thread::sleep(Duration::from_millis(50));
+        let first = enqueue_in(
+            &b,
+            None,
+            &[
+                "--run-id",
+                "active-1",
+                "--active-run",
+                "--cwd",
+                "/",
+                "--",
+                "/bin/sleep",
+                "infinity",
+            ],
+        );
+        b.wait_for("the pause to heal", Duration::from_secs(10), |b| {
+            queue_property(b, "Paused") == "b false"
+        });
+        let healed = journal_json(&b, &["MESSAGE_ID=c6f308fc68cd4cd590855194b55b9493"]);
+        assert_eq!(healed.len(), 1, "{healed:?}");
+        assert!(
+            healed[0]["MESSAGE"]
+                .as_str()
+                .unwrap()
+                .contains("explicitly stopped stay stopped")
+        );
+        wait_entry(&b, &first, "revived", Duration::from_secs(15));
+        // stop-all, then the same: it stays paused.
+        let (code, _, err) = ctl(&b, &["stop-all"]);
+        assert_eq!(code, 0, "{err}");
+        std::thread::sleep(Duration::from_millis(50));
+        let second = enqueue_in(
+            &b,
+            None,
+            &[
+                "--run-id",
+                "active-2",
+                "--active-run",
+                "--cwd",
+                "/",
+                "--",
+                "/bin/sleep",
+                "infinity",
+            ],
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        assert_eq!(queue_property(&b, "Paused"), "b true");
+        assert_eq!(queue_property(&b, "PauseKind"), "s \"deliberate-halt\"");
+        assert_eq!(box_entry(&b, &second)["status"], "queued");
+        assert_eq!(
+            journal_json(&b, &["MESSAGE_ID=c6f308fc68cd4cd590855194b55b9493"]).len(),
+            1
+        );
+        let heads_up = journal_json(&b, &["MESSAGE_ID=11db55d58fda454ab22674b200f45ee7"]);
+        assert_eq!(
+            heads_up.len(),
+            1,
+            "one heads-up for (paused_at, 1 waiting): {heads_up:?}"
+        );
+
+        // (e) a wedged drainer tick: WATCHDOG=trigger, a restart, the loop named.
+        let restarts: u32 = b.show("outlived", "NRestarts").parse().unwrap();
+        b.run(&["touch", "/run/outlive/fault-wedge-drainer"]);
+        b.wait_for("a watchdog restart", Duration::from_secs(20), |b| {
+            b.show("outlived", "NRestarts").parse::<u32>().unwrap_or(0) > restarts
+        });
+        b.run(&["rm", "-f", "/run/outlive/fault-wedge-drainer"]);
+        let wd = journal_json(&b, &["MESSAGE_ID=11c20c127c5f4bf48d18660cfba92206"]);
+        assert!(!wd.is_empty(), "no watchdog alert");
+        assert_eq!(wd[0]["OUTLIVE_LOOP"], "drainer", "{wd:?}");
+        let (_, j, _) = b.run(&["journalctl", "--no-pager", "-u", "outlived"]);
+        assert!(
+            j.contains("Watchdog request"),
+            "systemd acted on WATCHDOG=trigger:\n{j}"
+        );
+        b.wait_for("outlived active again", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        b.halt();
+    }
+    let diff = before.diff(&HostSnapshot::take(&[]));
+    assert!(
+        diff.is_empty(),
+        "the box changed the machine:\n{}",
+        diff.join("\n")
+    );
+}

@@ -18,7 +18,8 @@ mount -n --make-rprivate /
 mount -n -t tmpfs -o mode=755 tmpfs /run
 mount -n -t tmpfs -o mode=755 tmpfs /mnt
 
-for d in etc var usr; do
+# /home and /root too: tests create users with homes, and nothing of that may reach the machine.
+for d in etc var usr home root; do
   mkdir -p "/mnt/$d.up" "/mnt/$d.work"
   mount -n -t overlay overlay -o "lowerdir=/$d,upperdir=/mnt/$d.up,workdir=/mnt/$d.work" "/$d"
 done

@@ -305,7 +305,7 @@ impl HostSnapshot {
             excl.extend(v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
         }
         let mut out = BTreeSet::new();
-        for root in ["/tmp", "/etc", "/var", "/usr", "/run", "/dev"] {
+        for root in ["/tmp", "/etc", "/var", "/usr", "/run", "/dev", "/home"] {
             let Ok(meta) = std::fs::symlink_metadata(root) else {
                 continue;
             };
