@@ -149,7 +149,10 @@ impl Rig {
         let drainer = Drainer::new(
             settings(),
             Some(InstantManager::default()),
-            WorkerPaths(facts.clone()),
+            WorkerPaths {
+                facts: facts.clone(),
+                beat: None,
+            },
             Box::new(HostGauge),
             Arc::new(SystemClock),
             auditor,

@@ -312,7 +312,7 @@ impl Agent {
     /// The drainer and what runs it. The service manager is systemd when it runs here (the
     /// user's with `--user`); without it exec targets are spawned detached and unit targets
     /// cannot be revived.
-    async fn runner(&self) -> Runner {
+    async fn runner(&self, beat: Arc<watchdog::LoopBeat>) -> Runner {
         let user_mode = self.mode == Mode::User;
         let manager = if !Systemd::booted() {
             tracing::info!(
@@ -322,7 +322,7 @@ impl Agent {
         } else {
             match tokio::time::timeout(
                 crate::drainer::manager::CALL_TIMEOUT,
-                Systemd::connect(user_mode),
+                Systemd::connect(user_mode, Some(beat.clone())),
             )
             .await
             {
@@ -354,7 +354,10 @@ impl Agent {
         let d = Drainer::new(
             DrainerSettings::from_config(&self.config, user_mode),
             manager,
-            WorkerPaths(self.host.facts.clone()),
+            WorkerPaths {
+                facts: self.host.facts.clone(),
+                beat: Some(beat),
+            },
             Box::new(HostGauge),
             Arc::new(SystemClock),
             Arc::clone(&self.audit),
@@ -437,7 +440,14 @@ impl Agent {
         lock_queue(&self.queue).evaluate_lock(&lock_env(&self.host), true);
 
         let no_bus = self.opts.no_bus;
-        let runner = Arc::new(self.runner().await);
+        // The drainer's heartbeat exists before the loop does: the service manager and the
+        // facts worker beat it after each bounded call within a tick. Until the loop starts
+        // (after the bus name, at most BUS_START_PATIENCE), a busy window covers it.
+        let drainer_beat = self
+            .heartbeats
+            .register(drainer::LOOP_NAME, self.timing().heartbeat_period());
+        drainer_beat.busy_for(BUS_START_PATIENCE + Duration::from_secs(10));
+        let runner = Arc::new(self.runner(Arc::clone(&drainer_beat)).await);
         let handle = runner.handle.clone();
         let publisher = Arc::new(Publisher::new(
             Arc::clone(&self.host),
@@ -478,9 +488,8 @@ impl Agent {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (timing_tx, timing_rx) = watch::channel(self.timing());
-        let drainer_beat = self
-            .heartbeats
-            .register(drainer::LOOP_NAME, self.timing().heartbeat_period());
+        // The loop starts now: no busy window any more (see `runner`).
+        drainer_beat.not_busy();
         let bus_task = bus.as_ref().map(|b| {
             let period = self
                 .watchdog

@@ -265,3 +265,82 @@ fn d1_a_drain_while_a_tick_runs_is_busy() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// D-6 with H-5: a working directory that exists on the machine but is hidden from the agent's
+/// mount namespace (here bound over as systemd's sandboxing does) is undecided, not
+/// `cwd-missing`: the entry stays queued. A directory missing everywhere is invalidated.
+#[test]
+fn d6_a_path_hidden_from_the_agents_namespace_is_undecided() {
+    if !ready() {
+        return;
+    }
+    let host = common::open_tempdir();
+    std::fs::create_dir_all(host.path().join("home/proj")).unwrap();
+    std::fs::create_dir(host.path().join("run")).unwrap();
+    // As systemd hides a tree from a sandboxed service (ProtectHome=yes, InaccessiblePaths=):
+    // an empty directory of its /run tmpfs bound over it.
+    let ns = common::MountNs::start(
+        host.path(),
+        "mount -n -t tmpfs tmpfs \"$D/run\" && mkdir -p \"$D/run/systemd/inaccessible/dir\" && \
+         mount -n --bind \"$D/run/systemd/inaccessible/dir\" \"$D/home\"",
+    );
+    let bus = PrivateBus::start();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut env = std::collections::HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    let agent = Agent::start(common::AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        toml: CONFIG.to_string(),
+        wrapper: ns.wrapper(),
+        ..common::AgentSpec::default()
+    });
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let s = Setup {
+        bus,
+        agent,
+        _n: n,
+        j,
+    };
+    let hidden = host.path().join("home/proj");
+    let hidden = hidden.to_str().unwrap();
+    let id = enqueue_at(&s, hidden, "hidden");
+    let r = drain(&s, ROOT);
+    assert_eq!(r["outcome"], "empty", "{r}");
+    assert!(r["detail"].as_str().unwrap().contains("(H-5)"), "{r}");
+    let e = entry(&s, &id);
+    assert_eq!(e["status"], "queued", "{e}");
+    s.j.wait_for("check-undecided audited", T, |d| {
+        d.has("OUTLIVE_EVENT", "check-undecided")
+    });
+    let gone = host.path().join("gone");
+    let gone_id = enqueue_at(&s, gone.to_str().unwrap(), "gone");
+    let r = drain(&s, ROOT);
+    assert_eq!(r["outcome"], "invalidated", "{r}");
+    assert_eq!(entry(&s, &gone_id)["status"], "invalidated:cwd-missing");
+    drop(ns);
+}
+
+fn enqueue_at(s: &Setup, cwd: &str, run: &str) -> String {
+    let v = json(
+        s,
+        ROOT,
+        &[
+            "enqueue",
+            "--run-id",
+            run,
+            "--evidence",
+            "active-subagent",
+            "--cwd",
+            cwd,
+            "--",
+            "/bin/true",
+        ],
+    );
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}

@@ -5,12 +5,15 @@
 //!
 //! The success test of D-9 is the pure [`attempt_verdict`] over a unit's state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use zbus::Connection;
-use zbus::wire::{OwnedObjectPath, Variant};
+
+use zbus::wire::{OwnedObjectPath, OwnedVariant, Variant};
 
 /// How long one call to the service manager may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -181,17 +184,10 @@ pub struct Systemd {
     conn: Connection,
     /// A user manager (no `User=`/`Group=` on transient units).
     pub user: bool,
-}
-
-async fn bounded<T>(
-    f: impl Future<Output = zbus::Result<T>>,
-) -> Result<zbus::Result<T>, Undecided> {
-    tokio::time::timeout(CALL_TIMEOUT, f).await.map_err(|_| {
-        Undecided(format!(
-            "the service manager did not answer within {} s",
-            CALL_TIMEOUT.as_secs()
-        ))
-    })
+    /// The drainer loop's heartbeat: every call ends (answered or timed out) within
+    /// [`CALL_TIMEOUT`] and beats it, so a tick waiting on a slow manager is progress and a
+    /// tick that hangs is not.
+    beat: Option<Arc<dyn super::Heartbeat>>,
 }
 
 fn error_name(e: &zbus::Error) -> String {
@@ -214,13 +210,33 @@ fn answered(e: &zbus::Error) -> bool {
 
 impl Systemd {
     /// Connect to the system manager (or, `user`, the user's manager on the session bus).
-    pub async fn connect(user: bool) -> zbus::Result<Systemd> {
+    pub async fn connect(
+        user: bool,
+        beat: Option<Arc<dyn super::Heartbeat>>,
+    ) -> zbus::Result<Systemd> {
         let conn = if user {
             Connection::session().await?
         } else {
             Connection::system().await?
         };
-        Ok(Systemd { conn, user })
+        Ok(Systemd { conn, user, beat })
+    }
+
+    /// One call, bounded by [`CALL_TIMEOUT`]; the loop's heartbeat beats when it ends.
+    async fn bounded<T>(
+        &self,
+        f: impl Future<Output = zbus::Result<T>>,
+    ) -> Result<zbus::Result<T>, Undecided> {
+        let r = tokio::time::timeout(CALL_TIMEOUT, f).await.map_err(|_| {
+            Undecided(format!(
+                "the service manager did not answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            ))
+        });
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
+        r
     }
 
     /// Whether systemd runs as the service manager here (`/run/systemd/system`, sd_booted(3)).
@@ -236,63 +252,71 @@ impl Systemd {
             .map_err(|e| Undecided(format!("systemd: {e}")))
     }
 
-    async fn prop<T: TryFrom<zbus::wire::OwnedVariant>>(
+    /// All properties of one interface of a unit object (one call).
+    async fn all(
         &self,
         path: &OwnedObjectPath,
-        iface: &str,
-        name: &str,
-    ) -> Option<T> {
+        iface: &'static str,
+    ) -> Result<HashMap<String, OwnedVariant>, Undecided> {
         let p = zbus::fdo::PropertiesProxy::builder(&self.conn)
             .destination("org.freedesktop.systemd1")
             .path(path.as_ref())
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
-            .ok()?;
-        let v = tokio::time::timeout(CALL_TIMEOUT, p.get(iface.try_into().ok()?, name))
-            .await
-            .ok()?
-            .ok()?;
-        T::try_from(v).ok()
+            .map_err(|e| Undecided(format!("systemd: {e}")))?;
+        let name = zbus::names::InterfaceName::from_static_str_unchecked(iface);
+        self.bounded(async { p.get_all(name).await.map_err(zbus::Error::from) })
+            .await?
+            .map_err(|e| Undecided(format!("systemd GetAll {iface}: {e}")))
     }
+}
+
+fn get<T: TryFrom<OwnedVariant>>(props: &HashMap<String, OwnedVariant>, name: &str) -> Option<T> {
+    props
+        .get(name)
+        .and_then(|v| v.try_clone().ok())
+        .and_then(|v| T::try_from(v).ok())
 }
 
 impl ServiceManager for Systemd {
     async fn unit_state(&self, unit: &str) -> Result<Option<UnitState>, Undecided> {
         let m = self.manager().await?;
-        let path = match bounded(m.get_unit(unit)).await? {
+        let path = match self.bounded(m.get_unit(unit)).await? {
             Ok(p) => p,
             Err(e) if answered(&e) => return Ok(None),
             Err(e) => return Err(Undecided(format!("systemd GetUnit {unit}: {e}"))),
         };
-        let u = "org.freedesktop.systemd1.Unit";
-        let s = "org.freedesktop.systemd1.Service";
-        let active_state: Option<String> = self.prop(&path, u, "ActiveState").await;
-        let Some(active_state) = active_state else {
+        let u = self.all(&path, "org.freedesktop.systemd1.Unit").await?;
+        let Some(active_state) = get::<String>(&u, "ActiveState") else {
             return Err(Undecided(format!(
                 "systemd: cannot read the state of {unit}"
             )));
         };
+        // Only services have a Result, a main process and ExecMainStartTimestamp.
+        let s = if unit.ends_with(".service") {
+            self.all(&path, "org.freedesktop.systemd1.Service").await?
+        } else {
+            HashMap::new()
+        };
         Ok(Some(UnitState {
-            load_state: self.prop(&path, u, "LoadState").await.unwrap_or_default(),
+            load_state: get(&u, "LoadState").unwrap_or_default(),
             active_state,
-            sub_state: self.prop(&path, u, "SubState").await.unwrap_or_default(),
-            result: self.prop(&path, s, "Result").await.unwrap_or_default(),
-            main_pid: self.prop(&path, s, "MainPID").await.unwrap_or(0),
-            exec_main_start_us: self
-                .prop(&path, s, "ExecMainStartTimestamp")
-                .await
-                .unwrap_or(0),
+            sub_state: get(&u, "SubState").unwrap_or_default(),
+            result: get(&s, "Result").unwrap_or_default(),
+            main_pid: get(&s, "MainPID").unwrap_or(0),
+            exec_main_start_us: get(&s, "ExecMainStartTimestamp").unwrap_or(0),
         }))
     }
 
     async fn load_state(&self, unit: &str) -> Result<String, Undecided> {
         let m = self.manager().await?;
-        match bounded(m.load_unit(unit)).await? {
-            Ok(path) => self
-                .prop(&path, "org.freedesktop.systemd1.Unit", "LoadState")
-                .await
-                .ok_or_else(|| Undecided(format!("systemd: cannot read LoadState of {unit}"))),
+        match self.bounded(m.load_unit(unit)).await? {
+            Ok(path) => get(
+                &self.all(&path, "org.freedesktop.systemd1.Unit").await?,
+                "LoadState",
+            )
+            .ok_or_else(|| Undecided(format!("systemd: cannot read LoadState of {unit}"))),
             Err(e) if answered(&e) => Ok(format!("error ({})", error_name(&e))),
             Err(e) => Err(Undecided(format!("systemd LoadUnit {unit}: {e}"))),
         }
@@ -303,7 +327,8 @@ impl ServiceManager for Systemd {
             .manager()
             .await
             .map_err(|u| StartError::Undecided(u.0))?;
-        match bounded(m.start_unit(unit, "replace"))
+        match self
+            .bounded(m.start_unit(unit, "replace"))
             .await
             .map_err(|u| StartError::Undecided(u.0))?
         {
@@ -333,7 +358,8 @@ impl ServiceManager for Systemd {
             props.push(("User", Variant::from(uid.to_string())));
             props.push(("Group", Variant::from(gid.to_string())));
         }
-        match bounded(m.start_transient_unit(&t.name, "fail", &props, &[]))
+        match self
+            .bounded(m.start_transient_unit(&t.name, "fail", &props, &[]))
             .await
             .map_err(|u| StartError::Undecided(u.0))?
         {
@@ -345,7 +371,7 @@ impl ServiceManager for Systemd {
 
     async fn stop_unit(&self, unit: &str) -> Result<(), Undecided> {
         let m = self.manager().await?;
-        match bounded(m.stop_unit(unit, "replace")).await? {
+        match self.bounded(m.stop_unit(unit, "replace")).await? {
             Ok(_) => Ok(()),
             // Not loaded any more: nothing to stop.
             Err(e) if answered(&e) => Ok(()),
@@ -355,7 +381,7 @@ impl ServiceManager for Systemd {
 
     async fn reset_failed(&self, unit: &str) -> Result<(), Undecided> {
         let m = self.manager().await?;
-        match bounded(m.reset_failed_unit(unit)).await? {
+        match self.bounded(m.reset_failed_unit(unit)).await? {
             Ok(()) => Ok(()),
             Err(e) if answered(&e) => Ok(()),
             Err(e) => Err(Undecided(e.to_string())),
@@ -368,7 +394,8 @@ impl ServiceManager for Systemd {
         }
         let m = self.manager().await?;
         let pats: Vec<&str> = patterns.iter().map(String::as_str).collect();
-        match bounded(m.list_units_by_patterns(&["active", "activating", "reloading"], &pats))
+        match self
+            .bounded(m.list_units_by_patterns(&["active", "activating", "reloading"], &pats))
             .await?
         {
             Ok(units) => Ok(units.into_iter().map(|u| u.0).collect()),

@@ -19,7 +19,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::publish::watchdog::LoopBeat;
+/// The drainer loop's heartbeat as the drainer sees it: beaten on every wake and after
+/// every bounded call to the service manager or the facts worker within a tick. Implemented by
+/// `publish::watchdog::LoopBeat` (the drainer does not import the layer above it).
+pub trait Heartbeat: Send + Sync {
+    /// Record progress now.
+    fn beat(&self);
+    /// The period the loop promises to beat within.
+    fn set_period(&self, period: Duration);
+}
 
 /// The loop's name in heartbeats, `STATUS=wedged: …` and `OUTLIVE_LOOP`.
 pub const LOOP_NAME: &str = "drainer";
@@ -67,7 +75,7 @@ pub enum Wake {
 /// ending, D-1), and the loop wakes then at the latest; `poke` wakes it at once (a `Drain()`
 /// started an attempt). Timing changes (reload) apply from the next wait.
 pub async fn run_loop<F>(
-    beat: Arc<LoopBeat>,
+    beat: Arc<dyn Heartbeat>,
     mut timing: watch::Receiver<Timing>,
     mut shutdown: watch::Receiver<bool>,
     poke: Arc<tokio::sync::Notify>,

@@ -9,6 +9,7 @@
 //! worker under its timeout, off the runtime's thread, so a hung mount cannot stall the agent.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use super::manager::{ServiceManager, Undecided};
 use crate::facts::Facts;
@@ -40,19 +41,48 @@ pub trait Paths: Send + Sync {
     fn check(&self, path: &str, dir: bool) -> impl Future<Output = PathState> + Send;
 }
 
-/// Path checks on the facts worker, under `facts.statfs_timeout_ms`.
+/// Path checks on the facts worker, under `facts.statfs_timeout_ms`. Each check ends within
+/// that timeout and beats the drainer loop's heartbeat, like the service manager's calls.
 #[derive(Clone)]
-pub struct WorkerPaths(pub Facts);
+pub struct WorkerPaths {
+    pub facts: Facts,
+    pub beat: Option<Arc<dyn super::Heartbeat>>,
+}
 
 impl Paths for WorkerPaths {
     async fn check(&self, path: &str, dir: bool) -> PathState {
-        let facts = self.0.clone();
+        let r = self.check_inner(path, dir).await;
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
+        r
+    }
+}
+
+impl WorkerPaths {
+    async fn check_inner(&self, path: &str, dir: bool) -> PathState {
+        let facts = self.facts.clone();
         let p = std::path::PathBuf::from(path);
         let r = tokio::task::spawn_blocking(move || {
             let timeout = facts.timeout();
-            facts.worker().run(timeout, move || std::fs::metadata(&p))
+            let q = p.clone();
+            match facts.worker().run(timeout, move || std::fs::metadata(&q)) {
+                // Missing here, but perhaps only hidden from the agent (H-5): undecided then.
+                Run::Done(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    match facts.hidden_from_agent(&p) {
+                        Some(why) => Err(why),
+                        None => Ok(Run::Done(Err(e))),
+                    }
+                }
+                other => Ok(other),
+            }
         })
         .await;
+        let r = match r {
+            Ok(Err(hidden)) => return PathState::Undecided(hidden),
+            Ok(Ok(run)) => Ok(run),
+            Err(e) => Err(e),
+        };
         match r {
             Ok(Run::Done(Ok(m))) if !dir || m.is_dir() => PathState::Exists,
             Ok(Run::Done(Ok(_))) => PathState::Missing,

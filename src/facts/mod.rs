@@ -215,6 +215,49 @@ impl Facts {
     }
 }
 
+impl Facts {
+    /// H-5 applied to a path the agent cannot find: why it may exist where the agent's mount
+    /// namespace does not show it, or None when it is plainly missing. Looked at: PID 1's view
+    /// (`/proc/1/root`, when the agent may read it), else whether the path lies under a tree
+    /// that systemd's sandboxing replaced for the agent (an inaccessible or private mount).
+    #[cfg(target_os = "linux")]
+    pub fn hidden_from_agent(&self, path: &Path) -> Option<String> {
+        if matches!(identity::observing_namespace_differs(), Ok(false)) {
+            return None;
+        }
+        let p1 = Path::new("/proc/1/root").join(path.strip_prefix("/").unwrap_or(path));
+        match self
+            .worker
+            .run(self.timeout(), move || std::fs::symlink_metadata(&p1))
+        {
+            Run::Done(Ok(_)) => {
+                return Some(format!(
+                    "{} exists in PID 1's mount namespace but not in outlived's (H-5)",
+                    path.display()
+                ));
+            }
+            Run::Done(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            _ => {}
+        }
+        let table = self.mount_table().ok()?;
+        let m = table.find(&mountinfo::normalize_lexically(path))?;
+        let root = m.root.to_string_lossy();
+        (root.contains("/systemd/inaccessible") || root.contains("/systemd-private-")).then(|| {
+            format!(
+                "{} is under {}, which outlived's sandbox hides or replaces (H-5)",
+                path.display(),
+                m.mount_point.display()
+            )
+        })
+    }
+
+    /// macOS has no mount namespaces: a missing path is missing.
+    #[cfg(not(target_os = "linux"))]
+    pub fn hidden_from_agent(&self, _path: &Path) -> Option<String> {
+        None
+    }
+}
+
 /// The host part of `outlivectl host --json` and `GetHostFacts` (never the raw machine id).
 pub fn host_report(id: &Identity) -> serde_json::Value {
     let (differs, detail) = match &id.observing_namespace_differs {

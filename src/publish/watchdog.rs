@@ -89,6 +89,15 @@ impl LoopBeat {
     }
 }
 
+impl crate::drainer::Heartbeat for LoopBeat {
+    fn beat(&self) {
+        LoopBeat::beat(self)
+    }
+    fn set_period(&self, period: Duration) {
+        LoopBeat::set_period(self, period)
+    }
+}
+
 /// The registry of loop heartbeats.
 pub struct Heartbeats {
     loops: Mutex<Vec<Arc<LoopBeat>>>,
