@@ -104,7 +104,7 @@ async fn x1_only_root_may_own_the_name() {
     )
     .unwrap();
     let (code, _, err) = common::run(
-        common::as_nobody(common::outlived())
+        common::as_nobody(&common::exe_for_others(common::outlived()))
             .arg("--config")
             .arg(&cfg)
             .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)

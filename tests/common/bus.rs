@@ -184,7 +184,7 @@ impl PrivateBus {
     /// login session of that user would have (dbus-daemon takes a peer's groups from the
     /// process, SO_PEERGROUPS; the agent from the user database).
     pub fn outlivectl_as(&self, who: (u32, u32), args: &[&str]) -> (i32, String, String) {
-        let mut c = as_user(super::outlivectl(), who);
+        let mut c = as_user(&super::exe_for_others(super::outlivectl()), who);
         c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .current_dir("/")
             .args(args);

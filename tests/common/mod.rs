@@ -12,6 +12,7 @@ pub mod bus;
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,41 @@ pub fn outlived() -> &'static str {
 /// The built CLI.
 pub fn outlivectl() -> &'static str {
     env!("CARGO_BIN_EXE_outlivectl")
+}
+
+/// `bin` as a path any user may execute. Test users cannot reach a checkout under a private
+/// directory (a clone in `/root`), so there a copy is made once, by size and mtime, in a
+/// root-owned 0755 directory under the system temp dir.
+pub fn exe_for_others(bin: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let reachable = Path::new(bin)
+        .ancestors()
+        .skip(1)
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0));
+    if reachable || !is_root() {
+        return bin.to_string();
+    }
+    let m = std::fs::metadata(bin).expect("the binary");
+    let dir = std::env::temp_dir().join("outlive-test-bin");
+    let _ = std::fs::create_dir(&dir);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = Path::new(bin)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let copy = dir.join(format!(
+        "{name}-{}-{}",
+        m.size(),
+        m.mtime_nsec() + m.mtime() * 1_000_000_000
+    ));
+    if !copy.exists() {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::copy(bin, &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &copy).unwrap();
+    }
+    copy.to_string_lossy().to_string()
 }
 
 /// The repository root.
