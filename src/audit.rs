@@ -301,21 +301,49 @@ pub fn read_logs(dirs: &[&std::path::Path]) -> Vec<Event> {
     out
 }
 
-/// The agent's sink: every event to `audit.jsonl` and to each further sink (the journal).
+/// Decides whether an event is written, and hears it first: the posture's attention item
+/// takes queue notices and coalesces identical ones (SPEC G-9). `None`: do not write it.
+pub trait NoticeGate: Send + Sync {
+    fn admit(&self, event: &Event) -> Option<Event>;
+}
+
+/// The agent's sink: every event to `audit.jsonl` and to each further sink (the journal),
+/// through the notice gate once one is installed.
 pub struct Auditor {
     pub log: AuditLog,
     sinks: Vec<std::sync::Arc<dyn AuditSink>>,
+    gate: std::sync::OnceLock<std::sync::Arc<dyn NoticeGate>>,
 }
 
 impl Auditor {
     /// An auditor over `log` and `sinks`.
     pub fn new(log: AuditLog, sinks: Vec<std::sync::Arc<dyn AuditSink>>) -> Auditor {
-        Auditor { log, sinks }
+        Auditor {
+            log,
+            sinks,
+            gate: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Install the notice gate (once).
+    pub fn set_gate(&self, gate: std::sync::Arc<dyn NoticeGate>) {
+        let _ = self.gate.set(gate);
     }
 }
 
 impl AuditSink for Auditor {
     fn record(&self, event: &Event) {
+        let admitted;
+        let event = match self.gate.get() {
+            Some(g) => match g.admit(event) {
+                Some(e) => {
+                    admitted = e;
+                    &admitted
+                }
+                None => return,
+            },
+            None => event,
+        };
         if self.log.append(event).is_err() {
             self.log
                 .failures

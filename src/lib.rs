@@ -14,5 +14,6 @@ pub mod drainer;
 pub mod facts;
 #[cfg(feature = "fault-hooks")]
 pub mod faults;
+pub mod posture;
 pub mod publish;
 pub mod queue;
