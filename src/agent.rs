@@ -13,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -29,14 +29,19 @@ use crate::drainer::validate::WorkerPaths;
 use crate::drainer::{self, Timing, Wake};
 use crate::facts::process::KernelProber;
 use crate::facts::{self, Facts};
+use crate::posture::attention::{Attention, Causes};
+use crate::posture::rows::{REASON_CODES, Runtime, RuntimeRead};
+use crate::posture::{NoticeGate, Posture, Published, QueueFacts, Settings as PostureSettings};
 use crate::publish::dbus::auth::AuthPolicy;
 use crate::publish::dbus::queue1::{DrainService, lock as lock_queue};
 use crate::publish::dbus::{
-    Agent1, Bus, BusTarget, HostState, Objects, Publisher, ResumeQueue1, SharedQueue, StartError,
+    Agent1, Bus, BusTarget, Guards1, HostState, Objects, Publisher, ResumeQueue1, SharedQueue,
+    StartError,
 };
 use crate::publish::journal::JournalWriter;
+use crate::publish::metrics;
 use crate::publish::notify::{Notifier, Supervisor};
-use crate::publish::watchdog::{self, Heartbeats};
+use crate::publish::watchdog::{self, Heartbeats, MonitorState};
 use crate::queue::{LockEnv, Queue, Settings};
 
 /// Exit statuses (sysexits.h where one fits).
@@ -129,7 +134,8 @@ pub fn main(opts: Options) -> i32 {
             config_path.display()
         ),
     }
-    let journal: Arc<dyn AuditSink> = Arc::new(JournalWriter::new(&config.journal_socket));
+    let journal_writer = Arc::new(JournalWriter::new(&config.journal_socket));
+    let journal: Arc<dyn AuditSink> = journal_writer.clone();
 
     let identity = match facts::identity::identity() {
         Ok(i) => i,
@@ -149,8 +155,18 @@ pub fn main(opts: Options) -> i32 {
 
     let supervisor = Supervisor::detect();
     let wd = supervisor.watchdog_usec().map(Duration::from_micros);
+    // The attention item takes queue notices from the first one on (G-9): the gate is in the
+    // auditor before anything can raise.
+    let posture_settings = PostureSettings::from_config(&config, opts.no_bus, wd);
+    let attention = Posture::attention_for(&posture_settings, Arc::new(SystemClock));
+    let posture_poke = Arc::new(tokio::sync::Notify::new());
+    let poke = Arc::clone(&posture_poke);
+    auditor.set_gate(Arc::new(NoticeGate::new(
+        Arc::clone(&attention),
+        Box::new(move || poke.notify_one()),
+    )));
     let heartbeats = Heartbeats::new(wd);
-    let _monitor = watchdog::spawn_monitor(
+    let monitor = watchdog::spawn_monitor(
         Arc::clone(&heartbeats),
         supervisor,
         Arc::clone(&notifier),
@@ -189,8 +205,15 @@ pub fn main(opts: Options) -> i32 {
     let agent = Agent {
         opts,
         mode,
+        paths,
         config_path,
+        applied: Arc::new(RwLock::new(config.clone())),
         config,
+        journal: journal_writer,
+        monitor,
+        supervisor,
+        attention,
+        posture_poke,
         notifier,
         audit,
         heartbeats,
@@ -240,8 +263,16 @@ fn ensure_runtime_dir(dir: &Path, mode: Mode) -> Result<(), String> {
 struct Agent {
     opts: Options,
     mode: Mode,
+    paths: Paths,
     config_path: PathBuf,
     config: Config,
+    /// The configuration as applied (start, reload), for the guards' getters.
+    applied: Arc<RwLock<Config>>,
+    journal: Arc<JournalWriter>,
+    monitor: Arc<MonitorState>,
+    supervisor: Supervisor,
+    attention: Arc<Mutex<Attention>>,
+    posture_poke: Arc<tokio::sync::Notify>,
     notifier: Arc<Notifier>,
     audit: Arc<dyn AuditSink>,
     heartbeats: Arc<Heartbeats>,
@@ -260,12 +291,30 @@ fn lock_env(host: &HostState) -> LockEnv<'_> {
     }
 }
 
-/// The `STATUS=` line (X-3), also the `StatusText` property: `observe-only:` while dry run is on,
-/// the queue and the lock, and the bus when it is not what it should be.
-fn status_line(queue: &SharedQueue, drainer: &Handle, bus: Option<&Bus>, no_bus: bool) -> String {
+/// The `STATUS=` line (X-3), also the `StatusText` property. `DEGRADED:` iff the attention
+/// item is open (`DEGRADED: queue.resume off-runtime-divergent (foreign-host) · 2 waiting`);
+/// otherwise the posture, the queue and the lock (`posture 7/9 on · queue: 3 waiting · lock
+/// held`), led by `observe-only:` while dry run is on (G-7).
+fn status_line(
+    queue: &SharedQueue,
+    drainer: &Handle,
+    posture: &Published,
+    bus: Option<&Bus>,
+    no_bus: bool,
+) -> String {
     let s = lock_queue(queue).snapshot();
+    if posture.degraded {
+        let head = posture
+            .headline
+            .clone()
+            .unwrap_or_else(|| "attention needed (`outlivectl status`)".into());
+        return format!("DEGRADED: {head} · {} waiting", s.waiting);
+    }
     let d = drainer.public();
     let mut parts = Vec::new();
+    if posture.on.1 > 0 {
+        parts.push(format!("posture {}/{} on", posture.on.0, posture.on.1));
+    }
     if s.enabled {
         parts.push(format!("queue: {} waiting", s.waiting));
     } else {
@@ -312,7 +361,11 @@ impl Agent {
     /// The drainer and what runs it. The service manager is systemd when it runs here (the
     /// user's with `--user`); without it exec targets are spawned detached and unit targets
     /// cannot be revived.
-    async fn runner(&self, beat: Arc<watchdog::LoopBeat>) -> Runner {
+    async fn runner(
+        &self,
+        beat: Arc<watchdog::LoopBeat>,
+        published: Arc<RwLock<Published>>,
+    ) -> Runner {
         let user_mode = self.mode == Mode::User;
         let manager = if !Systemd::booted() {
             tracing::info!(
@@ -338,7 +391,8 @@ impl Agent {
             }
         };
         let uid = nix::unistd::getuid().as_raw();
-        if user_mode && manager.is_some() && !lingers(uid) {
+        let no_linger = user_mode && manager.is_some() && !lingers(uid);
+        if no_linger {
             self.audit.record(
                 &Event::new(
                     "no-linger",
@@ -364,16 +418,28 @@ impl Agent {
             &self.config.state_dir,
             &self.config.runtime_dir,
         );
+        let out = Arc::new(Outputs {
+            host: Arc::clone(&self.host),
+            queue: Arc::clone(&self.queue),
+            notifier: Arc::clone(&self.notifier),
+            drainer: d.handle(),
+            published,
+            bus: OnceLock::new(),
+            no_bus: self.opts.no_bus,
+        });
         Runner {
             host: Arc::clone(&self.host),
             queue: Arc::clone(&self.queue),
             handle: d.handle(),
             drainer: tokio::sync::Mutex::new(d),
-            notifier: Arc::clone(&self.notifier),
-            bus: OnceLock::new(),
-            no_bus: self.opts.no_bus,
+            out,
             last_tick_at: Arc::clone(&self.last_tick_at),
             poke: Arc::new(tokio::sync::Notify::new()),
+            posture_poke: Arc::clone(&self.posture_poke),
+            applied: Arc::clone(&self.applied),
+            metrics: Arc::new(metrics::Writes::default()),
+            audit: Arc::clone(&self.audit),
+            no_linger,
         }
     }
 
@@ -447,12 +513,31 @@ impl Agent {
             .heartbeats
             .register(drainer::LOOP_NAME, self.timing().heartbeat_period());
         drainer_beat.busy_for(BUS_START_PATIENCE + Duration::from_secs(10));
-        let runner = Arc::new(self.runner(Arc::clone(&drainer_beat)).await);
+        let published = Arc::new(RwLock::new(Published::default()));
+        let runner = Arc::new(
+            self.runner(Arc::clone(&drainer_beat), Arc::clone(&published))
+                .await,
+        );
         let handle = runner.handle.clone();
+        let out = Arc::clone(&runner.out);
+        let posture = Arc::new(Mutex::new(self.posture(&runner)));
+        {
+            let p = posture.lock().unwrap_or_else(|e| e.into_inner());
+            for e in p
+                .rejected_dropins()
+                .iter()
+                .chain(p.accepted_gaps_event().iter())
+            {
+                self.audit.record(e);
+            }
+        }
+        self.write_boot_snapshot(&posture);
+        let book = posture.lock().unwrap_or_else(|e| e.into_inner()).book();
         let publisher = Arc::new(Publisher::new(
             Arc::clone(&self.host),
             Arc::clone(&self.queue),
             handle.clone(),
+            Arc::clone(&published),
         ));
         let auth = AuthPolicy {
             user_mode: self.mode == Mode::User,
@@ -472,6 +557,15 @@ impl Agent {
                 drainer: handle.clone(),
                 drain: Arc::clone(&runner) as Arc<dyn DrainService>,
             },
+            guards1: Guards1 {
+                published: Arc::clone(&published),
+                book,
+                attention: Arc::clone(&self.attention),
+                audit: Arc::clone(&self.audit),
+                poke: Arc::clone(&self.posture_poke),
+                auth,
+                publisher: Arc::clone(&publisher),
+            },
             publisher: Arc::clone(&publisher),
         };
         let bus = if no_bus {
@@ -483,8 +577,16 @@ impl Agent {
             }
         };
         if let Some(b) = &bus {
-            let _ = runner.bus.set(Arc::clone(b));
+            let _ = out.bus.set(Arc::clone(b));
         }
+        // X-3: the first posture is evaluated before READY=1.
+        let evaluator = Arc::new(Evaluator {
+            posture: Arc::clone(&posture),
+            out: Arc::clone(&out),
+            queue: Arc::clone(&self.queue),
+            audit: Arc::clone(&self.audit),
+        });
+        evaluator.evaluate().await;
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (timing_tx, timing_rx) = watch::channel(self.timing());
@@ -500,9 +602,50 @@ impl Agent {
             tokio::spawn(Arc::clone(b).run(beat, shutdown_rx.clone()))
         });
 
-        let line = status_line(&self.queue, &handle, bus.as_deref(), no_bus);
+        let posture_task = {
+            let beat = self
+                .heartbeats
+                .register("posture", self.timing().heartbeat_period());
+            let ev = Arc::clone(&evaluator);
+            let poke = Arc::clone(&self.posture_poke);
+            let mut stop = shutdown_rx.clone();
+            let timing = timing_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    if *stop.borrow() {
+                        return;
+                    }
+                    let wake = timing.borrow().wake;
+                    beat.set_period(wake);
+                    beat.beat();
+                    ev.evaluate().await;
+                    beat.beat();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wake) => {}
+                        _ = poke.notified() => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            })
+        };
+
+        let line = out.line();
         self.host.set_status_text(&line);
         self.notifier.ready(&line);
+        if self.config.queue.dry_run {
+            // G-7: dry run is never silent (a journal entry, not an attention notice).
+            self.audit.record(
+                &Event::new(
+                    "observe-only",
+                    format!(
+                        "observe-only: queue.dry_run is on, so outlived queues and checks reaped runs but revives none. \
+                         To revive them, set dry_run = false under [queue] in {} and run `systemctl reload outlived`",
+                        self.config_path.display()
+                    ),
+                )
+                .priority(priority::NOTICE),
+            );
+        }
         let id = self.host.identity();
         self.audit.record(
             &Event::new(
@@ -541,10 +684,23 @@ impl Agent {
                     self.reload(&timing_tx);
                     runner.drainer.lock().await.settings =
                         DrainerSettings::from_config(&self.config, self.mode == Mode::User);
-                    let line = status_line(&self.queue, &handle, bus.as_deref(), no_bus);
+                    *self.applied.write().unwrap_or_else(|e| e.into_inner()) = self.config.clone();
+                    {
+                        let mut p = posture.lock().unwrap_or_else(|e| e.into_inner());
+                        p.reload(
+                            self.config.clone(),
+                            PostureSettings::from_config(&self.config, no_bus, self.watchdog),
+                        );
+                        for e in p.rejected_dropins() {
+                            self.audit.record(&e);
+                        }
+                    }
+                    self.write_boot_snapshot(&posture);
+                    // X-3: re-evaluate posture, then READY=1.
+                    evaluator.evaluate().await;
+                    let line = out.line();
                     self.host.set_status_text(&line);
                     self.notifier.ready(&line);
-                    if let Some(b) = &bus { b.sync().await; }
                 }
             }
         }
@@ -560,6 +716,7 @@ impl Agent {
                 STOP_PATIENCE.as_secs()
             );
         }
+        let _ = tokio::time::timeout(Duration::from_secs(2), posture_task).await;
         if let Some(t) = bus_task {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
@@ -607,16 +764,315 @@ impl Agent {
             }
             Err(e) => {
                 self.audit.record(
+                    // The attention notice (`config-unreadable`) comes from the posture, which
+                    // reads the file at every evaluation (G-4).
                     &Event::new(
-                        "config-unreadable",
+                        "config-reload-failed",
                         format!(
                             "configuration reload failed, keeping the running configuration: {e}"
                         ),
                     )
-                    .alert(Alert::QueueNotice)
+                    .priority(priority::WARNING)
                     .field("error", &e),
                 );
             }
+        }
+    }
+}
+
+/// Evaluates the posture (G-8) off the runtime's thread (a hung state directory cannot stall
+/// the agent), records what it decided, and publishes the result.
+struct Evaluator {
+    posture: Arc<Mutex<Posture>>,
+    out: Arc<Outputs>,
+    queue: SharedQueue,
+    audit: Arc<dyn AuditSink>,
+}
+
+impl Evaluator {
+    async fn evaluate(&self) {
+        let facts = queue_facts(&self.queue);
+        let posture = Arc::clone(&self.posture);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut p = posture.lock().unwrap_or_else(|e| e.into_inner());
+            let o = p.evaluate(&facts);
+            (o, p.published().clone())
+        })
+        .await;
+        let Ok((outcome, published)) = done else {
+            tracing::warn!("the posture evaluation panicked; the last posture stays published");
+            return;
+        };
+        for e in &outcome.events {
+            self.audit.record(e);
+        }
+        self.out
+            .host
+            .degraded
+            .store(published.degraded, Ordering::Relaxed);
+        *self
+            .out
+            .published
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = published;
+        self.out.status();
+        if let Some(b) = self.out.bus.get() {
+            b.posture_signals(&outcome.changed_rows, &outcome.raised)
+                .await;
+        }
+        self.out.sync().await;
+    }
+}
+
+/// What the posture needs of the queue for persistent causes and the dry-run soak.
+fn queue_facts(q: &SharedQueue) -> QueueFacts {
+    let s = lock_queue(q).snapshot();
+    QueueFacts {
+        causes: Causes {
+            queue_disabled: !s.enabled,
+            persist_failed: s.persist_failed.is_some(),
+            paused_waiting: s.pause.is_some() && s.waiting > 0,
+        },
+        dry_run_since: s.dry_run_since,
+    }
+}
+
+fn status(enabled: bool) -> RuntimeRead {
+    RuntimeRead::Status(Runtime {
+        enabled,
+        ..Runtime::default()
+    })
+}
+
+fn off_because(reason: &str) -> RuntimeRead {
+    RuntimeRead::Status(Runtime {
+        enabled: false,
+        reason_code: Some(reason.to_string()),
+        ..Runtime::default()
+    })
+}
+
+/// A boottime instant as wall ms (for display).
+fn boot_to_wall(boot: u64) -> u64 {
+    crate::clock::wall_ms().saturating_sub(crate::clock::boottime_ms().saturating_sub(boot))
+}
+
+impl Agent {
+    /// The posture with a getter for every built-in guard (G-3: registered unconditionally).
+    fn posture(&self, runner: &Runner) -> Posture {
+        let settings = PostureSettings::from_config(&self.config, self.opts.no_bus, self.watchdog);
+        let owner = if self.mode == Mode::User {
+            nix::unistd::getuid().as_raw()
+        } else {
+            0
+        };
+        let mut p = Posture::new(
+            &self.config_path,
+            self.opts.config.is_some(),
+            self.paths.clone(),
+            self.config.clone(),
+            settings,
+            owner,
+            Arc::clone(&self.attention),
+            Arc::new(SystemClock),
+        );
+        // queue.resume: the lock held, the state writable, the drainer ticking.
+        let (q, d, no_linger) = (
+            Arc::clone(&self.queue),
+            runner.handle.clone(),
+            runner.no_linger,
+        );
+        p.register(
+            "queue.resume",
+            Box::new(move || {
+                let s = lock_queue(&q).snapshot();
+                if !s.enabled {
+                    let code = if REASON_CODES.contains(&s.disabled_reason.as_str()) {
+                        s.disabled_reason.as_str()
+                    } else {
+                        "acquisition-error"
+                    };
+                    return off_because(code);
+                }
+                if s.persist_failed.is_some() {
+                    return off_because("persist-failed");
+                }
+                if no_linger {
+                    return off_because("no-linger");
+                }
+                let last = d.public().last_tick_boot;
+                RuntimeRead::Status(Runtime {
+                    enabled: true,
+                    dry_run: Some(s.dry_run),
+                    last_tick_boot: last,
+                    last_tick_wall: last.map(boot_to_wall),
+                    ..Runtime::default()
+                })
+            }),
+        );
+        let q = Arc::clone(&self.queue);
+        p.register(
+            "queue.lock.auto_heal",
+            Box::new(move || {
+                let a = lock_queue(&q).settings().auto_heal;
+                RuntimeRead::Status(Runtime {
+                    enabled: a != crate::config::AutoHeal::Off,
+                    dry_run: Some(a == crate::config::AutoHeal::Observe),
+                    ..Runtime::default()
+                })
+            }),
+        );
+        // The drainer applies these on start and reload.
+        let applied = Arc::clone(&self.applied);
+        p.register(
+            "drainer.auto_resume_stale_pause",
+            Box::new(move || {
+                status(
+                    applied
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .drainer
+                        .auto_resume_stale_pause,
+                )
+            }),
+        );
+        let applied = Arc::clone(&self.applied);
+        p.register(
+            "drainer.calm_gate",
+            Box::new(move || {
+                status(
+                    applied
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .drainer
+                        .calm_gate,
+                )
+            }),
+        );
+        // state.host_local: the state directory classified on its own (outside the lock).
+        let (host, dir) = (Arc::clone(&self.host), self.config.state_dir.clone());
+        p.register(
+            "state.host_local",
+            Box::new(move || match host.facts.classify_path(&dir) {
+                Ok(c) => match c.class {
+                    crate::facts::FsClass::LocalPersistent => status(true),
+                    crate::facts::FsClass::LocalVolatile => off_because("state-volatile"),
+                    _ => off_because("state-not-host-local"),
+                },
+                Err(e) => RuntimeRead::Errored(e.to_string()),
+            }),
+        );
+        // watchdog: armed and fed under systemd; elsewhere the monitor runs, verdict unknown.
+        let (monitor, supervisor) = (Arc::clone(&self.monitor), self.supervisor);
+        p.register(
+            "watchdog",
+            Box::new(move || {
+                let running = monitor.running.load(Ordering::Relaxed);
+                let last = match monitor.last_ok_ms.load(Ordering::Relaxed) {
+                    0 => None,
+                    t => Some(t),
+                };
+                let fed = |enabled: bool, blind: bool| {
+                    RuntimeRead::Status(Runtime {
+                        enabled,
+                        last_tick_boot: last,
+                        last_tick_wall: last.map(boot_to_wall),
+                        verdict_unknown: blind,
+                        ..Runtime::default()
+                    })
+                };
+                match supervisor {
+                    Supervisor::Systemd {
+                        watchdog_usec: Some(_),
+                    } => fed(running && monitor.feeding.load(Ordering::Relaxed), false),
+                    // Under systemd without WatchdogSec= nothing restarts a wedged agent.
+                    Supervisor::Systemd {
+                        watchdog_usec: None,
+                    } => status(false),
+                    Supervisor::Launchd | Supervisor::None => fed(running, true),
+                }
+            }),
+        );
+        let (bus, no_bus) = (Arc::clone(&runner.out), self.opts.no_bus);
+        p.register(
+            "publish.dbus",
+            Box::new(move || status(!no_bus && bus.bus.get().is_some_and(|b| b.is_up()))),
+        );
+        let journal = Arc::clone(&self.journal);
+        p.register(
+            "publish.journal",
+            Box::new(move || {
+                if !journal.socket_present() && !crate::publish::journal::stderr_is_journal() {
+                    // No journal to confirm: `on-unverified`.
+                    return RuntimeRead::Absent;
+                }
+                match journal.last_delivery() {
+                    crate::publish::journal::Delivery::Journal => status(true),
+                    crate::publish::journal::Delivery::Stderr => status(false),
+                    crate::publish::journal::Delivery::None => RuntimeRead::Status(Runtime {
+                        enabled: true,
+                        verdict_unknown: true,
+                        ..Runtime::default()
+                    }),
+                }
+            }),
+        );
+        let (applied, writes) = (Arc::clone(&self.applied), Arc::clone(&runner.metrics));
+        p.register(
+            "metrics.textfile",
+            Box::new(move || {
+                if applied
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .metrics_textfile
+                    .is_none()
+                {
+                    return status(false);
+                }
+                let w = writes.get();
+                RuntimeRead::Status(Runtime {
+                    enabled: w.last_error.is_none(),
+                    last_tick_boot: w.last_ok.map(|x| x.0),
+                    last_tick_wall: w.last_ok.map(|x| x.1),
+                    ..Runtime::default()
+                })
+            }),
+        );
+        p
+    }
+
+    /// `posture-boot.json` (G-4): what was applied, in the state directory while the lock is
+    /// held, else in the runtime directory (L-6).
+    fn write_boot_snapshot(&self, posture: &Mutex<Posture>) {
+        let text = {
+            let p = posture.lock().unwrap_or_else(|e| e.into_inner());
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&p.boot_snapshot_json()).unwrap_or_default()
+            )
+        };
+        let dir = if lock_queue(&self.queue).lock_held() {
+            &self.config.state_dir
+        } else {
+            &self.config.runtime_dir
+        };
+        let path = dir.join("posture-boot.json");
+        let tmp = dir.join(".posture-boot.json.tmp");
+        let res = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = res {
+            tracing::warn!("cannot write {}: {e}", path.display());
         }
     }
 }
@@ -632,12 +1088,17 @@ struct Runner {
     queue: SharedQueue,
     drainer: tokio::sync::Mutex<AgentDrainer>,
     handle: Handle,
-    notifier: Arc<Notifier>,
-    bus: OnceLock<Arc<Bus>>,
-    no_bus: bool,
+    out: Arc<Outputs>,
     last_tick_at: Arc<AtomicU64>,
     /// Wakes the loop (a `Drain()` started an attempt whose grace the loop must time).
     poke: Arc<tokio::sync::Notify>,
+    /// Asks the posture for an evaluation (every tick, G-8).
+    posture_poke: Arc<tokio::sync::Notify>,
+    applied: Arc<RwLock<Config>>,
+    metrics: Arc<metrics::Writes>,
+    audit: Arc<dyn AuditSink>,
+    /// `--user` without lingering (the queue's row reads `no-linger`).
+    no_linger: bool,
 }
 
 impl Runner {
@@ -677,22 +1138,54 @@ impl Runner {
             }
             d.next_due()
         };
-        self.status();
-        if let Some(b) = self.bus.get() {
-            b.sync().await;
+        if w == Wake::Tick {
+            self.after_tick();
         }
+        self.out.status();
+        self.out.sync().await;
         due
     }
 
-    fn status(&self) {
-        let line = status_line(
-            &self.queue,
-            &self.handle,
-            self.bus.get().map(|b| &**b),
-            self.no_bus,
-        );
-        self.notifier.status(&line);
-        self.host.set_status_text(&line);
+    /// After every tick: the metrics textfile (X-5) and a posture evaluation (G-8).
+    fn after_tick(&self) {
+        self.posture_poke.notify_one();
+        let Some(path) = self
+            .applied
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics_textfile
+            .clone()
+        else {
+            return;
+        };
+        let (entries, paused) = {
+            let q = lock_queue(&self.queue);
+            (q.state().entries.clone(), q.state().pause.is_some())
+        };
+        let d = self.handle.public();
+        let last_tick_wall = d.last_tick_boot.map(|b| {
+            crate::clock::wall_ms().saturating_sub(crate::clock::boottime_ms().saturating_sub(b))
+        });
+        let rows = self.out.published().rows;
+        let host_id = self.host.identity().host_id.to_string();
+        let text = metrics::render(&metrics::Snapshot {
+            rows: &rows,
+            entries: &entries,
+            paused,
+            revivals_total: d.revivals,
+            last_tick_wall,
+            version: env!("CARGO_PKG_VERSION"),
+            host_id: &host_id,
+        });
+        if let Some(err) = self.metrics.write(&path, &text) {
+            self.audit.record(
+                &Event::new(
+                    "metrics-write-failed",
+                    format!("{err}; the metrics.textfile guard reads off-runtime-divergent until a write succeeds"),
+                )
+                .priority(priority::WARNING),
+            );
+        }
     }
 }
 
@@ -703,10 +1196,56 @@ impl DrainService for Runner {
             self.step_one(true);
             let r = d.tick(&self.queue, true).await;
             drop(d);
-            self.status();
+            self.after_tick();
+            self.out.status();
             self.poke.notify_one();
             Some(r)
         })
+    }
+}
+
+/// Where the agent's state is shown: the `STATUS=` line, `StatusText`, the bus.
+struct Outputs {
+    host: Arc<HostState>,
+    queue: SharedQueue,
+    notifier: Arc<Notifier>,
+    drainer: Handle,
+    published: Arc<RwLock<Published>>,
+    bus: OnceLock<Arc<Bus>>,
+    no_bus: bool,
+}
+
+impl Outputs {
+    fn published(&self) -> Published {
+        self.published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn line(&self) -> String {
+        let p = self.published.read().unwrap_or_else(|e| e.into_inner());
+        status_line(
+            &self.queue,
+            &self.drainer,
+            &p,
+            self.bus.get().map(|b| &**b),
+            self.no_bus,
+        )
+    }
+
+    /// `STATUS=` (sent only when it changed) and `StatusText`.
+    fn status(&self) {
+        let line = self.line();
+        self.notifier.status(&line);
+        self.host.set_status_text(&line);
+    }
+
+    /// PropertiesChanged for what changed.
+    async fn sync(&self) {
+        if let Some(b) = self.bus.get() {
+            b.sync().await;
+        }
     }
 }
 

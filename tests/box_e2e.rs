@@ -50,7 +50,7 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
         assert!(!status.is_empty(), "StatusText is empty");
         // Default configuration: dry run (observe-only), the lock held on the ext4 state dir.
         assert!(
-            status.starts_with("observe-only: queue: 0 waiting"),
+            status.starts_with("observe-only: posture 7/9 on · queue: 0 waiting"),
             "{status}"
         );
         assert!(status.contains("lock held"), "{status}");
@@ -311,7 +311,10 @@ fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
         ]);
         assert_eq!(out.trim(), "s \"foreign-host\"");
         let status = b.show("outlived", "StatusText");
-        assert!(status.contains("queue disabled (foreign-host)"), "{status}");
+        assert!(
+            status.starts_with("DEGRADED: queue.resume off-runtime-divergent (foreign-host)"),
+            "{status}"
+        );
         let alerts = journal_json(&b, &["MESSAGE_ID=16178756b76b464797d26fe3e163f095"]);
         assert_eq!(alerts.len(), 1, "{alerts:?}");
         assert_eq!(alerts[0]["OUTLIVE_REASON"], "foreign-host");
@@ -478,7 +481,10 @@ fn box_the_drainer_revives_through_systemd() {
             b.show("outlived", "ActiveState") == "active"
         });
         let status = b.show("outlived", "StatusText");
-        assert!(status.starts_with("queue: 0 waiting"), "live: {status}");
+        assert!(
+            status.starts_with("posture 7/9 on · queue: 0 waiting"),
+            "live: {status}"
+        );
 
         // (a) a unit killed under its run, enqueued, started again by StartUnit.
         b.run(&["systemctl", "start", "demo-run.service"]);

@@ -131,7 +131,7 @@ fn l4_row8_foreign_lock_on_fuse_is_declined_and_the_holder_never_probed() {
         ready
             .get("STATUS")
             .unwrap()
-            .contains("queue disabled (foreign-host)"),
+            .starts_with("DEGRADED: queue.resume off-runtime-divergent (foreign-host)"),
         "{ready:?}"
     );
     let e = j.wait_for("queue-disabled", T, |d| {
@@ -170,7 +170,7 @@ fn l4_row11_observe_reports_and_leaves_the_lock_byte_identical() {
         ready
             .get("STATUS")
             .unwrap()
-            .contains("queue disabled (would-auto-heal)"),
+            .starts_with("DEGRADED: queue.resume off-runtime-divergent (would-auto-heal)"),
         "{ready:?}"
     );
     let e = j.wait_for("queue-disabled", T, |d| {

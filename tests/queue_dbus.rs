@@ -431,7 +431,7 @@ fn l6_l8_foreign_lock_disables_the_queue_until_lock_clear() {
         ready
             .get("STATUS")
             .unwrap()
-            .contains("queue disabled (foreign-host)"),
+            .starts_with("DEGRADED: queue.resume off-runtime-divergent (foreign-host)"),
         "{ready:?}"
     );
     let ev = j.wait_for("queue-disabled", T, |d| {

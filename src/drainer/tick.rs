@@ -167,6 +167,8 @@ pub struct Public {
     pub tier: Option<Tier>,
     /// Boottime of the last tick.
     pub last_tick_boot: Option<u64>,
+    /// Runs revived since the agent started (the metrics counter).
+    pub revivals: u64,
 }
 
 /// What the drainer shares with the bus: what it publishes, and the quota report (D-10), which
@@ -999,6 +1001,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             }
             Ok(Finished::Revived) => {
                 self.breaker_failures = 0;
+                self.handle.update(|p| p.revivals += 1);
                 if v == Verdict::Completed
                     && a.transient
                     && let (Some(u), Some(m)) = (&a.unit, &self.manager)

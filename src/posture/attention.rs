@@ -212,6 +212,14 @@ impl Attention {
             .collect()
     }
 
+    /// The reason codes of the notices in the item.
+    pub fn notice_reasons(&self) -> Vec<String> {
+        self.notices
+            .iter()
+            .filter_map(|n| n.reason_code.clone())
+            .collect()
+    }
+
     /// The most recent notice still in the item: (kind, message).
     pub fn latest_notice(&self) -> Option<(&str, &str)> {
         self.notices

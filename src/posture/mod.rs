@@ -14,7 +14,7 @@ pub mod rows;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use attention::{Anomaly, AnomalyKind, Attention, Causes};
@@ -129,9 +129,8 @@ pub struct Posture {
     settings: Settings,
     guards_dir: PathBuf,
     dir_owner: u32,
-    dropins: Dropins,
+    book: Arc<ReportBook>,
     getters: HashMap<&'static str, Getter>,
-    reports: HashMap<String, RuntimeRead>,
     track: BTreeMap<String, Track>,
     attention: Arc<Mutex<Attention>>,
     clock: Arc<dyn Clock>,
@@ -166,6 +165,109 @@ impl crate::audit::NoticeGate for NoticeGate {
     }
 }
 
+/// External guards' declarations and their latest reports (G-2, G-3): what `ReportGuard`
+/// writes, without waiting for an evaluation in progress.
+pub struct ReportBook {
+    dropins: RwLock<Dropins>,
+    reports: Mutex<HashMap<String, RuntimeRead>>,
+    clock: Arc<dyn Clock>,
+    guards_dir: PathBuf,
+}
+
+impl ReportBook {
+    /// The applied drop-ins.
+    pub fn dropins(&self) -> Dropins {
+        self.dropins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn reports(&self) -> HashMap<String, RuntimeRead> {
+        lock(&self.reports).clone()
+    }
+
+    fn replace(&self, d: Dropins) {
+        lock(&self.reports).retain(|k, _| d.find(k).is_some());
+        *self.dropins.write().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    /// `ReportGuard` (G-2, G-3) from `caller_uid`: only root and the uid owning the declaring
+    /// drop-in; unknown keys (built-in ones included) are `NotFound`; a malformed report is
+    /// refused and leaves the row `errored`.
+    pub fn report(&self, caller_uid: u32, key: &str, r: GuardReport) -> Result<(), ReportError> {
+        let GuardReport {
+            enabled,
+            dry_run,
+            tick_at_ms,
+            verdict_unknown,
+            reason_code,
+        } = r;
+        let dropins = self.dropins.read().unwrap_or_else(|e| e.into_inner());
+        let Some(d) = dropins.find(key) else {
+            return Err(ReportError::NotFound(if manifest::builtin(key).is_some() {
+                format!("{key} is a built-in guard; only outlived reports it")
+            } else {
+                format!(
+                    "no guard {key} is declared in {}",
+                    self.guards_dir.display()
+                )
+            }));
+        };
+        if caller_uid != 0 && caller_uid != d.owner {
+            return Err(ReportError::AccessDenied(format!(
+                "only root and uid {} (the owner of guards.d/{}) may report {key}",
+                d.owner, d.file
+            )));
+        }
+        if let Some(r) = &reason_code
+            && !rows::reason_code_ok(r, true)
+        {
+            lock(&self.reports).insert(
+                key.to_string(),
+                RuntimeRead::Errored("a malformed report".into()),
+            );
+            return Err(ReportError::Invalid(
+                "reason_code: 1–40 of [a-z0-9-] (a code, not a message)".into(),
+            ));
+        }
+        let (now_boot, now_wall) = (self.clock.boot_ms(), self.clock.wall_ms());
+        lock(&self.reports).insert(
+            key.to_string(),
+            RuntimeRead::Status(Runtime {
+                enabled,
+                dry_run: Some(dry_run),
+                // Staleness uses the receipt time; the reporter's time is shown, clamped.
+                last_tick_boot: Some(now_boot),
+                last_tick_wall: Some(if tick_at_ms == 0 {
+                    now_wall
+                } else {
+                    tick_at_ms.min(now_wall)
+                }),
+                verdict_unknown: verdict_unknown.unwrap_or(false),
+                reason_code,
+            }),
+        );
+        Ok(())
+    }
+
+    /// A report whose options had the wrong types: the row reads errored.
+    pub fn malformed(&self, key: &str) {
+        if self
+            .dropins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .find(key)
+            .is_some()
+        {
+            lock(&self.reports).insert(
+                key.to_string(),
+                RuntimeRead::Errored("a malformed report".into()),
+            );
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -192,6 +294,12 @@ impl Posture {
     ) -> Posture {
         let guards_dir = guards_dir(config_file);
         let dropins = dropins::load(&guards_dir, dir_owner, &|k| manifest::builtin(k).is_some());
+        let book = Arc::new(ReportBook {
+            dropins: RwLock::new(dropins),
+            reports: Mutex::new(HashMap::new()),
+            clock: Arc::clone(&clock),
+            guards_dir: guards_dir.clone(),
+        });
         let started_boot = clock.boot_ms();
         let mut p = Posture {
             config_file: config_file.to_path_buf(),
@@ -201,9 +309,8 @@ impl Posture {
             settings,
             guards_dir,
             dir_owner,
-            dropins,
+            book,
             getters: HashMap::new(),
-            reports: HashMap::new(),
             track: BTreeMap::new(),
             attention,
             clock,
@@ -237,7 +344,8 @@ impl Posture {
 
     /// The rejected drop-ins (for auditing at start and reload).
     pub fn rejected_dropins(&self) -> Vec<Event> {
-        self.dropins
+        self.book
+            .dropins()
             .rejected
             .iter()
             .map(|r| {
@@ -296,7 +404,7 @@ impl Posture {
                 Self::applied_value(&self.applied, g, self.settings.no_bus),
             );
         }
-        for d in &self.dropins.guards {
+        for d in &self.book.dropins().guards {
             self.boot.insert(d.key.clone(), (d.enabled, d.dry_run));
         }
     }
@@ -315,82 +423,21 @@ impl Posture {
         self.applied = config;
         lock(&self.attention).set_timing(settings.grace_ms, settings.hold_ms);
         self.settings = settings;
-        self.dropins = dropins::load(&self.guards_dir, self.dir_owner, &|k| {
+        let d = dropins::load(&self.guards_dir, self.dir_owner, &|k| {
             manifest::builtin(k).is_some()
         });
-        self.reports.retain(|k, _| self.dropins.find(k).is_some());
+        self.book.replace(d);
         self.snapshot_boot();
     }
 
-    /// `ReportGuard` (G-2, G-3) from `caller_uid`.
-    pub fn report(
-        &mut self,
-        caller_uid: u32,
-        key: &str,
-        r: GuardReport,
-    ) -> Result<(), ReportError> {
-        let GuardReport {
-            enabled,
-            dry_run,
-            tick_at_ms,
-            verdict_unknown,
-            reason_code,
-        } = r;
-        let Some(d) = self.dropins.find(key) else {
-            return Err(ReportError::NotFound(if manifest::builtin(key).is_some() {
-                format!("{key} is a built-in guard; only outlived reports it")
-            } else {
-                format!(
-                    "no guard {key} is declared in {}",
-                    self.guards_dir.display()
-                )
-            }));
-        };
-        if caller_uid != 0 && caller_uid != d.owner {
-            return Err(ReportError::AccessDenied(format!(
-                "only root and uid {} (the owner of guards.d/{}) may report {key}",
-                d.owner, d.file
-            )));
-        }
-        if let Some(r) = &reason_code
-            && !rows::reason_code_ok(r, true)
-        {
-            self.reports.insert(
-                key.to_string(),
-                RuntimeRead::Errored("a malformed report".into()),
-            );
-            return Err(ReportError::Invalid(
-                "reason_code: 1–40 of [a-z0-9-] (a code, not a message)".into(),
-            ));
-        }
-        let (now_boot, now_wall) = (self.clock.boot_ms(), self.clock.wall_ms());
-        self.reports.insert(
-            key.to_string(),
-            RuntimeRead::Status(Runtime {
-                enabled,
-                dry_run: Some(dry_run),
-                // Staleness uses the receipt time; the reporter's time is shown, clamped.
-                last_tick_boot: Some(now_boot),
-                last_tick_wall: Some(if tick_at_ms == 0 {
-                    now_wall
-                } else {
-                    tick_at_ms.min(now_wall)
-                }),
-                verdict_unknown: verdict_unknown.unwrap_or(false),
-                reason_code,
-            }),
-        );
-        Ok(())
+    /// The report book `ReportGuard` writes to (shared with the bus object).
+    pub fn book(&self) -> Arc<ReportBook> {
+        Arc::clone(&self.book)
     }
 
-    /// Record a malformed report (an option of the wrong type): the row reads errored.
-    pub fn malformed_report(&mut self, key: &str) {
-        if self.dropins.find(key).is_some() {
-            self.reports.insert(
-                key.to_string(),
-                RuntimeRead::Errored("a malformed report".into()),
-            );
-        }
+    /// `ReportGuard` (see [`ReportBook::report`]).
+    pub fn report(&self, caller_uid: u32, key: &str, r: GuardReport) -> Result<(), ReportError> {
+        self.book.report(caller_uid, key, r)
     }
 
     /// `AckAttention`: one-off notices leave (G-9).
@@ -488,7 +535,9 @@ impl Posture {
                 now_wall,
             ));
         }
-        for dg in self.dropins.guards.clone() {
+        let applied_dropins = self.book.dropins();
+        let reports = self.book.reports();
+        for dg in applied_dropins.guards.clone() {
             let on_disk = disk_dropins.find(&dg.key);
             let (config_enabled, config_dry_run) = on_disk
                 .map(|x| (x.enabled, x.dry_run))
@@ -501,11 +550,7 @@ impl Posture {
                     .is_none_or(|x| (x.enabled, x.dry_run) != (dg.enabled, dg.dry_run)),
                 expect_runtime: true,
                 boot_had_it_off: self.boot.get(&dg.key).is_some_and(|b| !b.0),
-                runtime: self
-                    .reports
-                    .get(&dg.key)
-                    .cloned()
-                    .unwrap_or(RuntimeRead::Absent),
+                runtime: reports.get(&dg.key).cloned().unwrap_or(RuntimeRead::Absent),
                 cadence_ms: dg.cadence_ms,
                 now_boot,
                 started_boot: self.started_boot,
@@ -521,7 +566,7 @@ impl Posture {
                 now_wall,
             ));
         }
-        for r in self.dropins.rejected.clone() {
+        for r in applied_dropins.rejected.clone() {
             for key in &r.keys {
                 let input = Input {
                     config_enabled: Ok(true),
@@ -599,12 +644,23 @@ impl Posture {
             out.events
                 .extend(a.evaluate(&anomalies, &flapping, &q.causes));
             out.raised = a.take_raised();
+            // What DEGRADED: names: an alertable anomaly; else the row a notice is about
+            // (same reason code), as the operator will see it in `outlivectl guards`; else
+            // the latest notice.
+            let describe = |x: &Anomaly| match &x.reason_code {
+                Some(r) => format!("{} {} ({r})", x.key, x.kind.as_str()),
+                None => format!("{} {}", x.key, x.kind.as_str()),
+            };
+            let reasons = a.notice_reasons();
             let headline = a
                 .anomalies()
                 .first()
-                .map(|x| match &x.reason_code {
-                    Some(r) => format!("{} {} ({r})", x.key, x.kind.as_str()),
-                    None => format!("{} {}", x.key, x.kind.as_str()),
+                .map(describe)
+                .or_else(|| {
+                    anomalies
+                        .iter()
+                        .find(|x| x.reason_code.as_ref().is_some_and(|r| reasons.contains(r)))
+                        .map(describe)
                 })
                 .or_else(|| a.latest_notice().map(|(k, m)| format!("{k}: {}", short(m))));
             (a.to_json(), a.is_open(), headline)

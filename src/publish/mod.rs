@@ -5,5 +5,6 @@
 pub mod dbus;
 pub mod journal;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod watchdog;

@@ -11,6 +11,7 @@
 pub mod agent1;
 pub mod auth;
 pub mod errors;
+pub mod guards1;
 pub mod queue1;
 pub mod variant;
 
@@ -27,6 +28,7 @@ use crate::publish::watchdog::LoopBeat;
 
 pub use agent1::{Agent1, HostState};
 pub use errors::OutliveError;
+pub use guards1::Guards1;
 pub use queue1::{ResumeQueue1, SharedQueue};
 
 /// Emits PropertiesChanged for every published property that changed since the last call,
@@ -36,7 +38,12 @@ pub struct Publisher {
     host: Arc<HostState>,
     queue: SharedQueue,
     drainer: crate::drainer::tick::Handle,
-    last: tokio::sync::Mutex<(agent1::Agent1Props, queue1::QueueProps)>,
+    posture: Arc<std::sync::RwLock<crate::posture::Published>>,
+    last: tokio::sync::Mutex<(
+        agent1::Agent1Props,
+        queue1::QueueProps,
+        guards1::GuardsProps,
+    )>,
 }
 
 impl Publisher {
@@ -45,23 +52,30 @@ impl Publisher {
         host: Arc<HostState>,
         queue: SharedQueue,
         drainer: crate::drainer::tick::Handle,
+        posture: Arc<std::sync::RwLock<crate::posture::Published>>,
     ) -> Publisher {
-        let baseline = (
-            host.props(),
-            queue1::QueueProps::of(&queue1::lock(&queue), &drainer.public()),
-        );
-        Publisher {
+        let mut p = Publisher {
             host,
             queue,
             drainer,
-            last: tokio::sync::Mutex::new(baseline),
-        }
+            posture,
+            last: tokio::sync::Mutex::new(Default::default()),
+        };
+        p.last = tokio::sync::Mutex::new(p.current());
+        p
     }
 
-    fn current(&self) -> (agent1::Agent1Props, queue1::QueueProps) {
+    fn current(
+        &self,
+    ) -> (
+        agent1::Agent1Props,
+        queue1::QueueProps,
+        guards1::GuardsProps,
+    ) {
         (
             self.host.props(),
             queue1::QueueProps::of(&queue1::lock(&self.queue), &self.drainer.public()),
+            guards1::GuardsProps::of(&self.posture.read().unwrap_or_else(|e| e.into_inner())),
         )
     }
 
@@ -124,6 +138,24 @@ impl Publisher {
                 breaker_open_until => breaker_open_until_changed,
                 quota_signal => quota_signal_changed,
             );
+        }
+        if let Ok(iref) = conn
+            .object_server()
+            .interface::<_, Guards1>(GUARDS_PATH)
+            .await
+        {
+            let i = iref.get().await;
+            let em = iref.signal_emitter();
+            let (a, b) = (&last.2, &now.2);
+            if a.summary != b.summary {
+                results.push(i.summary_changed(em).await);
+            }
+            if a.anomalies != b.anomalies {
+                results.push(i.anomalies_changed(em).await);
+            }
+            if a.attention != b.attention {
+                results.push(i.attention_changed(em).await);
+            }
         }
         for r in results {
             if let Err(e) = r {
@@ -192,6 +224,7 @@ impl std::fmt::Display for StartError {
 pub struct Objects {
     pub agent1: Agent1,
     pub queue1: ResumeQueue1,
+    pub guards1: Guards1,
     pub publisher: Arc<Publisher>,
 }
 
@@ -349,6 +382,35 @@ impl Bus {
         }
     }
 
+    /// Emit `PostureChanged(changed_rows)` and `AttentionRaised(kind, detail)` (G-10, G-9).
+    pub async fn posture_signals(
+        &self,
+        changed: &[crate::posture::rows::Row],
+        raised: &[(String, String)],
+    ) {
+        let Some(conn) = self.connection() else {
+            return;
+        };
+        let Ok(iref) = conn
+            .object_server()
+            .interface::<_, Guards1>(GUARDS_PATH)
+            .await
+        else {
+            return;
+        };
+        let em = iref.signal_emitter();
+        if !changed.is_empty()
+            && let Err(e) = Guards1::posture_changed(em, guards1::rows_dicts(changed)).await
+        {
+            tracing::warn!("cannot emit PostureChanged: {e}");
+        }
+        for (kind, detail) in raised {
+            if let Err(e) = Guards1::attention_raised(em, kind, detail).await {
+                tracing::warn!("cannot emit AttentionRaised: {e}");
+            }
+        }
+    }
+
     /// Release the name and close the connection (orderly stop).
     pub async fn close(&self) {
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -367,6 +429,7 @@ async fn connect(target: BusTarget, objects: &Objects) -> Result<Connection, Sta
     let conn = builder
         .serve_at(AGENT_PATH, objects.agent1.clone())
         .serve_at(QUEUE_PATH, objects.queue1.clone())
+        .serve_at(GUARDS_PATH, objects.guards1.clone())
         .build()
         .await
         .map_err(StartError::Unreachable)?;

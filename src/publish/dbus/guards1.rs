@@ -1,0 +1,215 @@
+//! `/org/outlive/Agent1/Guards`, interface `org.outlive.Guards1` (SPEC X-1, §6): the guard
+//! posture. Properties `Summary`, `Anomalies` and `Attention` (with PropertiesChanged);
+//! `GetGuards` (the G-10 rows, for everyone), `ReportGuard` (G-2: root or the owner of the
+//! declaring drop-in), `AckAttention` (root or `outlive`); signals `PostureChanged` and
+//! `AttentionRaised`.
+//!
+//! The object reads the last published evaluation and never waits for one in progress.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::wire::OwnedVariant;
+use zbus::{Connection, interface};
+
+use super::Publisher;
+use super::auth::{self, AuthPolicy};
+use super::errors::OutliveError;
+use super::variant::to_dict;
+use crate::audit::AuditSink;
+use crate::posture::attention::Attention;
+use crate::posture::{GuardReport, Published, ReportBook, ReportError};
+
+/// The interface object.
+#[derive(Clone)]
+pub struct Guards1 {
+    pub published: Arc<RwLock<Published>>,
+    pub book: Arc<ReportBook>,
+    pub attention: Arc<Mutex<Attention>>,
+    pub audit: Arc<dyn AuditSink>,
+    /// Asks for an evaluation (a runtime change, G-8).
+    pub poke: Arc<tokio::sync::Notify>,
+    pub auth: AuthPolicy,
+    pub publisher: Arc<Publisher>,
+}
+
+/// The changeable properties, for change detection.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GuardsProps {
+    pub summary: Vec<(String, u32)>,
+    pub anomalies: Vec<String>,
+    pub attention: serde_json::Value,
+}
+
+impl GuardsProps {
+    pub fn of(p: &Published) -> GuardsProps {
+        GuardsProps {
+            summary: p.summary.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            anomalies: p.anomalies.clone(),
+            attention: p.attention.clone(),
+        }
+    }
+}
+
+impl From<ReportError> for OutliveError {
+    fn from(e: ReportError) -> OutliveError {
+        match e {
+            ReportError::NotFound(m) => OutliveError::NotFound(m),
+            ReportError::AccessDenied(m) => OutliveError::AccessDenied(m),
+            ReportError::Invalid(m) => OutliveError::InvalidArgument(m),
+        }
+    }
+}
+
+impl Guards1 {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Published> {
+        self.published.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Rows as `aa{sv}`.
+pub fn rows_dicts(rows: &[crate::posture::rows::Row]) -> Vec<HashMap<String, OwnedVariant>> {
+    rows.iter().map(|r| to_dict(&r.to_json())).collect()
+}
+
+#[interface(name = "org.outlive.Guards1")]
+impl Guards1 {
+    /// Rows per effective state (all ten states).
+    #[zbus(property)]
+    fn summary(&self) -> HashMap<String, u32> {
+        self.read()
+            .summary
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// The current anomalies, `key: kind (reason)`.
+    #[zbus(property)]
+    fn anomalies(&self) -> Vec<String> {
+        self.read().anomalies.clone()
+    }
+
+    /// The attention item (G-9).
+    #[zbus(property)]
+    fn attention(&self) -> HashMap<String, OwnedVariant> {
+        to_dict(&self.read().attention)
+    }
+
+    /// Every row (G-10).
+    async fn get_guards(&self) -> Vec<HashMap<String, OwnedVariant>> {
+        rows_dicts(&self.read().rows)
+    }
+
+    /// An external guard's runtime status (G-2, G-3). `options`: `verdict_unknown` (b),
+    /// `reason_code` (s).
+    #[allow(clippy::too_many_arguments)]
+    async fn report_guard(
+        &self,
+        key: String,
+        enabled: bool,
+        dry_run: bool,
+        tick_at_ms: u64,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let caller = auth::caller(conn, &hdr).await?;
+        if key.len() > 64 {
+            return Err(OutliveError::InvalidArgument(
+                "key: at most 64 bytes".into(),
+            ));
+        }
+        let mut r = GuardReport {
+            enabled,
+            dry_run,
+            tick_at_ms,
+            ..GuardReport::default()
+        };
+        for (k, v) in &options {
+            let bad =
+                |want: &str| OutliveError::InvalidArgument(format!("options.{k}: expected {want}"));
+            match k.as_str() {
+                "verdict_unknown" => match bool::try_from(v.try_clone().map_err(|_| bad("b"))?) {
+                    Ok(b) => r.verdict_unknown = Some(b),
+                    Err(_) => {
+                        self.malformed(caller.uid, &key);
+                        return Err(bad("b (boolean)"));
+                    }
+                },
+                "reason_code" => match String::try_from(v.try_clone().map_err(|_| bad("s"))?) {
+                    Ok(s) if s.len() <= 64 => r.reason_code = Some(s),
+                    _ => {
+                        self.malformed(caller.uid, &key);
+                        return Err(bad("s (a reason code)"));
+                    }
+                },
+                _ => {
+                    return Err(OutliveError::InvalidArgument(format!(
+                        "options.{k}: unknown option (verdict_unknown, reason_code)"
+                    )));
+                }
+            }
+        }
+        let res = self.book.report(caller.uid, &key, r);
+        self.poke.notify_one();
+        Ok(res?)
+    }
+
+    /// One-off notices leave the attention item now (G-9).
+    async fn ack_attention(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), OutliveError> {
+        let c = auth::caller(conn, &hdr).await?;
+        if !c.may_mutate(&self.auth) {
+            return Err(OutliveError::AccessDenied(
+                "AckAttention needs root or membership in the outlive group".into(),
+            ));
+        }
+        let (_, events) = self
+            .attention
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ack();
+        for e in &events {
+            self.audit.record(e);
+        }
+        self.poke.notify_one();
+        Ok(())
+    }
+
+    /// Rows whose state changed.
+    #[zbus(signal)]
+    pub async fn posture_changed(
+        emitter: &SignalEmitter<'_>,
+        changed_rows: Vec<HashMap<String, OwnedVariant>>,
+    ) -> zbus::Result<()>;
+
+    /// The attention item opened or grew.
+    #[zbus(signal)]
+    pub async fn attention_raised(
+        emitter: &SignalEmitter<'_>,
+        kind: &str,
+        detail: &str,
+    ) -> zbus::Result<()>;
+}
+
+impl Guards1 {
+    /// Only the declaring file's owner (or root) makes a malformed report count.
+    fn malformed(&self, uid: u32, key: &str) {
+        if uid == 0
+            || self
+                .book
+                .dropins()
+                .find(key)
+                .is_some_and(|d| d.owner == uid)
+        {
+            self.book.malformed(key);
+            self.poke.notify_one();
+        }
+    }
+}
