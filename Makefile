@@ -20,6 +20,8 @@ OUTLIVECTL ?= $(TARGET_DIR)/$(PROFILE)/outlivectl
 SBINDIR := $(PREFIX)/sbin
 BINDIR := $(PREFIX)/bin
 UNITDIR := $(PREFIX)/lib/systemd/system
+# journalctl reads catalogs from /usr/lib/systemd/catalog and /usr/local/lib/systemd/catalog.
+CATALOGDIR := $(PREFIX)/lib/systemd/catalog
 DBUSPOLICYDIR := /usr/share/dbus-1/system.d
 
 NEXTEST := $(CARGO) nextest run --features fault-hooks --profile ci
@@ -64,14 +66,17 @@ install: $(OUTLIVED) $(OUTLIVECTL)
 		> $(DESTDIR)$(UNITDIR)/outlived.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/outlived.service
 	install -D -m 0644 systemd/org.outlive.Agent1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.outlive.Agent1.conf
+	install -D -m 0644 systemd/outlive.catalog $(DESTDIR)$(CATALOGDIR)/outlive.catalog
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl daemon-reload; \
+		journalctl --update-catalog; \
 	fi
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/outlived $(DESTDIR)$(BINDIR)/outlivectl
 	rm -f $(DESTDIR)$(UNITDIR)/outlived.service
 	rm -f $(DESTDIR)$(DBUSPOLICYDIR)/org.outlive.Agent1.conf
+	rm -f $(DESTDIR)$(CATALOGDIR)/outlive.catalog
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl daemon-reload; \
 	fi

@@ -61,6 +61,15 @@ fn makefile_install_honours_destdir_and_prefix() {
             !root.join("usr/local/share/dbus-1").exists(),
             "{prefix}: policy under the prefix is never read"
         );
+        // The journal catalog, where journalctl looks for it under this prefix.
+        assert!(
+            root.join(format!(
+                "{}/lib/systemd/catalog/outlive.catalog",
+                prefix.trim_start_matches('/')
+            ))
+            .is_file(),
+            "{prefix}: catalog"
+        );
         // No bus activation file (activation would restart a stopped agent).
         let activation = walk(root)
             .into_iter()
@@ -292,6 +301,62 @@ fn s9_packaged_default_configuration_is_generated_from_the_key_table() {
                 .any(|l| l.starts_with(&format!("#{name} = "))),
             "{} missing",
             k.key
+        );
+    }
+}
+
+/// the catalog has an entry for every MESSAGE_ID, each with Subject, Defined-By, Support
+/// and a body saying what to do, and journalctl compiles it.
+#[test]
+fn x2_the_catalog_explains_every_message_id_and_journalctl_compiles_it() {
+    let text = std::fs::read_to_string(repo().join("systemd/outlive.catalog")).unwrap();
+    let mut entries: std::collections::HashMap<String, String> = Default::default();
+    for chunk in text.split("\n-- ").skip(1) {
+        let (id, body) = chunk.split_once('\n').unwrap();
+        entries.insert(id.trim().to_string(), body.to_string());
+    }
+    for a in outlive::audit::Alert::ALL {
+        let id = a.message_id();
+        let body = entries
+            .get(id)
+            .unwrap_or_else(|| panic!("no catalog entry for {a:?} ({id})"));
+        for h in ["Subject: ", "Defined-By: outlive", "Support: "] {
+            assert!(body.contains(h), "{id}: no {h}");
+        }
+        let prose = body.split("\n\n").skip(1).collect::<Vec<_>>().join(" ");
+        assert!(
+            prose.split_whitespace().count() >= 20,
+            "{id}: the body is too thin"
+        );
+    }
+    assert_eq!(
+        entries.len(),
+        outlive::audit::Alert::ALL.len(),
+        "an entry for an unknown id"
+    );
+    if !require_tools(&["journalctl"]) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("usr/lib/systemd/catalog");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        repo().join("systemd/outlive.catalog"),
+        dir.join("outlive.catalog"),
+    )
+    .unwrap();
+    let r = root.path().to_str().unwrap();
+    let (code, _, err) =
+        run(Command::new("journalctl").args([&format!("--root={r}"), "--update-catalog"]));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) =
+        run(Command::new("journalctl").args([&format!("--root={r}"), "--list-catalog"]));
+    assert_eq!(code, 0, "{err}");
+    for a in outlive::audit::Alert::ALL {
+        assert!(
+            out.contains(a.message_id()),
+            "journalctl did not compile {:?}:\n{out}",
+            a
         );
     }
 }

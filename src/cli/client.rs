@@ -40,6 +40,25 @@ pub trait ResumeQueue1 {
     fn report_quota(&self, can_spawn: bool, valid_for_sec: u32) -> zbus::Result<()>;
 }
 
+/// `org.outlive.Guards1`.
+#[zbus::proxy(
+    interface = "org.outlive.Guards1",
+    default_service = "org.outlive.Agent1",
+    default_path = "/org/outlive/Agent1/Guards"
+)]
+pub trait Guards1 {
+    fn get_guards(&self) -> zbus::Result<Vec<HashMap<String, OwnedVariant>>>;
+    fn report_guard(
+        &self,
+        key: &str,
+        enabled: bool,
+        dry_run: bool,
+        tick_at_ms: u64,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> zbus::Result<()>;
+    fn ack_attention(&self) -> zbus::Result<()>;
+}
+
 /// A failure, with the exit status it means.
 #[derive(Debug)]
 pub struct Failure {
@@ -186,6 +205,14 @@ pub async fn properties(
 pub async fn queue(conn: &Connection) -> Result<ResumeQueue1Proxy<'_>, Failure> {
     ResumeQueue1Proxy::builder(conn)
         .path(QUEUE_PATH)
+        .build()
+        .await
+        .map_err(failure)
+}
+
+pub async fn guards(conn: &Connection) -> Result<Guards1Proxy<'_>, Failure> {
+    Guards1Proxy::builder(conn)
+        .path(crate::publish::dbus::GUARDS_PATH)
         .build()
         .await
         .map_err(failure)

@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod guards;
 pub mod host;
 pub mod lock;
 pub mod queue;
@@ -102,6 +103,12 @@ pub enum Command {
         #[arg(long, value_name = "P")]
         path: Option<PathBuf>,
     },
+    /// One screen: posture, anomalies, attention, queue and lock.
+    Status,
+    /// The guards: which safety systems are genuinely on (anomalies first, with what to do).
+    Guards,
+    /// Clear the one-off notices from the attention item.
+    Ack,
     /// The revival queue: its state and its entries.
     Queue,
     /// Queue a reaped run for revival (flags mirror the Enqueue dictionary).
@@ -278,6 +285,9 @@ pub fn outlivectl_main() -> i32 {
     let (user, json) = (cli.user, cli.json);
     let result = match cli.command {
         Command::Host { path } => return host::run(path.as_deref(), json),
+        Command::Status => client::block_on(guards::status(user, json)),
+        Command::Guards => client::block_on(guards::guards(user, json)),
+        Command::Ack => client::block_on(guards::ack(user, json)),
         Command::Queue => client::block_on(queue::show(user, json)),
         Command::Enqueue(f) => client::block_on(queue::enqueue(user, json, &(*f).into())),
         Command::Cancel { id } => client::block_on(queue::op(user, json, queue::Op::Cancel(id))),
