@@ -276,6 +276,8 @@ pub struct AgentSpec {
     pub wrapper: Vec<String>,
     /// The state directory (default: `state` in the agent's temp dir).
     pub state_dir: Option<PathBuf>,
+    /// Drop-ins for `guards.d/` beside the configuration: (file name, text, owner uid).
+    pub dropins: Vec<(String, String, u32)>,
 }
 
 impl Default for AgentSpec {
@@ -289,6 +291,7 @@ impl Default for AgentSpec {
             watchdog_usec: None,
             wrapper: Vec::new(),
             state_dir: None,
+            dropins: Vec::new(),
         }
     }
 }
@@ -315,6 +318,19 @@ impl Agent {
         );
         toml.push_str(&spec.toml);
         std::fs::write(&config, toml).unwrap();
+        if !spec.dropins.is_empty() {
+            let g = dir.path().join("guards.d");
+            std::fs::create_dir(&g).unwrap();
+            std::fs::set_permissions(&g, std::fs::Permissions::from_mode(0o755)).unwrap();
+            for (name, text, owner) in &spec.dropins {
+                let p = g.join(name);
+                std::fs::write(&p, text).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+                if is_root() {
+                    nix::unistd::chown(&p, Some(nix::unistd::Uid::from_raw(*owner)), None).unwrap();
+                }
+            }
+        }
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut argv: Vec<String> = spec.wrapper.clone();
