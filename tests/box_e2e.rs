@@ -22,6 +22,28 @@ fn journal_json(b: &SystemdBox, filter: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The posture rows, as `outlivectl guards --json` shows them in the box.
+fn box_guards(b: &SystemdBox) -> Vec<serde_json::Value> {
+    let (code, out, err) = b.run(&["/usr/local/bin/outlivectl", "--json", "guards"]);
+    assert_eq!(code, 0, "outlivectl guards: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["guards"].as_array().unwrap().clone()
+}
+
+fn box_row(b: &SystemdBox, key: &str) -> serde_json::Value {
+    box_guards(b)
+        .into_iter()
+        .find(|r| r["key"] == key)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Every box test: the state directory is on the ext4 image, so `state.host_local` is
+/// genuinely on (DESIGN §4.3).
+fn assert_state_host_local(b: &SystemdBox) {
+    let r = box_row(b, "state.host_local");
+    assert_eq!(r["effective"], "on-confirmed", "{r}");
+}
+
 /// X-3, X-4, X-1 (HostId), X-2: the agent under the shipped unit: active with a status, the
 /// same host id over the bus as `outlivectl host`, journal entries, and a watchdog restart of
 /// a stopped agent.
@@ -54,6 +76,23 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
             "{status}"
         );
         assert!(status.contains("lock held"), "{status}");
+        // (c) dry run is never silent, and it is not a degradation.
+        assert!(!status.contains("DEGRADED"), "{status}");
+        let (_, degraded, _) = b.run(&[
+            "busctl",
+            "get-property",
+            "org.outlive.Agent1",
+            "/org/outlive/Agent1",
+            "org.outlive.Agent1",
+            "Degraded",
+        ]);
+        assert_eq!(degraded.trim(), "b false");
+        assert_eq!(box_row(&b, "queue.resume")["effective"], "on-dry-run");
+        assert_eq!(
+            journal_json(&b, &["OUTLIVE_EVENT=observe-only"]).len(),
+            1,
+            "the start says nothing will be revived"
+        );
 
         // HostId over the real system bus equals outlivectl's, in the box and on the machine.
         let (code, out, err) = b.run(&[
@@ -142,6 +181,7 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
         );
         // WatchdogSec 3 s + abort 2 s + restart 1 s, with room for a loaded machine.
         assert!(took < Duration::from_secs(12), "restart took {took:?}");
+        assert_state_host_local(&b);
         b.halt();
     }
     let after = HostSnapshot::take(&[]);
@@ -263,6 +303,7 @@ fn box_host_rename_is_healed_and_only_members_may_act() {
         assert!(err.contains("AccessDenied"), "{err}");
         let (code, out, err) = as_user("member", &["cancel", &id]);
         assert_eq!(code, 0, "{out}{err}");
+        assert_state_host_local(&b);
         b.halt();
     }
     let diff = before.diff(&HostSnapshot::take(&[]));
@@ -285,6 +326,10 @@ fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
     {
         let stage = Stage::new("foreign");
         stage.state_image(64);
+        stage.file(
+            "/etc/outlive/outlive.toml",
+            "[drainer]\ninterval_sec = 1\n\n[posture]\nanomaly_grace_sec = 1\n",
+        );
         stage.state_file(
             "resume-queue.lock",
             &lock_record("0123456789abcdef0123456789abcdef", "other-host"),
@@ -344,9 +389,76 @@ fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
         );
         let (_, runtime, _) = b.sh("ls /run/outlive");
         assert!(
-            runtime.contains("audit.jsonl"),
-            "audit lines go to the runtime directory: {runtime}"
+            runtime.contains("audit.jsonl") && runtime.contains("posture-boot.json"),
+            "audit lines and the boot snapshot go to the runtime directory: {runtime}"
         );
+
+        // G-6/G-9 (a): the posture says so, once, in its words; the operator can read why.
+        let r = box_row(&b, "queue.resume");
+        assert_eq!(
+            (r["effective"].as_str(), r["reason_code"].as_str()),
+            (Some("off-runtime-divergent"), Some("foreign-host")),
+            "{r}"
+        );
+        let (_, degraded, _) = b.run(&[
+            "busctl",
+            "get-property",
+            "org.outlive.Agent1",
+            "/org/outlive/Agent1",
+            "org.outlive.Agent1",
+            "Degraded",
+        ]);
+        assert_eq!(degraded.trim(), "b true");
+        std::thread::sleep(Duration::from_secs(3)); // several ticks, past the 1 s grace
+        assert_eq!(
+            journal_json(&b, &["MESSAGE_ID=16178756b76b464797d26fe3e163f095"]).len(),
+            1,
+            "one cause, one entry"
+        );
+        assert!(
+            journal_json(&b, &["MESSAGE_ID=732c4bc9ef3f4dd98cb6b773fa36edb3"]).is_empty(),
+            "the anomaly joins the queue notice without an entry of its own"
+        );
+        let (code, _, err) = b.run(&["journalctl", "--update-catalog"]);
+        assert_eq!(code, 0, "{err}");
+        let (_, x, _) = b.run(&[
+            "journalctl",
+            "--no-pager",
+            "-x",
+            "MESSAGE_ID=16178756b76b464797d26fe3e163f095",
+        ]);
+        assert!(
+            x.contains("revival queue is disabled") && x.contains("outlivectl lock"),
+            "journalctl -x shows the catalog text:\n{x}"
+        );
+        // `outlivectl lock clear` (verifies no holder, asks the agent to re-evaluate): restored.
+        let (code, out, err) = b.run(&["/usr/local/bin/outlivectl", "lock", "clear"]);
+        assert_eq!(code, 0, "{out}{err}");
+        b.wait_for("Degraded false", Duration::from_secs(15), |b| {
+            b.run(&[
+                "busctl",
+                "get-property",
+                "org.outlive.Agent1",
+                "/org/outlive/Agent1",
+                "org.outlive.Agent1",
+                "Degraded",
+            ])
+            .1
+            .trim()
+                == "b false"
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            journal_json(&b, &["MESSAGE_ID=1151efdae37c4b6e9cddb87dadbf6b50"]).len(),
+            1,
+            "one restored entry"
+        );
+        assert_eq!(box_row(&b, "queue.resume")["effective"], "on-dry-run");
+        assert!(
+            b.show("outlived", "StatusText")
+                .starts_with("observe-only: ")
+        );
+        assert_state_host_local(&b);
         b.halt();
     }
     let diff = before.diff(&HostSnapshot::take(&[]));
@@ -482,7 +594,7 @@ fn box_the_drainer_revives_through_systemd() {
         });
         let status = b.show("outlived", "StatusText");
         assert!(
-            status.starts_with("posture 7/9 on · queue: 0 waiting"),
+            status.starts_with("posture 6/9 on · queue: 0 waiting"),
             "live: {status}"
         );
 
@@ -672,6 +784,7 @@ fn box_the_drainer_revives_through_systemd() {
         );
         assert_eq!(code, 1);
         assert!(err.contains("AccessDenied"), "{err}");
+        assert_state_host_local(&b);
         b.halt();
     }
     let diff = before.diff(&HostSnapshot::take(&[]));
@@ -790,6 +903,103 @@ fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted
         b.wait_for("outlived active again", Duration::from_secs(20), |b| {
             b.show("outlived", "ActiveState") == "active"
         });
+        assert_state_host_local(&b);
+        b.halt();
+    }
+    let diff = before.diff(&HostSnapshot::take(&[]));
+    assert!(
+        diff.is_empty(),
+        "the box changed the machine:\n{}",
+        diff.join("\n")
+    );
+}
+
+/// G-2, G-5, G-9 (b): an external guard declared by a drop-in (picked up by a reload) and
+/// reported by the drop-in's owner reads on-confirmed, goes on-stale after 5 × its cadence
+/// without reports, and writes exactly one posture-degraded entry; another user cannot report
+/// it.
+#[test]
+fn box_an_external_guard_is_reported_by_its_owner_and_goes_stale_once() {
+    if !box_available() {
+        return;
+    }
+    let before = HostSnapshot::take(&[]);
+    {
+        let stage = Stage::new("external");
+        stage.state_image(64);
+        stage.file(
+            "/etc/outlive/outlive.toml",
+            "[drainer]\ninterval_sec = 1\n\n[posture]\nanomaly_grace_sec = 1\n",
+        );
+        stage.want("outlived.service");
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        let (code, _, err) = b.sh(
+            "useradd --user-group reporter && useradd --user-group other && \
+             mkdir -p -m 0755 /etc/outlive/guards.d && \
+             printf '[[guard]]\\nkey = \"backup.snapshots\"\\ndescription = \"hourly snapshots\"\\ndefault_enabled = true\\nenabled = true\\ncadence_ms = 1000\\n' \
+               > /etc/outlive/guards.d/50-backup.toml && \
+             chown reporter /etc/outlive/guards.d/50-backup.toml && chmod 0644 /etc/outlive/guards.d/50-backup.toml && \
+             systemctl reload outlived",
+        );
+        assert_eq!(code, 0, "{err}");
+        b.wait_for("the drop-in's row", Duration::from_secs(15), |b| {
+            box_row(b, "backup.snapshots")["effective"] == "missing"
+        });
+        let report = |user: &str| {
+            b.run(&[
+                "setpriv",
+                "--reuid",
+                user,
+                "--regid",
+                user,
+                "--init-groups",
+                "busctl",
+                "call",
+                "org.outlive.Agent1",
+                "/org/outlive/Agent1/Guards",
+                "org.outlive.Guards1",
+                "ReportGuard",
+                "sbbta{sv}",
+                "backup.snapshots",
+                "true",
+                "false",
+                "0",
+                "0",
+            ])
+        };
+        let (code, _, err) = report("other");
+        assert_ne!(code, 0);
+        assert!(err.contains("only root and uid"), "{err}");
+        let (code, _, err) = report("reporter");
+        assert_eq!(code, 0, "{err}");
+        b.wait_for("on-confirmed", Duration::from_secs(10), |b| {
+            box_row(b, "backup.snapshots")["effective"] == "on-confirmed"
+        });
+        let r = box_row(&b, "backup.snapshots");
+        assert_eq!(r["source"], "50-backup.toml");
+        b.wait_for("on-stale", Duration::from_secs(15), |b| {
+            box_row(b, "backup.snapshots")["effective"] == "on-stale"
+        });
+        b.wait_for("the posture-degraded entry", Duration::from_secs(10), |b| {
+            !journal_json(b, &["MESSAGE_ID=732c4bc9ef3f4dd98cb6b773fa36edb3"]).is_empty()
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        let degraded = journal_json(&b, &["MESSAGE_ID=732c4bc9ef3f4dd98cb6b773fa36edb3"]);
+        assert_eq!(degraded.len(), 1, "{degraded:?}");
+        assert!(
+            degraded[0]["OUTLIVE_ANOMALIES"]
+                .as_str()
+                .unwrap()
+                .contains("backup.snapshots: on-stale")
+        );
+        assert!(
+            b.show("outlived", "StatusText")
+                .starts_with("DEGRADED: backup.snapshots on-stale")
+        );
+        assert_state_host_local(&b);
         b.halt();
     }
     let diff = before.diff(&HostSnapshot::take(&[]));
