@@ -13,11 +13,13 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{connect_when_owned, median_us, start};
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use outlive::queue::entry::Entry;
 use outlive::queue::store::{self, State};
@@ -70,9 +72,7 @@ fn floor(dir: &Path) {
 }
 
 fn bench_dir() -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-queue");
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::bench_dir("bench-queue")
 }
 
 fn persist(c: &mut Criterion) {
@@ -91,67 +91,6 @@ fn persist(c: &mut Criterion) {
 }
 
 // ---- Enqueue over D-Bus ----------------------------------------------------------------------
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start(dir: &Path) -> (Procs, String) {
-    let socket = dir.join("bus");
-    let conf = dir.join("bus.conf");
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/org.outlive.Agent1.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"<busconfig><type>system</type><auth>EXTERNAL</auth><listen>unix:path={}</listen>
-<policy context="default"><allow user="*"/><deny own="*"/><deny send_type="method_call"/>
-<allow send_type="signal"/><allow send_requested_reply="true" send_type="method_return"/>
-<allow send_requested_reply="true" send_type="error"/><allow receive_type="method_call"/>
-<allow receive_type="method_return"/><allow receive_type="error"/><allow receive_type="signal"/>
-<allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/></policy>
-<include>{}</include></busconfig>"#,
-            socket.display(),
-            policy.display()
-        ),
-    )
-    .unwrap();
-    let mut bus = Command::new("dbus-daemon")
-        .arg(format!("--config-file={}", conf.display()))
-        .args(["--nofork", "--nopidfile", "--print-address"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dbus-daemon");
-    let mut line = String::new();
-    BufReader::new(bus.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = format!("unix:path={}", socket.display());
-    let cfg = dir.join("outlive.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\n[journal]\nsocket = \"{0}/none\"\n[queue]\nmax_size = 10000\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let agent = Command::new(env!("CARGO_BIN_EXE_outlived"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("outlived");
-    (Procs(vec![agent, bus]), address)
-}
 
 fn enqueue(c: &mut Criterion) {
     if !nix::unistd::geteuid().is_root() {
@@ -175,23 +114,9 @@ fn enqueue(c: &mut Criterion) {
                 let chunk = left.min(40);
                 left -= chunk;
                 let dir = tempfile::tempdir_in(bench_dir()).unwrap();
-                let (_procs, address) = start(dir.path());
+                let (_procs, address) = start(dir.path(), "[queue]\nmax_size = 10000\n");
                 total += rt.block_on(async {
-                    let conn = loop {
-                        if let Ok(c) = zbus::connection::Builder::address(address.as_str())
-                            .build()
-                            .await
-                        {
-                            let d = zbus::fdo::DBusProxy::new(&c).await.unwrap();
-                            if d.name_has_owner("org.outlive.Agent1".try_into().unwrap())
-                                .await
-                                .unwrap_or(false)
-                            {
-                                break c;
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    };
+                    let conn = connect_when_owned(&address).await;
                     let t = Instant::now();
                     for _ in 0..chunk {
                         n += 1;
@@ -221,24 +146,8 @@ fn enqueue(c: &mut Criterion) {
         })
     });
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
-    let (_procs, address) = start(dir.path());
-    let conn = rt.block_on(async {
-        loop {
-            if let Ok(c) = zbus::connection::Builder::address(address.as_str())
-                .build()
-                .await
-            {
-                let d = zbus::fdo::DBusProxy::new(&c).await.unwrap();
-                if d.name_has_owner("org.outlive.Agent1".try_into().unwrap())
-                    .await
-                    .unwrap_or(false)
-                {
-                    break c;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    let (_procs, address) = start(dir.path(), "[queue]\nmax_size = 10000\n");
+    let conn = rt.block_on(connect_when_owned(&address));
     g.bench_function("peer-ping", |b| {
         b.iter(|| {
             rt.block_on(conn.call_method(
@@ -252,13 +161,6 @@ fn enqueue(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-fn median_us(group: &str, id: &str) -> Option<f64> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("target/criterion/{group}/{id}/new/estimates.json"));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
-    v["median"]["point_estimate"].as_f64().map(|ns| ns / 1000.0)
 }
 
 criterion_group!(benches, persist, enqueue);

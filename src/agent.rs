@@ -419,6 +419,7 @@ impl Agent {
             &self.config.runtime_dir,
         );
         let out = Arc::new(Outputs {
+            rows_wire: Arc::default(),
             host: Arc::clone(&self.host),
             queue: Arc::clone(&self.queue),
             notifier: Arc::clone(&self.notifier),
@@ -559,6 +560,7 @@ impl Agent {
             },
             guards1: Guards1 {
                 published: Arc::clone(&published),
+                rows: Arc::clone(&out.rows_wire),
                 book,
                 attention: Arc::clone(&self.attention),
                 audit: Arc::clone(&self.audit),
@@ -810,6 +812,12 @@ impl Evaluator {
             .host
             .degraded
             .store(published.degraded, Ordering::Relaxed);
+        *self
+            .out
+            .rows_wire
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(crate::publish::dbus::guards1::rows_wire(&published.rows));
         *self
             .out
             .published
@@ -1206,6 +1214,8 @@ impl DrainService for Runner {
 
 /// Where the agent's state is shown: the `STATUS=` line, `StatusText`, the bus.
 struct Outputs {
+    /// The rows as `GetGuards` sends them (converted once per evaluation).
+    rows_wire: crate::publish::dbus::guards1::SharedRows,
     host: Arc<HostState>,
     queue: SharedQueue,
     notifier: Arc<Notifier>,

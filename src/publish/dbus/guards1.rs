@@ -20,12 +20,14 @@ use super::errors::OutliveError;
 use super::variant::to_dict;
 use crate::audit::AuditSink;
 use crate::posture::attention::Attention;
+use crate::posture::rows::Row;
 use crate::posture::{GuardReport, Published, ReportBook, ReportError};
 
 /// The interface object.
 #[derive(Clone)]
 pub struct Guards1 {
     pub published: Arc<RwLock<Published>>,
+    pub rows: SharedRows,
     pub book: Arc<ReportBook>,
     pub attention: Arc<Mutex<Attention>>,
     pub audit: Arc<dyn AuditSink>,
@@ -69,9 +71,76 @@ impl Guards1 {
     }
 }
 
+/// One G-10 row on the wire: an `a{sv}` with exactly the projection's fields (absent ones
+/// omitted), serialised straight from the struct, with no intermediate map.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    zbus::wire::SerializeDict,
+    zbus::wire::DeserializeDict,
+    zbus::wire::Type,
+)]
+#[zbus(signature = "a{sv}", crate = "zbus::wire")]
+pub struct RowWire {
+    pub key: String,
+    pub description: String,
+    pub effective: String,
+    pub off_class: Option<String>,
+    pub config_enabled: bool,
+    pub default_enabled: bool,
+    pub runtime_enabled: Option<bool>,
+    pub dry_run: bool,
+    pub stale: bool,
+    pub last_tick_at: Option<u64>,
+    pub reason_code: Option<String>,
+    pub load_bearing: bool,
+    pub since: u64,
+    pub source: String,
+}
+
+impl From<&Row> for RowWire {
+    fn from(r: &Row) -> RowWire {
+        RowWire {
+            key: r.key.clone(),
+            description: r.description.clone(),
+            effective: r.effective.to_string(),
+            off_class: r.off_class.map(str::to_string),
+            config_enabled: r.config_enabled,
+            default_enabled: r.default_enabled,
+            runtime_enabled: r.runtime_enabled,
+            dry_run: r.dry_run,
+            stale: r.stale,
+            last_tick_at: r.last_tick_at,
+            reason_code: r.reason_code.clone(),
+            load_bearing: r.load_bearing,
+            since: r.since,
+            source: r.source.clone(),
+        }
+    }
+}
+
 /// Rows as `aa{sv}`.
-pub fn rows_dicts(rows: &[crate::posture::rows::Row]) -> Vec<HashMap<String, OwnedVariant>> {
-    rows.iter().map(|r| to_dict(&r.to_json())).collect()
+pub fn rows_wire(rows: &[Row]) -> Vec<RowWire> {
+    rows.iter().map(RowWire::from).collect()
+}
+
+/// The rows as last published, converted once per evaluation and shared by every
+/// `GetGuards` reply (no copy per call).
+pub type SharedRows = Arc<RwLock<Arc<Vec<RowWire>>>>;
+
+/// A `GetGuards` reply: serialises the shared rows in place.
+pub struct RowsReply(Arc<Vec<RowWire>>);
+
+impl serde::Serialize for RowsReply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl zbus::wire::Type for RowsReply {
+    const SIGNATURE: &'static zbus::wire::Signature = <Vec<RowWire> as zbus::wire::Type>::SIGNATURE;
 }
 
 #[interface(name = "org.outlive.Guards1")]
@@ -99,8 +168,10 @@ impl Guards1 {
     }
 
     /// Every row (G-10).
-    async fn get_guards(&self) -> Vec<HashMap<String, OwnedVariant>> {
-        rows_dicts(&self.read().rows)
+    async fn get_guards(&self) -> RowsReply {
+        RowsReply(Arc::clone(
+            &self.rows.read().unwrap_or_else(|e| e.into_inner()),
+        ))
     }
 
     /// An external guard's runtime status (G-2, G-3). `options`: `verdict_unknown` (b),
@@ -186,7 +257,7 @@ impl Guards1 {
     #[zbus(signal)]
     pub async fn posture_changed(
         emitter: &SignalEmitter<'_>,
-        changed_rows: Vec<HashMap<String, OwnedVariant>>,
+        changed_rows: Vec<RowWire>,
     ) -> zbus::Result<()>;
 
     /// The attention item opened or grew.
@@ -211,5 +282,51 @@ impl Guards1 {
             self.book.malformed(key);
             self.poke.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::posture::rows::ROW_FIELDS;
+
+    #[test]
+    fn g10_the_wire_row_carries_the_projection_and_nothing_else() {
+        let row = Row {
+            key: "queue.resume".into(),
+            description: "d".into(),
+            effective: "off-runtime-divergent",
+            off_class: Some("dark-default"),
+            config_enabled: true,
+            default_enabled: true,
+            runtime_enabled: Some(false),
+            dry_run: false,
+            stale: false,
+            last_tick_at: Some(5),
+            reason_code: Some("foreign-host".into()),
+            load_bearing: true,
+            since: 7,
+            source: "builtin".into(),
+        };
+        let ctxt = zbus::wire::serialized::Context::new(zbus::wire::Endian::Little, 0);
+        let bytes = zbus::wire::to_bytes(ctxt, &vec![RowWire::from(&row)]).unwrap();
+        let (maps, _): (Vec<HashMap<String, OwnedVariant>>, _) = bytes.deserialize().unwrap();
+        let mut keys: Vec<&str> = maps[0].keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want: Vec<&str> = ROW_FIELDS.to_vec();
+        want.sort();
+        assert_eq!(keys, want);
+        // The same through the JSON projection (what --json prints).
+        let json = crate::publish::dbus::variant::dict_to_json(&maps[0]);
+        assert_eq!(json, row.to_json());
+        // Absent optional fields are omitted, as in the projection.
+        let mut bare = row.clone();
+        bare.off_class = None;
+        bare.reason_code = None;
+        bare.runtime_enabled = None;
+        bare.last_tick_at = None;
+        let bytes = zbus::wire::to_bytes(ctxt, &vec![RowWire::from(&bare)]).unwrap();
+        let (maps, _): (Vec<HashMap<String, OwnedVariant>>, _) = bytes.deserialize().unwrap();
+        assert_eq!(maps[0].len(), ROW_FIELDS.len() - 4);
     }
 }

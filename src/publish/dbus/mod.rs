@@ -400,7 +400,7 @@ impl Bus {
         };
         let em = iref.signal_emitter();
         if !changed.is_empty()
-            && let Err(e) = Guards1::posture_changed(em, guards1::rows_dicts(changed)).await
+            && let Err(e) = Guards1::posture_changed(em, guards1::rows_wire(changed)).await
         {
             tracing::warn!("cannot emit PostureChanged: {e}");
         }
