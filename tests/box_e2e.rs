@@ -1009,3 +1009,184 @@ fn box_an_external_guard_is_reported_by_its_owner_and_goes_stale_once() {
         diff.join("\n")
     );
 }
+
+/// Issue "Ship it": the built .deb installed with `dpkg -i` in the box (its /etc, /var, /usr are
+/// overlays): the unit enabled and active under the shipped unit, the group created and the bus
+/// policy reloaded (a member may pause), `busctl` reaching org.outlive.Agent1, the catalog text
+/// in `journalctl -x`, `outlivectl status` as root and read-only for a stranger, the man pages
+/// found by `man`; after `apt-get purge`, no path containing "outlive" in the overlays' upper
+/// layers (the group stays, as Debian does with system groups).
+#[test]
+fn box_the_deb_installs_enables_starts_and_purges_clean() {
+    if !box_available() || !common::require_tools(&["dpkg", "apt-get"]) {
+        return;
+    }
+    let Some(deb) = common::built_package("debian", "outlive_", ".deb") else {
+        common::require(false, "target/debian/outlive_*.deb (run `make deb`)");
+        return;
+    };
+    let before = HostSnapshot::take(&[]);
+    {
+        let stage = Stage::empty("deb");
+        let pkg = stage.dir.join("outlive.deb");
+        std::fs::copy(&deb, &pkg).unwrap();
+        let pkg = pkg.to_string_lossy().to_string();
+        let b = SystemdBox::boot(&stage);
+        let (code, out, err) = b.run(&["dpkg", "-i", &pkg]);
+        assert_eq!(code, 0, "dpkg -i: {out}{err}");
+        let dpkg_said = format!("{out}{err}");
+        assert_eq!(
+            b.run(&["systemctl", "is-enabled", "outlived"]).1.trim(),
+            "enabled"
+        );
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while b.show("outlived", "ActiveState") != "active" {
+            if std::time::Instant::now() > end {
+                let (_, st, _) = b.run(&["systemctl", "status", "--no-pager", "outlived"]);
+                let (_, j, _) = b.run(&["journalctl", "--no-pager", "-u", "outlived"]);
+                panic!("outlived is not active after dpkg -i:\n{dpkg_said}\n{st}\n{j}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The packaged unit (Debian is merged-/usr: systemd may name it by /lib).
+        let fragment = b.show("outlived", "FragmentPath");
+        assert!(
+            [
+                "/usr/lib/systemd/system/outlived.service",
+                "/lib/systemd/system/outlived.service"
+            ]
+            .contains(&fragment.as_str()),
+            "{fragment}"
+        );
+        let status = b.show("outlived", "StatusText");
+        assert!(
+            status.starts_with("observe-only"),
+            "the package ships observe-only: {status}"
+        );
+        let (code, _, _) = b.run(&["getent", "group", "outlive"]);
+        assert_eq!(code, 0, "postinst creates the group outlive");
+
+        // busctl reaches the agent on the system bus.
+        let (code, out, err) = b.run(&[
+            "busctl",
+            "get-property",
+            "org.outlive.Agent1",
+            "/org/outlive/Agent1",
+            "org.outlive.Agent1",
+            "HostId",
+        ]);
+        assert_eq!(code, 0, "busctl: {err}");
+        assert!(out.starts_with("s \""), "{out}");
+
+        // outlivectl as root, and read-only for an ordinary user.
+        let ctl = "/usr/bin/outlivectl";
+        let (code, out, err) = b.run(&[ctl, "status"]);
+        assert_eq!(code, 0, "outlivectl status as root: {out}{err}");
+        assert!(out.contains("posture"), "{out}");
+        let (code, _, err) = b.sh("useradd --create-home --user-group stranger && \
+             useradd --create-home --user-group --groups outlive member");
+        assert_eq!(code, 0, "{err}");
+        let as_user = |user: &str, args: &[&str]| {
+            let mut a = vec![
+                "setpriv",
+                "--reuid",
+                user,
+                "--regid",
+                user,
+                "--init-groups",
+                ctl,
+            ];
+            a.extend_from_slice(args);
+            b.run(&a)
+        };
+        let (code, out, err) = as_user("stranger", &["status"]);
+        assert_eq!(code, 0, "outlivectl status as a stranger: {out}{err}");
+        assert!(out.contains("posture"), "{out}");
+        let (code, _, err) = as_user(
+            "stranger",
+            &["pause", "--kind", "maintenance", "--reason", "x"],
+        );
+        assert_eq!(code, 1, "a stranger may not pause: {err}");
+        assert!(err.contains("AccessDenied"), "{err}");
+
+        // A run waiting, a member's pause (the policy's group was resolved after postinst
+        // reloaded the bus), a tick: the heads-up alert, explained by the installed catalog.
+        let (code, out, err) = b.run(&[
+            ctl,
+            "enqueue",
+            "--run-id",
+            "deb-run",
+            "--evidence",
+            "active-subagent",
+            "--cwd",
+            "/",
+            "--",
+            "/bin/sleep",
+            "600",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        // The operator turns observe-only off in the conffile and reloads (a paused dry-run
+        // queue says nothing more, P-4).
+        let (code, _, err) = b.sh(
+            "sed -i 's/^#dry_run = true$/dry_run = false/' /etc/outlive/outlive.toml && \
+             grep -qx 'dry_run = false' /etc/outlive/outlive.toml && systemctl reload outlived",
+        );
+        assert_eq!(code, 0, "{err}");
+        b.wait_for("observe-only off", Duration::from_secs(15), |b| {
+            !b.show("outlived", "StatusText").starts_with("observe-only")
+        });
+        let (code, out, err) = as_user(
+            "member",
+            &["pause", "--kind", "maintenance", "--reason", "deb test"],
+        );
+        assert_eq!(code, 0, "a member of outlive may pause: {out}{err}");
+        // The tick's outcome is the pause (D-3: Drain answers QueuePaused).
+        let (code, out, err) = b.run(&[ctl, "drain"]);
+        assert!(
+            code == 1 && err.contains("QueuePaused"),
+            "{code} {out}{err}"
+        );
+        b.wait_for(
+            "the paused-with-runs-waiting alert",
+            Duration::from_secs(10),
+            |b| !journal_json(b, &["MESSAGE_ID=11db55d58fda454ab22674b200f45ee7"]).is_empty(),
+        );
+        let (_, x, _) = b.run(&[
+            "journalctl",
+            "--no-pager",
+            "-x",
+            "MESSAGE_ID=11db55d58fda454ab22674b200f45ee7",
+        ]);
+        assert!(
+            x.contains("Subject: outlive's revival is paused while runs are waiting")
+                && x.contains("Defined-By: outlive"),
+            "journalctl -x shows the catalog text:\n{x}"
+        );
+        let (code, out, _) = b.run(&["man", "-w", "outlived"]);
+        assert_eq!(code, 0);
+        assert_eq!(out.trim(), "/usr/share/man/man8/outlived.8.gz");
+
+        // Purge: stopped, and nothing named outlive left in the overlays' upper layers (but the
+        // box's own boot target, outlive-test.target).
+        let (code, out, err) = b.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q outlive");
+        assert_eq!(code, 0, "apt-get purge: {out}{err}");
+        assert_ne!(b.show("outlived", "ActiveState"), "active");
+        let (_, left, _) = b.sh(
+            "find /mnt/etc.up /mnt/var.up /mnt/usr.up /mnt/home.up /mnt/root.up /run \
+             -path '*outlive*' ! -path /mnt/etc.up/systemd/system/outlive-test.target 2>/dev/null",
+        );
+        assert!(left.trim().is_empty(), "purge left:\n{left}");
+        assert_eq!(
+            b.run(&["getent", "group", "outlive"]).0,
+            0,
+            "the group stays"
+        );
+        b.halt();
+    }
+    let diff = before.diff(&HostSnapshot::take(&[]));
+    assert!(
+        diff.is_empty(),
+        "the box changed the machine:\n{}",
+        diff.join("\n")
+    );
+}

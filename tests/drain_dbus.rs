@@ -252,8 +252,8 @@ fn d1_a_drain_while_a_tick_runs_is_busy() {
     let s = setup(CONFIG);
     assert_eq!(drain(&s, ROOT)["outcome"], "empty");
     std::fs::write(s.agent.runtime_dir.join("fault-wedge-drainer"), "").unwrap();
-    // This drain wakes the loop, whose next wake then wedges holding the drainer.
-    assert_eq!(drain(&s, ROOT)["outcome"], "empty");
+    // A drain wakes the loop, whose next wake then wedges holding the drainer (a scheduled
+    // wake may get there first): drains succeed until one is answered Busy.
     let end = Instant::now() + T;
     loop {
         let (code, out, err) = s.bus.outlivectl_as(ROOT, &["drain"]);

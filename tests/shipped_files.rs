@@ -78,6 +78,54 @@ fn makefile_install_honours_destdir_and_prefix() {
             !activation,
             "{prefix}: a D-Bus activation file was installed"
         );
+        // Man pages, completions, the group's sysusers.d file, and the configuration (under
+        // /etc whatever the prefix: the agent reads no other place).
+        let under = |rel: &str| root.join(format!("{}/{rel}", prefix.trim_start_matches('/')));
+        for rel in [
+            "share/man/man8/outlived.8",
+            "share/man/man1/outlivectl.1",
+            "share/man/man1/outlivectl-enqueue.1",
+            "share/man/man5/outlive.toml.5",
+            "share/bash-completion/completions/outlivectl",
+            "share/zsh/site-functions/_outlivectl",
+            "share/fish/vendor_completions.d/outlivectl.fish",
+            "lib/sysusers.d/outlive.conf",
+        ] {
+            assert!(under(rel).is_file(), "{prefix}: {rel}");
+        }
+        let conf = root.join("etc/outlive/outlive.toml");
+        assert_eq!(
+            std::fs::read_to_string(&conf).unwrap(),
+            outlive::config::commented_default_file()
+        );
+        // A second install keeps an operator's configuration.
+        std::fs::write(&conf, "[queue]\ndry_run = false\n").unwrap();
+        let (code, out, err) = run(Command::new("make")
+            .current_dir(repo())
+            .args(["-s", "install"])
+            .arg(format!("PREFIX={prefix}"))
+            .arg(format!("DESTDIR={}", root.display()))
+            .arg(format!("OUTLIVED={}", outlived()))
+            .arg(format!("OUTLIVECTL={}", outlivectl())));
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(
+            std::fs::read_to_string(&conf).unwrap(),
+            "[queue]\ndry_run = false\n",
+            "{prefix}: make install overwrote the configuration"
+        );
+        // uninstall removes what install put there, and keeps the configuration.
+        let (code, out, err) = run(Command::new("make")
+            .current_dir(repo())
+            .args(["-s", "uninstall"])
+            .arg(format!("PREFIX={prefix}"))
+            .arg(format!("DESTDIR={}", root.display())));
+        assert_eq!(code, 0, "{out}{err}");
+        let left: Vec<_> = walk(root)
+            .into_iter()
+            .filter(|p| p.is_file() && *p != conf)
+            .collect();
+        assert!(left.is_empty(), "{prefix}: uninstall left {left:?}");
+        assert!(conf.is_file());
     }
 }
 
@@ -263,6 +311,60 @@ fn launchd_plist_has_the_keys_launchd_needs() {
             .arg(repo().join("launchd/org.outlive.outlived.plist")));
         assert_eq!(code, 0, "plist does not parse: {err}");
     }
+}
+
+/// `make install` on macOS (the Makefile's Darwin branch, files only: run here with
+/// UNAME=Darwin and a DESTDIR): the plist lands in /Library/LaunchDaemons naming the installed
+/// binary, the log directory exists, and nothing of systemd is installed.
+#[test]
+fn makefile_install_on_macos_installs_the_launchd_job() {
+    if !require_tools(&["make", "python3"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (code, out, err) = run(Command::new("make")
+        .current_dir(repo())
+        .args(["-s", "install", "UNAME=Darwin", "PREFIX=/opt/outlive"])
+        .arg(format!("DESTDIR={}", d.path().display()))
+        .arg(format!("OUTLIVED={}", outlived()))
+        .arg(format!("OUTLIVECTL={}", outlivectl())));
+    assert_eq!(code, 0, "make install (Darwin):\n{out}\n{err}");
+    let plist = d
+        .path()
+        .join("Library/LaunchDaemons/org.outlive.outlived.plist");
+    let (code, out, err) = run(Command::new("python3")
+        .args([
+            "-c",
+            "import plistlib,sys,json; d=plistlib.load(open(sys.argv[1],'rb')); print(json.dumps(d))",
+        ])
+        .arg(&plist));
+    assert_eq!(code, 0, "the installed plist does not parse: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["Label"], "org.outlive.outlived");
+    assert_eq!(v["ProgramArguments"][0], "/opt/outlive/sbin/outlived");
+    assert_eq!(v["RunAtLoad"], true);
+    assert_eq!(v["KeepAlive"]["SuccessfulExit"], false);
+    assert_eq!(v["ProcessType"], "Background");
+    assert_eq!(v["AbandonProcessGroup"], true);
+    assert!(v["ThrottleInterval"].as_u64().is_some_and(|t| t >= 1));
+    assert!(v["ExitTimeOut"].as_u64().is_some_and(|t| t >= 10));
+    let log = v["StandardErrorPath"].as_str().unwrap();
+    assert!(
+        d.path()
+            .join(Path::new(log).parent().unwrap().strip_prefix("/").unwrap())
+            .is_dir(),
+        "the log directory {log} is created"
+    );
+    assert!(d.path().join("opt/outlive/sbin/outlived").is_file());
+    assert!(
+        d.path()
+            .join("opt/outlive/share/man/man8/outlived.8")
+            .is_file()
+    );
+    let systemd = walk(d.path())
+        .into_iter()
+        .any(|p| p.to_string_lossy().contains("systemd") || p.to_string_lossy().contains("dbus-1"));
+    assert!(!systemd, "no systemd or D-Bus files on macOS");
 }
 
 #[test]

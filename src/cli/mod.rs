@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod docs;
 pub mod guards;
 pub mod host;
 pub mod lock;
@@ -167,6 +168,14 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<LockAction>,
     },
+    /// Print a shell completion script (e.g. `source <(outlivectl completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages under DIR (man1/, man5/, man8/); for packaging.
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
     /// The audit trail (audit.jsonl in the state and runtime directories).
     Audit {
         /// Only events since this time (RFC 3339) or this long ago (10m, 2h, 3d).
@@ -285,6 +294,20 @@ pub fn outlivectl_main() -> i32 {
     let (user, json) = (cli.user, cli.json);
     let result = match cli.command {
         Command::Host { path } => return host::run(path.as_deref(), json),
+        Command::Completions { shell } => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&docs::completion(shell));
+            return exit::OK;
+        }
+        Command::GenerateMan { dir } => {
+            return match docs::write_man_pages(&dir) {
+                Ok(_) => exit::OK,
+                Err(e) => {
+                    eprintln!("outlivectl: writing man pages under {}: {e}", dir.display());
+                    exit::REFUSED
+                }
+            };
+        }
         Command::Status => client::block_on(guards::status(user, json)),
         Command::Guards => client::block_on(guards::guards(user, json)),
         Command::Ack => client::block_on(guards::ack(user, json)),

@@ -24,17 +24,23 @@ for d in etc var usr home root; do
   mount -n -t overlay overlay -o "lowerdir=/$d,upperdir=/mnt/$d.up,workdir=/mnt/$d.work" "/$d"
 done
 
+# Container images ship /usr/sbin/policy-rc.d answering 101 ("no services may start"): a host
+# booted with systemd has none, and a package installed in the box must start its unit.
+rm -f /usr/sbin/policy-rc.d
+
 # Install what the test staged (make install DESTDIR=…, configuration, units).
 cp -a "$STAGE/root/." /
 
 # The state directory on its own ext4 image, so it reads local-persistent (on the overlay it
 # would read local-volatile and the posture would rightly say so).
-mkdir -p /var/lib/outlive
+# (Only when the test asks for it: a package test checks that purge leaves nothing behind.)
 if [ -f "$STAGE/state.img" ]; then
+  mkdir -p /var/lib/outlive
   mount -n -o loop "$STAGE/state.img" /var/lib/outlive
 fi
 # Files the test put there before the agent starts (a foreign lock, a state file), mtimes kept.
 if [ -d "$STAGE/state" ]; then
+  mkdir -p /var/lib/outlive
   cp -a "$STAGE/state/." /var/lib/outlive/
 fi
 

@@ -25,19 +25,25 @@ impl Stage {
     /// A fresh stage with outlive installed by the project's own `make install`
     /// (`PREFIX=/usr/local`), using the binaries this test run built.
     pub fn new(name: &str) -> Stage {
+        let stage = Stage::empty(name);
+        let (code, out, err) = run(Command::new("make")
+            .current_dir(repo())
+            .args(["-s", "install", "PREFIX=/usr/local"])
+            .arg(format!("DESTDIR={}", stage.root.display()))
+            .arg(format!("OUTLIVED={}", outlived()))
+            .arg(format!("OUTLIVECTL={}", outlivectl())));
+        assert_eq!(code, 0, "make install failed:\n{out}\n{err}");
+        stage
+    }
+
+    /// A fresh stage with nothing installed (a test installs a package inside the box).
+    pub fn empty(name: &str) -> Stage {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("box-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let root = dir.join("root");
         std::fs::create_dir_all(&root).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let (code, out, err) = run(Command::new("make")
-            .current_dir(repo())
-            .args(["-s", "install", "PREFIX=/usr/local"])
-            .arg(format!("DESTDIR={}", root.display()))
-            .arg(format!("OUTLIVED={}", outlived()))
-            .arg(format!("OUTLIVECTL={}", outlivectl())));
-        assert_eq!(code, 0, "make install failed:\n{out}\n{err}");
         Stage { dir, root }
     }
 

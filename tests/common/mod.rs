@@ -69,6 +69,20 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The newest package `make deb` / `make rpm` built: `target/<dir>/<prefix>*<suffix>`.
+pub fn built_package(dir: &str, prefix: &str, suffix: &str) -> Option<PathBuf> {
+    let d = repo().join("target").join(dir);
+    std::fs::read_dir(d)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(prefix) && n.ends_with(suffix)
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
 /// An unprivileged uid/gid for tests that must not be root (`nobody`).
 pub const NOBODY: u32 = 65534;
 
