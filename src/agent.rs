@@ -1010,6 +1010,9 @@ impl Agent {
         p.register(
             "publish.journal",
             Box::new(move || {
+                if journal.last_delivery() == crate::publish::journal::Delivery::UnifiedLog {
+                    return status(true);
+                }
                 if !journal.socket_present() && !crate::publish::journal::stderr_is_journal() {
                     // No journal to confirm: `on-unverified`.
                     return RuntimeRead::Absent;
@@ -1017,6 +1020,7 @@ impl Agent {
                 match journal.last_delivery() {
                     crate::publish::journal::Delivery::Journal => status(true),
                     crate::publish::journal::Delivery::Stderr => status(false),
+                    crate::publish::journal::Delivery::UnifiedLog => status(true),
                     crate::publish::journal::Delivery::None => RuntimeRead::Status(Runtime {
                         enabled: true,
                         verdict_unknown: true,

@@ -259,12 +259,12 @@ fn box_host_rename_is_healed_and_only_members_may_act() {
 
         // (c) users: a stranger and a member of outlive, created in the box's /etc overlay.
         let (code, _, err) = b.sh(
-            "groupadd --system outlive && useradd --create-home --user-group stranger && \
-             useradd --create-home --user-group --groups outlive member && \
-             busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig",
+            "getent group outlive && useradd --create-home --user-group stranger && \
+             useradd --create-home --user-group --groups outlive member",
         );
-        // dbus-daemon resolves `<policy group="outlive">` when it loads its configuration: a
-        // group created afterwards counts only after a reload (what the packages do too).
+        // The group outlive was created at boot by systemd-sysusers from the installed
+        // sysusers.d file, before dbus-daemon loaded the policy that names it (dbus-daemon
+        // resolves `<policy group=…>` only at load).
         assert_eq!(code, 0, "{err}");
         let ctl = "/usr/local/bin/outlivectl";
         let (code, out, err) = b.run(&[
@@ -635,10 +635,9 @@ fn box_the_drainer_revives_through_systemd() {
 
         // (b) a member's exec target: a transient unit as the member, in its 0700 home.
         let (code, _, err) = b.sh(
-            "groupadd --system outlive && useradd --create-home --user-group --groups outlive member && \
+            "getent group outlive && useradd --create-home --user-group --groups outlive member && \
              useradd --create-home --user-group stranger && chmod 0700 /home/member && \
-             setpriv --reuid member --regid member --init-groups mkdir /home/member/proj && \
-             busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig",
+             setpriv --reuid member --regid member --init-groups mkdir /home/member/proj",
         );
         assert_eq!(code, 0, "{err}");
         let script =

@@ -5,7 +5,8 @@
 //! `OUTLIVE_EVENT=<kind>`, the event's fields as `OUTLIVE_<FIELD>` and, for alerts, the fixed
 //! `MESSAGE_ID`. The writer knows whether the journal accepted an entry (the datagram was
 //! delivered to its socket); when no journal is reachable the entry goes to stderr as one JSON
-//! object per line, so nothing is lost silently.
+//! object per line, so nothing is lost silently. On macOS every entry goes to the unified log
+//! instead (subsystem `org.outlive.outlived`, category = the event's name; [`oslog_entry`]).
 //!
 //! Protocol (systemd's "Native Journal Protocol"): `KEY=value\n` per field; a value holding a
 //! newline is sent as `KEY\n`, a little-endian u64 length, the bytes, `\n`. An entry too large
@@ -29,6 +30,69 @@ pub enum Delivery {
     Journal,
     /// No journal was reachable; the entry went to stderr as JSON.
     Stderr,
+    /// macOS: the entry went to the unified log (subsystem `org.outlive.outlived`).
+    UnifiedLog,
+}
+
+/// The unified log's subsystem (macOS): `log show --predicate 'subsystem == "org.outlive.outlived"'`.
+pub const OSLOG_SUBSYSTEM: &str = "org.outlive.outlived";
+
+/// The levels of Apple's unified log (`os_log_type_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OsLogLevel {
+    Debug,
+    Info,
+    Default,
+    Error,
+    Fault,
+}
+
+/// An event as a unified-log entry (macOS): the category is the event's name, the same word
+/// as `OUTLIVE_EVENT` in the journal; the level follows the syslog priority; the message
+/// carries the `MESSAGE_ID` and the fields, so `log show` shows what `journalctl -o verbose`
+/// would.
+pub fn oslog_entry(ev: &Event) -> (String, OsLogLevel, String) {
+    let level = match ev.priority {
+        0..=2 => OsLogLevel::Fault,
+        3 => OsLogLevel::Error,
+        4 | 5 => OsLogLevel::Default,
+        6 => OsLogLevel::Info,
+        _ => OsLogLevel::Debug,
+    };
+    let mut msg = ev.message.clone();
+    if let Some(a) = ev.alert {
+        msg.push_str(&format!(" MESSAGE_ID={}", a.message_id()));
+    }
+    for (k, v) in &ev.fields {
+        msg.push_str(&format!(" OUTLIVE_{k}={v}"));
+    }
+    (ev.kind.clone(), level, msg)
+}
+
+#[cfg(target_os = "macos")]
+mod unified {
+    //! Thin: one `os_log_t` per category, created on first use and kept.
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::OsLogLevel;
+
+    static LOGS: Mutex<Option<HashMap<String, oslog::OsLog>>> = Mutex::new(None);
+
+    pub fn write(category: &str, level: OsLogLevel, message: &str) {
+        let level = match level {
+            OsLogLevel::Debug => oslog::Level::Debug,
+            OsLogLevel::Info => oslog::Level::Info,
+            OsLogLevel::Default => oslog::Level::Default,
+            OsLogLevel::Error => oslog::Level::Error,
+            OsLogLevel::Fault => oslog::Level::Fault,
+        };
+        let mut logs = LOGS.lock().unwrap_or_else(|e| e.into_inner());
+        let logs = logs.get_or_insert_with(HashMap::new);
+        logs.entry(category.to_string())
+            .or_insert_with(|| oslog::OsLog::new(super::OSLOG_SUBSYSTEM, category))
+            .with_level(level, message);
+    }
 }
 
 /// Serialise an event in the native protocol.
@@ -125,6 +189,7 @@ impl JournalWriter {
         match self.last.load(Ordering::Relaxed) {
             1 => Delivery::Journal,
             2 => Delivery::Stderr,
+            3 => Delivery::UnifiedLog,
             _ => Delivery::None,
         }
     }
@@ -144,6 +209,16 @@ impl JournalWriter {
 
     /// Write one event; returns where it went.
     pub fn write(&self, ev: &Event) -> Delivery {
+        #[cfg(target_os = "macos")]
+        {
+            // No journal on macOS: the unified log, which takes every entry it is given.
+            let (category, level, message) = oslog_entry(ev);
+            unified::write(&category, level, &message);
+            self.last.store(3, Ordering::Relaxed);
+            self.accepted.fetch_add(1, Ordering::Relaxed);
+            return Delivery::UnifiedLog;
+        }
+        #[allow(unreachable_code)]
         let payload = serialize(ev);
         match self.send(&payload) {
             Ok(()) => {
@@ -251,6 +326,38 @@ pub fn stderr_is_journal() -> bool {
 mod tests {
     use super::*;
     use crate::audit::Alert;
+
+    /// macOS: the unified-log entry names the same event as the journal's `OUTLIVE_EVENT`,
+    /// keeps the MESSAGE_ID and fields, and maps the priority onto os_log's levels.
+    #[test]
+    fn x2_unified_log_entry_keeps_the_event_name_id_and_fields() {
+        let ev = Event::new("revival-gave-up", "run-7 gave up after 3 attempts")
+            .alert(Alert::RevivalGaveUp)
+            .field("run_id", "run-7");
+        let (category, level, msg) = oslog_entry(&ev);
+        assert_eq!(category, "revival-gave-up");
+        assert_eq!(level, OsLogLevel::Error);
+        assert!(msg.starts_with("run-7 gave up after 3 attempts"), "{msg}");
+        assert!(
+            msg.contains("MESSAGE_ID=2b024c8048ec43d5bd93e3e01858924d"),
+            "{msg}"
+        );
+        assert!(msg.contains("OUTLIVE_RUN_ID=run-7"), "{msg}");
+        for (p, want) in [
+            (2, OsLogLevel::Fault),
+            (3, OsLogLevel::Error),
+            (4, OsLogLevel::Default),
+            (5, OsLogLevel::Default),
+            (6, OsLogLevel::Info),
+            (7, OsLogLevel::Debug),
+        ] {
+            assert_eq!(
+                oslog_entry(&Event::new("x", "y").priority(p)).1,
+                want,
+                "{p}"
+            );
+        }
+    }
 
     #[test]
     fn x2_native_protocol_round_trip() {
