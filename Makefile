@@ -13,6 +13,9 @@
 # creates the group outlive, has the bus reload its policy, updates the journal catalog and
 # reloads systemd; on macOS it bootstraps the launchd job.
 
+# bash for PIPESTATUS (fuzz-smoke); /bin/bash exists on Debian, Fedora and macOS.
+SHELL := /bin/bash
+
 PREFIX ?= /usr/local
 DESTDIR ?=
 CARGO ?= cargo
@@ -44,7 +47,7 @@ NEXTEST := $(CARGO) nextest run --features fault-hooks --profile ci
 
 .PHONY: all build build-release test test-fast test-box test-release test-packages lint install \
 	uninstall install-common install-linux install-macos uninstall-common uninstall-linux \
-	uninstall-macos pkg-docs deb rpm clean
+	uninstall-macos pkg-docs deb rpm fuzz-build fuzz-smoke fuzz clean
 
 all: build
 
@@ -54,7 +57,7 @@ build:
 # The whole suite: the release build and the packages (the box installs the .deb), unit and
 # integration tests in parallel, then the systemd-in-a-box tests one at a time (they share the
 # machine's cgroup tree and check that the host is left unchanged).
-test: lint test-release test-packages test-fast test-box
+test: lint test-release test-packages test-fast test-box fuzz-smoke
 
 test-fast:
 	$(NEXTEST) -E 'not binary(box_e2e)'
@@ -72,6 +75,34 @@ test-release:
 
 # The packages the tests inspect (rpm -qp) and install (dpkg -i in the box).
 test-packages: deb rpm
+
+# Fuzzing (fuzz/README.md). cargo-fuzz needs nightly flags: RUSTC_BOOTSTRAP=1 on stable.
+# fuzz-smoke is the short run per target that make test includes (what it finds goes to a
+# temporary directory; the committed corpus is only read); fuzz is the long one, which adds to
+# fuzz/corpus (minimise with cargo fuzz cmin before committing).
+FUZZ_TARGETS := mountinfo state_file lock_record enqueue_dict
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 20
+CARGO_FUZZ := cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+
+fuzz-build:
+	@command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: cargo install --locked cargo-fuzz"; exit 1; }
+	$(CARGO_FUZZ) build
+
+fuzz-smoke: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t: $(FUZZ_SMOKE_SECONDS) s"; \
+		new=$$(mktemp -d); \
+		( $(CARGO_FUZZ) run $$t $$new corpus/$$t -- -max_total_time=$(FUZZ_SMOKE_SECONDS) -print_final_stats=1 ) 2>&1 \
+			| grep -E "^(stat::number_of_executed_units|stat::new_units_added|==[0-9]+==ERROR|SUMMARY|thread .* panicked)" ; \
+		status=$${PIPESTATUS[0]}; rm -rf $$new; test $$status -eq 0 || exit 1; \
+	done
+
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
+		$(CARGO_FUZZ) run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

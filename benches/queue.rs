@@ -148,6 +148,48 @@ fn enqueue(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(bench_dir()).unwrap();
     let (_procs, address) = start(dir.path(), "[queue]\nmax_size = 10000\n");
     let conn = rt.block_on(connect_when_owned(&address));
+    // `List` with 50 open entries (issue "Prove it": at most 2× a Peer.Ping), on the agent the
+    // ping goes to.
+    rt.block_on(async {
+        for i in 0..50 {
+            let d: HashMap<&str, Variant<'_>> = HashMap::from([
+                ("run_id", Variant::from(format!("list-{i}"))),
+                ("cwd", Variant::from("/")),
+                (
+                    "exec",
+                    Variant::from(vec!["/usr/bin/agent".to_string(), "--resume".to_string()]),
+                ),
+                (
+                    "evidence",
+                    Variant::from(vec!["active-subagent".to_string()]),
+                ),
+                ("reason", Variant::from("age-limit")),
+            ]);
+            conn.call_method(
+                Some("org.outlive.Agent1"),
+                "/org/outlive/Agent1/ResumeQueue",
+                Some("org.outlive.ResumeQueue1"),
+                "Enqueue",
+                &(d,),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    g.bench_function("list-50", |b| {
+        b.iter(|| {
+            let r = rt
+                .block_on(conn.call_method(
+                    Some("org.outlive.Agent1"),
+                    "/org/outlive/Agent1/ResumeQueue",
+                    Some("org.outlive.ResumeQueue1"),
+                    "List",
+                    &(),
+                ))
+                .unwrap();
+            std::hint::black_box(r.body().len())
+        })
+    });
     g.bench_function("peer-ping", |b| {
         b.iter(|| {
             rt.block_on(conn.call_method(
@@ -188,5 +230,11 @@ fn main() {
             "Enqueue round trip with the durable write: median {e:.1} µs; Peer.Ping to the same agent: {p:.1} µs ({:.1}×)",
             e / p
         );
+        if let Some(l) = median_us("dbus", "list-50") {
+            println!(
+                "List with 50 open entries: median {l:.1} µs = {:.2}× the Peer.Ping (target ≤ 2×)",
+                l / p
+            );
+        }
     }
 }
