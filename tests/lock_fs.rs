@@ -202,3 +202,69 @@ fn l4_row11_observe_reports_and_leaves_the_lock_byte_identical() {
         "nothing else was written under the state directory"
     );
 }
+
+/// L-5, the takeover race: two agents heal the same stale foreign lock at the same moment.
+/// Exactly one wins and audits the heal; the other reports `live-holder` and never overwrote:
+/// the lock's bytes are the winner's record.
+#[test]
+fn l5_two_agents_healing_one_stale_lock_at_once_exactly_one_wins() {
+    if !ready() {
+        return;
+    }
+    let rounds: usize = std::env::var("OUTLIVE_TAKEOVER_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    for round in 0..rounds {
+        let d = common::open_tempdir();
+        let (ns, state) = setup(d.path(), false);
+        let socks: Vec<(TestSocket, TestSocket)> = (0..2)
+            .map(|_| (TestSocket::notify(), TestSocket::journal()))
+            .collect();
+        let agents: Vec<Agent> = socks
+            .iter()
+            .map(|(n, j)| agent(&ns, &state, "on", n, j))
+            .collect();
+        let statuses: Vec<String> = socks
+            .iter()
+            .map(|(n, _)| {
+                n.wait_for("READY=1", T, |d| d.has("READY", "1"))
+                    .get("STATUS")
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let winners: Vec<usize> = (0..2)
+            .filter(|&i| statuses[i].contains("lock held"))
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {statuses:#?}");
+        let (w, l) = (winners[0], 1 - winners[0]);
+        assert!(
+            statuses[l].contains("(live-holder)"),
+            "round {round}: the loser says why: {}",
+            statuses[l]
+        );
+        socks[w].1.wait_for("the winner's heal", T, |d| {
+            d.has("OUTLIVE_EVENT", "lock-auto-healed")
+        });
+        socks[l].1.drain(Duration::from_millis(200));
+        assert!(
+            !socks[l]
+                .1
+                .seen()
+                .iter()
+                .any(|d| d.has("OUTLIVE_EVENT", "lock-auto-healed")),
+            "round {round}: the loser audited a heal"
+        );
+        let (code, text, err) = ns.sh(&format!("cat {}/resume-queue.lock", state.display()));
+        assert_eq!(code, 0, "{err}");
+        let rec: serde_json::Value = serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("round {round}: the lock does not parse ({e}): {text}"));
+        assert_eq!(
+            rec["pid"].as_i64(),
+            Some(agents[w].pid() as i64),
+            "round {round}: the lock's bytes are the winner's"
+        );
+        assert_ne!(rec["hostname"], "old-host");
+    }
+}

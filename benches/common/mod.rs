@@ -28,9 +28,9 @@ pub fn bench_dir(name: &str) -> PathBuf {
     d
 }
 
-/// A system-like dbus-daemon with the shipped policy, and an agent with `extra` appended to its
-/// configuration (`outlive.toml` in `dir`; drop-ins may already be in `dir/guards.d`).
-pub fn start(dir: &Path, extra: &str) -> (Procs, String) {
+/// A system-like dbus-daemon with the shipped policy, listening in `dir`; returns it and its
+/// address.
+pub fn start_bus(dir: &Path) -> (Child, String) {
     let socket = dir.join("bus");
     let conf = dir.join("bus.conf");
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/org.outlive.Agent1.conf");
@@ -60,7 +60,12 @@ pub fn start(dir: &Path, extra: &str) -> (Procs, String) {
     BufReader::new(bus.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let address = format!("unix:path={}", socket.display());
+    (bus, format!("unix:path={}", socket.display()))
+}
+
+/// An agent on the bus at `address`, its state and configuration in `dir` (`extra` appended
+/// to its configuration), with `env` added to its environment.
+pub fn spawn_agent(dir: &Path, address: &str, extra: &str, env: &[(&str, &str)]) -> Child {
     let cfg = dir.join("outlive.toml");
     std::fs::write(
         &cfg,
@@ -70,13 +75,22 @@ pub fn start(dir: &Path, extra: &str) -> (Procs, String) {
         ),
     )
     .unwrap();
-    let agent = Command::new(env!("CARGO_BIN_EXE_outlived"))
-        .arg("--config")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outlived"));
+    cmd.arg("--config")
         .arg(&cfg)
-        .env("DBUS_SYSTEM_BUS_ADDRESS", &address)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("outlived");
+        .env("DBUS_SYSTEM_BUS_ADDRESS", address)
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("outlived")
+}
+
+/// A system-like dbus-daemon with the shipped policy, and an agent with `extra` appended to its
+/// configuration (`outlive.toml` in `dir`; drop-ins may already be in `dir/guards.d`).
+pub fn start(dir: &Path, extra: &str) -> (Procs, String) {
+    let (bus, address) = start_bus(dir);
+    let agent = spawn_agent(dir, &address, extra, &[]);
     (Procs(vec![agent, bus]), address)
 }
 
