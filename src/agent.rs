@@ -580,6 +580,9 @@ impl Agent {
         };
         if let Some(b) = &bus {
             let _ = out.bus.set(Arc::clone(b));
+            // A lost or restored bus is a runtime change: publish.dbus shows the gap.
+            let poke = Arc::clone(&self.posture_poke);
+            b.set_on_change(Box::new(move || poke.notify_one()));
         }
         // the first posture is evaluated before READY=1.
         let evaluator = Arc::new(Evaluator {

@@ -1189,3 +1189,73 @@ fn box_the_deb_installs_enables_starts_and_purges_clean() {
         diff.join("\n")
     );
 }
+
+/// Issue "Prove it": the system bus restarted under the agent (dbus.service restarted in the
+/// box). The agent reconnects, owns its name again and serves its objects; the posture shows
+/// the gap (`publish.dbus` changed since the restart), and the journal holds `bus-lost` and
+/// `bus-reconnected` with the gap's length. systemd did not restart the agent.
+#[test]
+fn box_the_bus_restarted_under_the_agent_is_reconnected_and_the_gap_shown() {
+    if !box_available() {
+        return;
+    }
+    let before = HostSnapshot::take(&[]);
+    {
+        let stage = Stage::new("bus-restart");
+        stage.state_image(64);
+        stage.want("outlived.service");
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        let host_id = || {
+            b.run(&[
+                "busctl",
+                "get-property",
+                "org.outlive.Agent1",
+                "/org/outlive/Agent1",
+                "org.outlive.Agent1",
+                "HostId",
+            ])
+        };
+        assert_eq!(host_id().0, 0);
+        let restarted_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let (code, _, err) = b.run(&["systemctl", "restart", "dbus.service"]);
+        assert_eq!(code, 0, "restarting the bus: {err}");
+        b.wait_for("bus-reconnected", Duration::from_secs(40), |b| {
+            !journal_json(b, &["OUTLIVE_EVENT=bus-reconnected"]).is_empty()
+        });
+        assert_eq!(journal_json(&b, &["OUTLIVE_EVENT=bus-lost"]).len(), 1);
+        let back = journal_json(&b, &["OUTLIVE_EVENT=bus-reconnected"]);
+        let gap: u64 = back[0]["OUTLIVE_GAP_MS"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{}", back[0]));
+        assert!(gap < 40_000, "gap {gap} ms");
+        b.wait_for("HostId over the new bus", Duration::from_secs(10), |_| {
+            host_id().0 == 0
+        });
+        let row = box_row(&b, "publish.dbus");
+        assert!(
+            row["effective"].as_str().unwrap().starts_with("on"),
+            "{row}"
+        );
+        assert!(
+            row["since"].as_u64().unwrap() >= restarted_at,
+            "the posture shows the gap: {row}"
+        );
+        assert_eq!(b.show("outlived", "ActiveState"), "active");
+        assert_eq!(b.show("outlived", "NRestarts"), "0");
+        assert_state_host_local(&b);
+        b.halt();
+    }
+    let diff = before.diff(&HostSnapshot::take(&[]));
+    assert!(
+        diff.is_empty(),
+        "the box changed the machine:\n{}",
+        diff.join("\n")
+    );
+}

@@ -238,6 +238,9 @@ pub struct Bus {
     /// Boottime when the current gap began (0: none).
     gap_since_ms: AtomicU64,
     gaps: AtomicU64,
+    /// Called when the connection is lost and when it is back (the posture re-evaluates, so
+    /// `publish.dbus` shows the gap).
+    on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Bus {
@@ -257,7 +260,24 @@ impl Bus {
             up: AtomicBool::new(true),
             gap_since_ms: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            on_change: Mutex::new(None),
         }))
+    }
+
+    /// Call `f` whenever the connection is lost or restored.
+    pub fn set_on_change(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.on_change.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    fn changed(&self) {
+        if let Some(f) = self
+            .on_change
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f();
+        }
     }
 
     /// The live connection, if any.
@@ -308,6 +328,7 @@ impl Bus {
                 .priority(priority::WARNING)
                 .field("reason", why),
             );
+            self.changed();
         }
     }
 
@@ -364,6 +385,7 @@ impl Bus {
                                 .priority(priority::NOTICE)
                                 .field("gap_ms", gap_ms),
                             );
+                            self.changed();
                         }
                         Err(e) => {
                             tracing::warn!(
