@@ -101,7 +101,7 @@ fuzz-smoke: fuzz-build
 fuzz: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 		echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
-		$(CARGO_FUZZ) run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+		( $(CARGO_FUZZ) run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 ) || exit 1; \
 	done
 
 lint:

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bus::{MEMBER, PrivateBus, STRANGER};
@@ -343,4 +344,166 @@ fn enqueue_at(s: &Setup, cwd: &str, run: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("{v}"))
         .to_string()
+}
+
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Issue "Prove it", clock steps: the agent runs under libfaketime (preloaded into the agent
+/// only; the machine's clock is never touched) and its wall clock is stepped by +25 h and then
+/// -25 h while entries wait. Waiting time, TTL and backoff run on the boot clock: no entry
+/// expires early, a backoff is neither cut short by the forward step nor stretched by the
+/// backward one (the entry is retried once its 8 s have really passed, not stranded), and the
+/// breaker stays closed.
+#[test]
+fn clock_steps_of_25_hours_expire_nothing_and_leave_backoff_and_breaker_alone() {
+    if !ready()
+        || !common::require(
+            Path::new(FAKETIME).exists(),
+            "libfaketime (Debian faketime)",
+        )
+    {
+        return;
+    }
+    let bus = PrivateBus::with_users();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let clock = common::open_tempdir();
+    let step = clock.path().join("faketime");
+    std::fs::write(&step, "+0\n").unwrap();
+    let mut env = std::collections::HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    env.insert("LD_PRELOAD".to_string(), FAKETIME.to_string());
+    env.insert(
+        "FAKETIME_TIMESTAMP_FILE".to_string(),
+        step.to_string_lossy().into_owned(),
+    );
+    env.insert("FAKETIME_NO_CACHE".to_string(), "1".to_string());
+    // The boot and monotonic clocks stay real, as a wall-clock step leaves them on a host.
+    env.insert("FAKETIME_DONT_FAKE_MONOTONIC".to_string(), "1".to_string());
+    let agent = Agent::start(common::AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        wrapper: bus.agent_wrapper(),
+        // Ticks never revive (100 calm ticks needed); Drain (which skips only the calm gate)
+        // does, one entry at a time, so each choice it makes can be checked.
+        toml: "[queue]\ndry_run = false\nentry_ttl_hours = 1\n[drainer]\ninterval_sec = 1\n\
+               grace_sec = 1\nrequired_calm_ticks = 100\nbackoff_base_sec = 8\nbreaker_threshold = 3\n"
+            .into(),
+        ..common::AgentSpec::default()
+    });
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let s = Setup {
+        bus,
+        agent,
+        _n: n,
+        j,
+    };
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // An interactive run that fails, and four jobs that wait behind it.
+    let fail = enqueue(&s, ROOT, "fails", &["/bin/sh", "-c", "exit 3"]);
+    let jobs: Vec<String> = (0..4)
+        .map(|i| {
+            let job = format!("job-{i}");
+            let v = json(
+                &s,
+                ROOT,
+                &[
+                    "enqueue",
+                    "--job",
+                    &job,
+                    "--resume-on-reap",
+                    "--evidence",
+                    "structural-long-work",
+                    "--cwd",
+                    "/",
+                    "--",
+                    "/bin/sleep",
+                    "20",
+                ],
+            );
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let r = drain(&s, ROOT);
+    assert_eq!(r["entry_id"], fail.as_str(), "{r}");
+    // The attempt fails once its grace has passed: backoff 8 s from now.
+    let end = Instant::now() + T;
+    while entry(&s, &fail)["attempts"] != 1 {
+        assert!(Instant::now() < end, "{}", entry(&s, &fail));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let failed_at = Instant::now();
+    assert_eq!(entry(&s, &fail)["status"], "queued");
+    // +25 h.
+    std::fs::write(&step, "+25h\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // ticks run on the stepped clock
+    let r = drain(&s, ROOT);
+    assert_eq!(
+        r["entry_id"],
+        jobs[0].as_str(),
+        "the failed run's backoff holds after a +25 h step: {r}"
+    );
+    let stepped = entry(&s, &jobs[0]);
+    let at = stepped["history"].as_array().unwrap().last().unwrap()["at"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        at - wall() > 24 * 3_600_000,
+        "the agent's wall clock was stepped (faketime is in effect): {at} vs {}",
+        wall()
+    );
+    for id in &jobs[1..] {
+        let e = entry(&s, id);
+        assert_eq!(e["status"], "queued", "nothing expires early: {e}");
+        assert!(
+            e["waited_ms"].as_u64().unwrap() < 60_000,
+            "waiting time is boot-clock time: {e}"
+        );
+    }
+    assert_eq!(entry(&s, &fail)["attempts"], 1);
+    // -25 h (from the real time: 50 h back from the last step).
+    std::fs::write(&step, "-25h\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    if failed_at.elapsed() < Duration::from_secs(7) {
+        let r = drain(&s, ROOT);
+        assert_eq!(
+            r["entry_id"],
+            jobs[1].as_str(),
+            "the backoff still holds after a -25 h step: {r}"
+        );
+    }
+    for id in &jobs[2..] {
+        let e = entry(&s, id);
+        assert_eq!(e["status"], "queued", "nothing expires: {e}");
+    }
+    // Once 8 s have really passed, the failed run is retried: not stranded 25 h away.
+    while failed_at.elapsed() < Duration::from_millis(8500) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = drain(&s, ROOT);
+    assert_eq!(
+        r["entry_id"],
+        fail.as_str(),
+        "retried after its backoff: {r}"
+    );
+    let end = Instant::now() + T;
+    while entry(&s, &fail)["attempts"] != 2 {
+        assert!(Instant::now() < end, "{}", entry(&s, &fail));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Two failures in a row: the breaker (3) stays closed through both steps.
+    let q = json(&s, ROOT, &["queue"]);
+    assert!(
+        q["queue"]["breaker_open_until"].is_null() || q["queue"]["breaker_open_until"] == 0,
+        "{q}"
+    );
+    for id in &jobs[2..] {
+        assert_eq!(entry(&s, id)["status"], "queued");
+    }
 }

@@ -156,6 +156,9 @@ pub fn parse_native(mut b: &[u8]) -> Option<Vec<(String, String)>> {
     Some(out)
 }
 
+/// The longest a journal send may block before the entry falls back to stderr.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Writes events to the journal, or to stderr when it is unreachable.
 pub struct JournalWriter {
     socket_path: PathBuf,
@@ -169,9 +172,16 @@ pub struct JournalWriter {
 impl JournalWriter {
     /// A writer for the socket at `path`.
     pub fn new(path: &Path) -> JournalWriter {
+        // A journal that stops reading (stuck, or its queue full: net.unix.max_dgram_qlen is
+        // 10 on some hosts) must not block the agent, nor its watchdog thread, which journals
+        // the wedged-loop alert: a send waits at most SEND_TIMEOUT, then the entry goes to
+        // stderr.
+        let sock = UnixDatagram::unbound().ok().inspect(|s| {
+            let _ = s.set_write_timeout(Some(SEND_TIMEOUT));
+        });
         JournalWriter {
             socket_path: path.to_path_buf(),
-            sock: UnixDatagram::unbound().ok(),
+            sock,
             last: AtomicU8::new(0),
             accepted: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
@@ -326,6 +336,34 @@ pub fn stderr_is_journal() -> bool {
 mod tests {
     use super::*;
     use crate::audit::Alert;
+
+    /// A journal that stops reading never blocks the writer: once its queue is full, each
+    /// entry waits at most SEND_TIMEOUT and goes to stderr, counted as a fallback.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn x2_a_journal_that_stops_reading_never_blocks_the_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("journal.socket");
+        let _stuck = UnixDatagram::bind(&path).unwrap(); // bound, never read
+        let w = JournalWriter::new(&path);
+        let t = std::time::Instant::now();
+        let mut fell_back = 0;
+        for i in 0..2000 {
+            if w.write(&Event::new("x", format!("entry {i}"))) == Delivery::Stderr {
+                fell_back += 1;
+                if fell_back == 3 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(fell_back, 3, "the queue never filled");
+        assert!(
+            t.elapsed() < SEND_TIMEOUT * 3 + std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(w.counts().1, 3);
+    }
 
     /// macOS: the unified-log entry names the same event as the journal's `OUTLIVE_EVENT`,
     /// keeps the MESSAGE_ID and fields, and maps the priority onto os_log's levels.
