@@ -173,8 +173,12 @@ pub fn main(opts: Options) -> i32 {
         Arc::clone(&audit),
     );
 
+    // Blocking work (a posture evaluation, a save) comes once a tick: keep the pool's thread
+    // parked between ticks instead of ending it after tokio's default 10 s and starting a new
+    // one each minute (idle CPU, BENCHMARKS.md).
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_keep_alive(Duration::from_secs(600))
         .build()
     {
         Ok(rt) => rt,

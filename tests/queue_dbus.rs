@@ -512,3 +512,292 @@ fn l6_l8_foreign_lock_disables_the_queue_until_lock_clear() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Call any method of the agent with raw arguments.
+async fn call_at<B>(
+    conn: &zbus::Connection,
+    path: &str,
+    iface: &str,
+    method: &str,
+    body: &B,
+) -> Outcome
+where
+    B: serde::Serialize + zbus::wire::DynamicType,
+{
+    match conn
+        .call_method(Some("org.outlive.Agent1"), path, Some(iface), method, body)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(zbus::Error::MethodError(name, msg, _)) => {
+            Err((name.to_string(), msg.unwrap_or_default()))
+        }
+        Err(zbus::Error::FDO(e)) => {
+            use zbus::DBusError;
+            Err((
+                e.name().to_string(),
+                e.description().unwrap_or_default().to_string(),
+            ))
+        }
+        Err(e) => Err(("?".into(), e.to_string())),
+    }
+}
+
+/// Issue "Prove it", bad input: every method of the three interfaces called with wrong
+/// argument types, and `Enqueue` with unknown, missing, oversized, relative and forbidden
+/// input, huge argv and env, and unknown ids: each is answered with the right error, the agent
+/// stays up, and nothing is written (the state file is byte-identical and no entry appears).
+#[tokio::test]
+async fn x1_bad_input_is_refused_with_typed_errors_and_nothing_is_written() {
+    if !ready() {
+        return;
+    }
+    use zbus::wire::Variant;
+    let s = setup(PrivateBus::start(), CONFIG);
+    let (code, _, err) = enqueue(&s, ROOT, "keep", &[]);
+    assert_eq!(code, 0, "{err}");
+    let state_file = s._agent.state_dir.join("resume-queue.json");
+    let before = std::fs::read(&state_file).unwrap();
+    let conn = connect(&s.bus.address).await;
+    const Q: (&str, &str) = (
+        "/org/outlive/Agent1/ResumeQueue",
+        "org.outlive.ResumeQueue1",
+    );
+    const G: (&str, &str) = ("/org/outlive/Agent1/Guards", "org.outlive.Guards1");
+    const A: (&str, &str) = ("/org/outlive/Agent1", "org.outlive.Agent1");
+    const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
+    const INVALID: &str = "org.outlive.Error.InvalidArgument";
+
+    // Wrong types (an `ay` or a number where a string is expected, missing arguments): refused
+    // by the bus binding before any of the agent's code runs.
+    let bytes = vec![0xffu8, 0xfe];
+    let wrong: Vec<(Outcome, &str)> = vec![
+        (
+            call_at(&conn, Q.0, Q.1, "Enqueue", &("run_id",)).await,
+            "Enqueue(s)",
+        ),
+        (
+            call_at(&conn, Q.0, Q.1, "Cancel", &(bytes.clone(),)).await,
+            "Cancel(ay)",
+        ),
+        (
+            call_at(&conn, Q.0, Q.1, "Requeue", &(7u32,)).await,
+            "Requeue(u)",
+        ),
+        (
+            call_at(&conn, Q.0, Q.1, "Pause", &("maintenance",)).await,
+            "Pause(s)",
+        ),
+        (call_at(&conn, Q.0, Q.1, "Stop", &(true,)).await, "Stop(b)"),
+        (
+            call_at(&conn, Q.0, Q.1, "ReportQuota", &("yes", 5u32)).await,
+            "ReportQuota(su)",
+        ),
+        (
+            call_at(&conn, G.0, G.1, "ReportGuard", &("k", true)).await,
+            "ReportGuard(sb)",
+        ),
+        (
+            call_at(&conn, A.0, A.1, "ClassifyPath", &(bytes.clone(),)).await,
+            "ClassifyPath(ay)",
+        ),
+    ];
+    for (got, what) in wrong {
+        let (name, msg) = got.expect_err(what);
+        assert_eq!(name, INVALID_ARGS, "{what}: {msg}");
+    }
+
+    // Enqueue's dictionary, decoded by the agent: each refusal names its field.
+    let dict = |pairs: Vec<(&'static str, Variant<'static>)>| {
+        pairs.into_iter().collect::<HashMap<&str, Variant<'_>>>()
+    };
+    let exec = |argv: Vec<String>| Variant::from(argv);
+    let base = |extra: Vec<(&'static str, Variant<'static>)>| {
+        let mut v = vec![
+            ("run_id", Variant::from("bad")),
+            ("cwd", Variant::from("/")),
+            (
+                "evidence",
+                Variant::from(vec!["active-subagent".to_string()]),
+            ),
+        ];
+        v.extend(extra);
+        dict(v)
+    };
+    let huge_env: HashMap<String, String> = (0..5000)
+        .map(|i| (format!("V{i}"), "x".repeat(100)))
+        .collect();
+    let cases: Vec<(HashMap<&str, Variant<'_>>, &str)> = vec![
+        (
+            dict(vec![("colour", Variant::from("blue"))]),
+            "colour: unknown key",
+        ),
+        (
+            dict(vec![("run_id", Variant::from(7u32))]),
+            "run_id: expected type s, got u",
+        ),
+        (
+            base(vec![("user", Variant::from("root"))]),
+            "user: expected type u",
+        ),
+        (base(vec![]), "one of unit or exec is required"),
+        (base(vec![("exec", exec(vec![]))]), "exec"),
+        (base(vec![("exec", exec(vec!["bin/true".into()]))]), "exec"),
+        (
+            dict(vec![
+                ("run_id", Variant::from("bad")),
+                ("cwd", Variant::from("relative/dir")),
+                ("exec", exec(vec!["/bin/true".into()])),
+            ]),
+            "cwd",
+        ),
+        (
+            dict(vec![
+                ("run_id", Variant::from("r".repeat(5000))),
+                ("cwd", Variant::from("/")),
+                ("exec", exec(vec!["/bin/true".into()])),
+            ]),
+            "run_id",
+        ),
+        (
+            base(vec![("reason", Variant::from("x".repeat(100_000)))]),
+            "reason",
+        ),
+        (
+            base(vec![(
+                "exec",
+                exec(
+                    std::iter::once("/bin/echo".to_string())
+                        .chain((0..20_000).map(|i| format!("arg-{i}")))
+                        .collect(),
+                ),
+            )]),
+            "exec",
+        ),
+        (
+            base(vec![
+                ("exec", exec(vec!["/bin/true".into()])),
+                ("env", Variant::from(huge_env)),
+            ]),
+            "env",
+        ),
+        (
+            base(vec![
+                ("exec", exec(vec!["/bin/true".into()])),
+                (
+                    "env",
+                    Variant::from(HashMap::from([(
+                        "OUTLIVE_ENTRY_ID".to_string(),
+                        "x".to_string(),
+                    )])),
+                ),
+            ]),
+            "env",
+        ),
+        (
+            base(vec![
+                ("exec", exec(vec!["/bin/true".into()])),
+                (
+                    "env",
+                    Variant::from(HashMap::from([("BAD=NAME".to_string(), "x".to_string())])),
+                ),
+            ]),
+            "env",
+        ),
+        (
+            base(vec![("unit", Variant::from("not a unit name"))]),
+            "unit",
+        ),
+        (
+            base(vec![
+                ("exec", exec(vec!["/bin/true".into()])),
+                ("disposition", Variant::from("whatever")),
+            ]),
+            "disposition",
+        ),
+    ];
+    for (d, field) in cases {
+        let got = call_at(&conn, Q.0, Q.1, "Enqueue", &(d,)).await;
+        let (name, msg) = got.expect_err(field);
+        assert_eq!(name, INVALID, "{field}: {msg}");
+        assert!(msg.contains(field), "the refusal names {field}: {msg}");
+    }
+
+    // Unknown and malformed ids, unknown kinds.
+    for (got, name, text) in [
+        (
+            call_at(&conn, Q.0, Q.1, "Cancel", &("rq-zzzz-9",)).await,
+            "org.outlive.Error.NotFound",
+            "",
+        ),
+        (
+            call_at(&conn, Q.0, Q.1, "Requeue", &("rq-zzzz-9",)).await,
+            "org.outlive.Error.NotFound",
+            "",
+        ),
+        (
+            call_at(&conn, Q.0, Q.1, "Cancel", &("../../etc/passwd",)).await,
+            INVALID,
+            "id",
+        ),
+        (
+            call_at(&conn, Q.0, Q.1, "Pause", &("forever", "x")).await,
+            INVALID,
+            "kind",
+        ),
+        (
+            call_at(&conn, Q.0, Q.1, "Stop", &("x".repeat(5000),)).await,
+            INVALID,
+            "run_id",
+        ),
+        (
+            call_at(&conn, A.0, A.1, "ClassifyPath", &("relative/path",)).await,
+            INVALID,
+            "path",
+        ),
+    ] {
+        let (n, m) = got.expect_err(name);
+        assert_eq!(n, name, "{m}");
+        assert!(m.contains(text), "{name}: {m}");
+    }
+
+    // Through outlivectl: a path that is not UTF-8, and one that does not exist, are clear
+    // errors, not panics.
+    use std::os::unix::ffi::OsStrExt;
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"/tmp/\xff\xfe");
+    let out = common::bus::as_user(common::outlivectl(), ROOT)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &s.bus.address)
+        .args([
+            "enqueue",
+            "--run-id",
+            "bad",
+            "--evidence",
+            "active-subagent",
+            "--cwd",
+        ])
+        .arg(not_utf8)
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(1) | Some(2)) && err.contains("cwd"),
+        "{:?} {err}",
+        out.status
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, _, err) = s
+        .bus
+        .outlivectl_as(ROOT, &["host", "--path", "relative/path"]);
+    assert_eq!(code, 1, "{err}");
+    // (outlivectl resolves a relative path against its working directory, as a CLI does.)
+    assert!(err.contains("relative/path"), "{err}");
+
+    // Still up, nothing written.
+    assert_eq!(entries(&s, ROOT).len(), 1);
+    assert_eq!(
+        std::fs::read(&state_file).unwrap(),
+        before,
+        "a refusal wrote the state file"
+    );
+}
