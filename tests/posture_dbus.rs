@@ -293,3 +293,119 @@ fn g9_a_notice_opens_the_item_status_shows_it_and_ack_clears_it() {
         "{out}"
     );
 }
+
+/// Issue "Prove it", the authorization matrix: every method of the agent, called as root, as a
+/// member of `outlive`, and as an unprivileged user who owns a drop-in (the only one who may
+/// report its guard besides root), through a private dbus-daemon with the shipped policy and
+/// against the agent itself. "allow" means anything but AccessDenied (a NotFound for an unknown
+/// id is an allowed call); "deny" means AccessDenied, from the policy or from the agent.
+#[test]
+fn x1_every_method_as_root_member_owner_and_stranger() {
+    if !ready() {
+        return;
+    }
+    let s = setup("");
+    const Q: (&str, &str) = (
+        "/org/outlive/Agent1/ResumeQueue",
+        "org.outlive.ResumeQueue1",
+    );
+    const G: (&str, &str) = ("/org/outlive/Agent1/Guards", "org.outlive.Guards1");
+    const A: (&str, &str) = ("/org/outlive/Agent1", "org.outlive.Agent1");
+    const P: &str = "org.freedesktop.DBus.Properties";
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum E {
+        Allow,
+        Deny,
+    }
+    use E::{Allow, Deny};
+    // (object, interface, method, signature and arguments, [root, member, stranger-owner])
+    type Row<'a> = ((&'a str, &'a str), &'a str, Vec<&'a str>, [E; 3]);
+    let table: Vec<Row> = vec![
+        (Q, "List", vec![], [Allow, Allow, Allow]),
+        (
+            Q,
+            "Enqueue",
+            vec![
+                "a{sv}",
+                "3",
+                "run_id",
+                "s",
+                "m-1",
+                "cwd",
+                "s",
+                "/",
+                "exec",
+                "as",
+                "1",
+                "/bin/true",
+            ],
+            [Allow, Allow, Deny],
+        ),
+        (Q, "Cancel", vec!["s", "rq-zzzz-1"], [Allow, Allow, Deny]),
+        (Q, "Requeue", vec!["s", "rq-zzzz-1"], [Allow, Allow, Deny]),
+        (Q, "Stop", vec!["s", "never-queued"], [Allow, Allow, Deny]),
+        (
+            Q,
+            "Pause",
+            vec!["ss", "maintenance", "matrix"],
+            [Allow, Allow, Deny],
+        ),
+        (Q, "Resume", vec![], [Allow, Allow, Deny]),
+        (Q, "StopAll", vec![], [Allow, Allow, Deny]),
+        (Q, "Resume", vec![], [Allow, Allow, Deny]),
+        (Q, "Drain", vec![], [Allow, Allow, Deny]),
+        (
+            Q,
+            "ReportQuota",
+            vec!["bu", "true", "60"],
+            [Allow, Allow, Deny],
+        ),
+        (G, "GetGuards", vec![], [Allow, Allow, Allow]),
+        (
+            G,
+            "ReportGuard",
+            vec!["sbbta{sv}", "backup.snapshots", "true", "false", "0", "0"],
+            [Allow, Deny, Allow],
+        ),
+        (G, "AckAttention", vec![], [Allow, Allow, Deny]),
+        (A, "GetHostFacts", vec![], [Allow, Allow, Allow]),
+        (A, "ClassifyPath", vec!["s", "/"], [Allow, Allow, Allow]),
+        (A, "Reevaluate", vec![], [Allow, Deny, Deny]),
+    ];
+    let who = [("root", ROOT), ("member", MEMBER), ("stranger", STRANGER)];
+    let mut report = Vec::new();
+    for ((path, iface), method, args, expect) in &table {
+        for (i, (name, id)) in who.iter().enumerate() {
+            let mut a = vec!["call", "org.outlive.Agent1", path, iface, method];
+            a.extend(args.iter().copied());
+            let (code, out, err) = s.bus.busctl_as(*id, &a);
+            let denied = code != 0
+                && (err.contains("AccessDenied")
+                    || err.contains("Access denied")
+                    || err.contains("only root")
+                    || err.contains("not allowed"));
+            let got = if denied { Deny } else { Allow };
+            if got != expect[i] {
+                report.push(format!(
+                    "{iface}.{method} as {name}: expected {:?}, got {got:?} ({code}: {out}{err})",
+                    expect[i]
+                ));
+            }
+        }
+    }
+    // Properties are readable by everyone.
+    for (name, id) in who {
+        let (code, _, err) = s.bus.busctl_as(
+            id,
+            &["get-property", "org.outlive.Agent1", Q.0, Q.1, "Waiting"],
+        );
+        if code != 0 {
+            report.push(format!("{P}.Get Waiting as {name}: {err}"));
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "authorization matrix:\n{}",
+        report.join("\n")
+    );
+}
