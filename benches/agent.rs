@@ -10,7 +10,8 @@
 //!   timed the same way. Medians of 25 starts.
 //! - idle memory: VmRSS of the agent 5 s after READY, beside the private dbus-daemon's.
 //! - idle CPU: utime + stime of the agent over OUTLIVE_BENCH_IDLE_SECS (default 60) of idling
-//!   under the default configuration, as a share of one CPU.
+//!   under the default configuration and the shipped unit's WatchdogSec=30s, as a share of one
+//!   CPU; then, for a fifth of that time, without a watchdog (off systemd).
 //!
 //! Not a timed test: the figures are printed and recorded in BENCHMARKS.md.
 
@@ -109,10 +110,17 @@ fn main() {
         a - f
     );
 
-    // Idle: one agent under the default configuration.
+    // Idle: one agent under the default configuration and the shipped unit's watchdog
+    // (WatchdogSec=30s: the progress monitor checks every 15 s; off systemd, SPEC G-1 has it
+    // check every second, which the figure off systemd below shows).
     let dir = base.path().join("idle");
     std::fs::create_dir_all(&dir).unwrap();
-    let agent = spawn_agent(&dir, &address, "", &[("NOTIFY_SOCKET", &notify)]);
+    let agent = spawn_agent(
+        &dir,
+        &address,
+        "",
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "30000000")],
+    );
     wait_ready(&sock);
     std::thread::sleep(Duration::from_secs(5));
     let pid = agent.id();
@@ -141,6 +149,25 @@ fn main() {
         100.0 * used / el,
         100.0 / hz / el,
         status_kib(pid, "VmRSS:")
+    );
+    stop(agent);
+
+    // Off systemd (no watchdog: the monitor checks every second), a shorter run.
+    let dir = base.path().join("idle-no-watchdog");
+    std::fs::create_dir_all(&dir).unwrap();
+    let agent = spawn_agent(&dir, &address, "", &[("NOTIFY_SOCKET", &notify)]);
+    wait_ready(&sock);
+    let pid = agent.id();
+    let secs = (secs / 5).max(60);
+    let (c0, t0) = (cpu_ticks(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let (c1, el) = (cpu_ticks(pid), t0.elapsed().as_secs_f64());
+    let used = (c1 - c0) as f64 / hz;
+    println!(
+        "idle CPU without a watchdog (off systemd) over {el:.0} s: {used:.2} s of CPU = {:.4} % of \
+         one CPU (resolution {:.4} %)",
+        100.0 * used / el,
+        100.0 / hz / el
     );
     stop(agent);
     let _ = bus.kill();

@@ -11,8 +11,9 @@
 //!
 //! Handoffs spin briefly before parking (the worker waits for a next job, the caller for its
 //! reply): a wakeup across CPUs costs tens of microseconds on virtual machines, a classification
-//! itself a few. The spin is bounded ([`WORKER_SPIN`], [`CALLER_SPIN`]), so an idle agent pays
-//! at most half a millisecond of CPU per classification.
+//! itself a few. The spin is bounded ([`WORKER_SPIN`], [`CALLER_SPIN`]), and the worker spins
+//! only inside a burst of jobs ([`BURST_GAP`]), so an idle agent, which classifies a few paths
+//! a minute, pays at most the caller's short spin per classification.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ pub const TIMEOUT_MEMORY_MS: u64 = 60_000;
 pub const MAX_STUCK: usize = 4;
 /// How long the worker polls for a next job before parking.
 pub const WORKER_SPIN: Duration = Duration::from_micros(500);
+/// A job that arrives within this of the previous one's end is part of a burst: only then
+/// does the worker spin for the next.
+pub const BURST_GAP: Duration = Duration::from_millis(2);
 /// How long a caller polls for its reply before parking.
 pub const CALLER_SPIN: Duration = Duration::from_micros(200);
 
@@ -169,17 +173,28 @@ impl FactsWorker {
 }
 
 fn worker_loop(rx: &Receiver<Job>) {
+    let mut last_done: Option<Instant> = None;
     loop {
         let job = match rx.recv() {
             Ok(j) => j,
             Err(_) => return,
         };
+        // Spin for a next job only inside a burst (this job came soon after the last one): an
+        // idle agent classifies a few paths a minute, and a spin after each would be wasted.
+        let in_burst = last_done.is_some_and(|t| t.elapsed() < BURST_GAP);
         job();
+        last_done = Some(Instant::now());
+        if !in_burst {
+            continue;
+        }
         // Poll briefly for a next job before parking again.
         let until = Instant::now() + WORKER_SPIN;
         loop {
             match rx.try_recv() {
-                Ok(j) => j(),
+                Ok(j) => {
+                    j();
+                    last_done = Some(Instant::now());
+                }
                 Err(TryRecvError::Disconnected) => return,
                 Err(TryRecvError::Empty) if Instant::now() < until => std::hint::spin_loop(),
                 Err(TryRecvError::Empty) => break,
