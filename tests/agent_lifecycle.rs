@@ -126,7 +126,15 @@ fn s9_invalid_configuration_is_fatal_with_status_and_errno() {
     let n = TestSocket::notify();
     let d = common::open_tempdir();
     let cfg = d.path().join("bad.toml");
-    std::fs::write(&cfg, "[drainer]\ninterval = 5\n").unwrap();
+    let state = d.path().join("state");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{}\"\n[drainer]\ninterval = 5\n",
+            state.display()
+        ),
+    )
+    .unwrap();
     let (code, _, err) = run(Command::new(outlived())
         .args(["--no-bus", "--config"])
         .arg(&cfg)
@@ -136,6 +144,30 @@ fn s9_invalid_configuration_is_fatal_with_status_and_errno() {
         err.contains("drainer.interval: unknown key (did you mean `drainer.interval_sec`?)"),
         "{err}"
     );
+    assert!(
+        err.contains(&cfg.display().to_string()),
+        "names the file: {err}"
+    );
+    assert!(
+        !state.exists(),
+        "nothing is written before the configuration is valid"
+    );
+    // A file that is not TOML at all: the file and the line, exit 78, nothing written.
+    std::fs::write(
+        &cfg,
+        format!("state_dir = \"{}\"\n[queue\n", state.display()),
+    )
+    .unwrap();
+    let (code, _, err) = run(Command::new(outlived())
+        .args(["--no-bus", "--config"])
+        .arg(&cfg));
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&cfg.display().to_string()) && err.contains("line 2"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!state.exists());
     n.drain(Duration::from_millis(200));
     let seen = n.seen();
     assert!(

@@ -884,7 +884,20 @@ fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted
             "one heads-up for (paused_at, 1 waiting): {heads_up:?}"
         );
 
-        // (e) a wedged drainer tick: WATCHDOG=trigger, a restart, the loop named.
+        // (e) a wedged drainer tick: WATCHDOG=trigger, a restart, the loop named, and nothing
+        // lost across it (the entries and the deliberate halt).
+        let kept: Vec<(String, String)> = {
+            let (code, out, err) = ctl(&b, &["--json", "queue"]);
+            assert_eq!(code, 0, "{err}");
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["id"].to_string(), e["status"].to_string()))
+                .collect()
+        };
+        assert!(!kept.is_empty());
         let restarts: u32 = b.show("outlived", "NRestarts").parse().unwrap();
         b.run(&["touch", "/run/outlive/fault-wedge-drainer"]);
         b.wait_for("a watchdog restart", Duration::from_secs(20), |b| {
@@ -902,6 +915,17 @@ fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted
         b.wait_for("outlived active again", Duration::from_secs(20), |b| {
             b.show("outlived", "ActiveState") == "active"
         });
+        let (code, out, err) = ctl(&b, &["--json", "queue"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let after: Vec<(String, String)> = v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["id"].to_string(), e["status"].to_string()))
+            .collect();
+        assert_eq!(after, kept, "nothing lost across the watchdog restart");
+        assert_eq!(queue_property(&b, "PauseKind"), "s \"deliberate-halt\"");
         assert_state_host_local(&b);
         b.halt();
     }

@@ -96,7 +96,12 @@ pub async fn caller_uid(conn: &Connection, hdr: &Header<'_>) -> Result<u32, Outl
             .sender()
             .ok_or_else(|| OutliveError::AccessDenied("the call has no sender".into()))?
             .to_owned();
-        let proxy = zbus::fdo::DBusProxy::new(conn).await?;
+        // No property cache: a caching proxy subscribes to PropertiesChanged (an AddMatch and
+        // a RemoveMatch round trip to the bus daemon) every time it is built.
+        let proxy = zbus::fdo::DBusProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
         let creds = proxy.get_connection_credentials(sender.into()).await?;
         creds.unix_user_id().ok_or_else(|| {
             OutliveError::AccessDenied("the bus does not know the caller's uid".into())
