@@ -63,9 +63,13 @@ impl Notifier {
     }
 
     fn send(&self, states: &[NotifyState<'_>]) {
-        if self.enabled
-            && let Err(e) = sd_notify::notify(states)
-        {
+        if !self.enabled {
+            return;
+        }
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        if let Err(e) = send_bounded(&path, states) {
             tracing::warn!("cannot notify the service manager: {e}");
         }
     }
@@ -144,4 +148,82 @@ impl Notifier {
 /// A status must be one line; newlines would end the notification field.
 fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
+}
+
+/// The longest a notification may block when the service manager does not read (its queue
+/// full): the agent's loops and its watchdog thread must never hang on it.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Send `states` to the socket at `path` (a path, or `@name` for an abstract socket on Linux),
+/// waiting at most [`SEND_TIMEOUT`].
+pub fn send_bounded(path: &std::ffi::OsStr, states: &[NotifyState<'_>]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let sock = UnixDatagram::unbound()?;
+    sock.set_write_timeout(Some(SEND_TIMEOUT))?;
+    let bytes = path.as_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(msg.as_bytes(), &addr)?
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = name;
+            return Err(std::io::Error::other(
+                "abstract sockets exist only on Linux",
+            ));
+        }
+    } else {
+        sock.send_to(msg.as_bytes(), path)?
+    };
+    if sent != msg.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "incomplete write",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service manager that stops reading never blocks a notification for longer than
+    /// SEND_TIMEOUT; what it does read is the sd_notify format.
+    #[test]
+    fn x3_a_manager_that_stops_reading_never_blocks_the_agent() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("notify");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        send_bounded(
+            path.as_os_str(),
+            &[NotifyState::Ready, NotifyState::Status("up")],
+        )
+        .unwrap();
+        let mut buf = [0u8; 64];
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=up\n");
+        // Nobody reads any more: the queue fills, then each send gives up after the timeout.
+        let t = std::time::Instant::now();
+        let mut failed = 0;
+        for _ in 0..2000 {
+            if send_bounded(path.as_os_str(), &[NotifyState::Watchdog]).is_err() {
+                failed += 1;
+                if failed == 3 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(failed, 3, "the queue never filled");
+        assert!(
+            t.elapsed() < SEND_TIMEOUT * 3 + std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 }
