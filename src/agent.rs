@@ -1017,18 +1017,19 @@ impl Agent {
         p.register(
             "publish.journal",
             Box::new(move || {
-                if journal.last_delivery() == crate::publish::journal::Delivery::UnifiedLog {
-                    return status(true);
-                }
-                if !journal.socket_present() && !crate::publish::journal::stderr_is_journal() {
+                use crate::publish::journal::Delivery;
+                let last = journal.last_delivery();
+                if last != Delivery::UnifiedLog
+                    && !journal.socket_present()
+                    && !crate::publish::journal::stderr_is_journal()
+                {
                     // No journal to confirm: `on-unverified`.
                     return RuntimeRead::Absent;
                 }
-                match journal.last_delivery() {
-                    crate::publish::journal::Delivery::Journal => status(true),
-                    crate::publish::journal::Delivery::Stderr => status(false),
-                    crate::publish::journal::Delivery::UnifiedLog => status(true),
-                    crate::publish::journal::Delivery::None => RuntimeRead::Status(Runtime {
+                match last {
+                    Delivery::Journal | Delivery::UnifiedLog => status(true),
+                    Delivery::Stderr => status(false),
+                    Delivery::None => RuntimeRead::Status(Runtime {
                         enabled: true,
                         verdict_unknown: true,
                         ..Runtime::default()

@@ -9,6 +9,31 @@ use std::time::Duration;
 
 use common::boxed::{HostSnapshot, Stage, SystemdBox, available};
 
+/// Run a box test and check afterwards that the machine is as it was (DESIGN §4.3).
+fn unchanged_machine(test: impl FnOnce()) {
+    let before = HostSnapshot::take(&[]);
+    test();
+    let diff = before.diff(&HostSnapshot::take(&[]));
+    assert!(
+        diff.is_empty(),
+        "the box changed the machine:\n{}",
+        diff.join("\n")
+    );
+}
+
+/// The queue's entries as (id, status), from `outlivectl --json queue` in the box.
+fn entry_states(b: &SystemdBox) -> Vec<(String, String)> {
+    let (code, out, err) = ctl(b, &["--json", "queue"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["id"].to_string(), e["status"].to_string()))
+        .collect()
+}
+
 fn box_available() -> bool {
     common::require(available().is_ok(), &available().err().unwrap_or_default())
 }
@@ -52,8 +77,7 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
     if !box_available() {
         return;
     }
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let stage = Stage::new("lifecycle");
         stage.state_image(64);
         stage.want("outlived.service");
@@ -183,14 +207,7 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
         assert!(took < Duration::from_secs(12), "restart took {took:?}");
         assert_state_host_local(&b);
         b.halt();
-    }
-    let after = HostSnapshot::take(&[]);
-    let diff = before.diff(&after);
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }
 
 fn lock_record(host_id: &str, hostname: &str) -> Vec<u8> {
@@ -219,8 +236,7 @@ fn box_host_rename_is_healed_and_only_members_may_act() {
     if !box_available() {
         return;
     }
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let host_id = common::host_json(None)["host_id"]
             .as_str()
             .unwrap()
@@ -305,13 +321,7 @@ fn box_host_rename_is_healed_and_only_members_may_act() {
         assert_eq!(code, 0, "{out}{err}");
         assert_state_host_local(&b);
         b.halt();
-    }
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }
 
 /// L-4 row 7, L-6 (b): a lock of another host with auto_heal = "off": the queue is disabled
@@ -322,8 +332,7 @@ fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
     if !box_available() {
         return;
     }
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let stage = Stage::new("foreign");
         stage.state_image(64);
         stage.file(
@@ -460,13 +469,7 @@ fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
         );
         assert_state_host_local(&b);
         b.halt();
-    }
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }
 
 // ---- the drainer under real systemd (SPEC §4, §5, X-4) --------------------------------------
@@ -574,8 +577,7 @@ fn box_the_drainer_revives_through_systemd() {
     if !box_available() {
         return;
     }
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let stage = Stage::new("drainer");
         stage.state_image(64);
         stage.file("/etc/outlive/outlive.toml", DRAIN_CONFIG);
@@ -785,13 +787,7 @@ fn box_the_drainer_revives_through_systemd() {
         assert!(err.contains("AccessDenied"), "{err}");
         assert_state_host_local(&b);
         b.halt();
-    }
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }
 
 /// P-5 (d): a stale emergency pause heals itself once an active run is queued after it (window
@@ -803,8 +799,7 @@ fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted
     if !box_available() {
         return;
     }
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let stage = Stage::new("pauses");
         stage.state_image(64);
         stage.file("/etc/outlive/outlive.toml", DRAIN_CONFIG);
@@ -886,17 +881,7 @@ fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted
 
         // (e) a wedged drainer tick: WATCHDOG=trigger, a restart, the loop named, and nothing
         // lost across it (the entries and the deliberate halt).
-        let kept: Vec<(String, String)> = {
-            let (code, out, err) = ctl(&b, &["--json", "queue"]);
-            assert_eq!(code, 0, "{err}");
-            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-            v["entries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| (e["id"].to_string(), e["status"].to_string()))
-                .collect()
-        };
+        let kept = entry_states(&b);
         assert!(!kept.is_empty());
         let restarts: u32 = b.show("outlived", "NRestarts").parse().unwrap();
         b.run(&["touch", "/run/outlive/fault-wedge-drainer"]);
@@ -915,26 +900,15 @@ fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted
         b.wait_for("outlived active again", Duration::from_secs(20), |b| {
             b.show("outlived", "ActiveState") == "active"
         });
-        let (code, out, err) = ctl(&b, &["--json", "queue"]);
-        assert_eq!(code, 0, "{err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let after: Vec<(String, String)> = v["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| (e["id"].to_string(), e["status"].to_string()))
-            .collect();
-        assert_eq!(after, kept, "nothing lost across the watchdog restart");
+        assert_eq!(
+            entry_states(&b),
+            kept,
+            "nothing lost across the watchdog restart"
+        );
         assert_eq!(queue_property(&b, "PauseKind"), "s \"deliberate-halt\"");
         assert_state_host_local(&b);
         b.halt();
-    }
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }
 
 /// G-2, G-5, G-9 (b): an external guard declared by a drop-in (picked up by a reload) and
@@ -946,8 +920,7 @@ fn box_an_external_guard_is_reported_by_its_owner_and_goes_stale_once() {
     if !box_available() {
         return;
     }
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let stage = Stage::new("external");
         stage.state_image(64);
         stage.file(
@@ -1024,13 +997,7 @@ fn box_an_external_guard_is_reported_by_its_owner_and_goes_stale_once() {
         );
         assert_state_host_local(&b);
         b.halt();
-    }
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }
 
 /// Issue "Ship it": the built .deb installed with `dpkg -i` in the box (its /etc, /var, /usr are
@@ -1048,8 +1015,7 @@ fn box_the_deb_installs_enables_starts_and_purges_clean() {
         common::require(false, "target/debian/outlive_*.deb (run `make deb`)");
         return;
     };
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let stage = Stage::empty("deb");
         let pkg = stage.dir.join("outlive.deb");
         std::fs::copy(&deb, &pkg).unwrap();
@@ -1205,13 +1171,7 @@ fn box_the_deb_installs_enables_starts_and_purges_clean() {
             "the group stays"
         );
         b.halt();
-    }
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }
 
 /// Issue "Prove it": the system bus restarted under the agent (dbus.service restarted in the
@@ -1223,8 +1183,7 @@ fn box_the_bus_restarted_under_the_agent_is_reconnected_and_the_gap_shown() {
     if !box_available() {
         return;
     }
-    let before = HostSnapshot::take(&[]);
-    {
+    unchanged_machine(|| {
         let stage = Stage::new("bus-restart");
         stage.state_image(64);
         stage.want("outlived.service");
@@ -1275,11 +1234,5 @@ fn box_the_bus_restarted_under_the_agent_is_reconnected_and_the_gap_shown() {
         assert_eq!(b.show("outlived", "NRestarts"), "0");
         assert_state_host_local(&b);
         b.halt();
-    }
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
+    });
 }

@@ -209,29 +209,14 @@ async fn call<B>(conn: &zbus::Connection, method: &str, body: &B) -> Outcome
 where
     B: serde::Serialize + zbus::wire::DynamicType,
 {
-    match conn
-        .call_method(
-            Some("org.outlive.Agent1"),
-            "/org/outlive/Agent1/ResumeQueue",
-            Some("org.outlive.ResumeQueue1"),
-            method,
-            body,
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(zbus::Error::MethodError(name, msg, _)) => {
-            Err((name.to_string(), msg.unwrap_or_default()))
-        }
-        Err(zbus::Error::FDO(e)) => {
-            use zbus::DBusError;
-            Err((
-                e.name().to_string(),
-                e.description().unwrap_or_default().to_string(),
-            ))
-        }
-        Err(e) => Err(("?".into(), e.to_string())),
-    }
+    call_at(
+        conn,
+        "/org/outlive/Agent1/ResumeQueue",
+        "org.outlive.ResumeQueue1",
+        method,
+        body,
+    )
+    .await
 }
 
 #[tokio::test]

@@ -235,12 +235,17 @@ fn outlivectl_pages() -> Vec<Page> {
     });
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("outlivectl-{}", sub.get_name());
-        let sub = sub.clone().display_name(name.clone());
-        let m = man(sub, "1");
+        // The examples are the command's after-help text.
+        let examples = sub.get_after_help().map(|a| {
+            a.to_string()
+                .trim_start_matches("Examples:")
+                .trim()
+                .to_string()
+        });
+        let m = man(sub.clone().display_name(name.clone()), "1");
         let text = render(&m, |r| {
-            let after = m_after_help(&name);
-            if let Some(a) = after {
-                paragraph(r, "EXAMPLES", &a);
+            if let Some(a) = &examples {
+                paragraph(r, "EXAMPLES", a);
             }
             see_also(r, &[("outlivectl", "1"), ("outlived", "8")]);
         });
@@ -251,15 +256,6 @@ fn outlivectl_pages() -> Vec<Page> {
         });
     }
     pages
-}
-
-/// The after-help text of a subcommand (its examples), if any.
-fn m_after_help(page: &str) -> Option<String> {
-    let sub = page.strip_prefix("outlivectl-")?;
-    Outlivectl::command()
-        .find_subcommand(sub)
-        .and_then(|c| c.get_after_help().map(|a| a.to_string()))
-        .map(|a| a.trim_start_matches("Examples:").trim().to_string())
 }
 
 fn outlive_toml_page() -> Page {

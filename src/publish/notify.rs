@@ -44,7 +44,8 @@ impl Supervisor {
 
 /// Sends notifications; remembers the last status so unchanged lines are not re-sent.
 pub struct Notifier {
-    enabled: bool,
+    /// `NOTIFY_SOCKET`, read once at start.
+    socket: Option<std::ffi::OsString>,
     last_status: Mutex<Option<String>>,
 }
 
@@ -52,24 +53,21 @@ impl Notifier {
     /// A notifier for this process (enabled iff `NOTIFY_SOCKET` is set).
     pub fn from_env() -> Notifier {
         Notifier {
-            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            socket: std::env::var_os("NOTIFY_SOCKET"),
             last_status: Mutex::new(None),
         }
     }
 
     /// Whether a service manager listens.
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.socket.is_some()
     }
 
     fn send(&self, states: &[NotifyState<'_>]) {
-        if !self.enabled {
-            return;
-        }
-        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        let Some(path) = &self.socket else {
             return;
         };
-        if let Err(e) = send_bounded(&path, states) {
+        if let Err(e) = send_bounded(path, states) {
             tracing::warn!("cannot notify the service manager: {e}");
         }
     }
