@@ -7,19 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::boxed::{HostSnapshot, Stage, SystemdBox, available};
-
-/// Run a box test and check afterwards that the machine is as it was (DESIGN §4.3).
-fn unchanged_machine(test: impl FnOnce()) {
-    let before = HostSnapshot::take(&[]);
-    test();
-    let diff = before.diff(&HostSnapshot::take(&[]));
-    assert!(
-        diff.is_empty(),
-        "the box changed the machine:\n{}",
-        diff.join("\n")
-    );
-}
+use common::boxed::{Stage, SystemdBox, available, machine_changes, unchanged_machine};
 
 /// The queue's entries as (id, status), from `outlivectl --json queue` in the box.
 fn entry_states(b: &SystemdBox) -> Vec<(String, String)> {
@@ -1235,4 +1223,51 @@ fn box_the_bus_restarted_under_the_agent_is_reconnected_and_the_gap_shown() {
         assert_state_host_local(&b);
         b.halt();
     });
+}
+
+/// DESIGN §4.3 (issue "Keep the promise under faults", item 8): the check that a box left the
+/// machine unchanged sees what a box does, and only that. From inside a box, a file is planted
+/// in the machine's /tmp and another removed from its /run/lock (through a bind of the root
+/// filesystem, which is how a broken isolation would reach them): both are reported. A file the
+/// test itself writes in /tmp meanwhile, like any other program on the machine, is not.
+#[test]
+fn box_the_machine_check_sees_a_planted_file_and_a_removed_one_and_nothing_else() {
+    if !box_available() {
+        return;
+    }
+    let me = std::process::id();
+    let victim = format!("/run/lock/outlive-box-selftest-{me}");
+    let planted = format!("/tmp/outlive-box-planted-{me}");
+    let bystander = format!("/tmp/outlive-box-bystander-{me}");
+    std::fs::write(&victim, b"").unwrap();
+    let changes = machine_changes(|| {
+        let stage = Stage::empty("selftest");
+        let b = SystemdBox::boot(&stage);
+        std::fs::write(&bystander, b"written by the machine, not the box").unwrap();
+        let (code, _, err) = b.sh(&format!(
+            "mkdir /mnt/host && mount --bind / /mnt/host && touch /mnt/host{planted} \
+             && rm /mnt/host{victim} && umount /mnt/host"
+        ));
+        assert_eq!(code, 0, "{err}");
+        b.halt();
+    });
+    for f in [&planted, &bystander, &victim] {
+        let _ = std::fs::remove_file(f);
+    }
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.contains("created") && c.ends_with(&planted)),
+        "the planted file was not seen: {changes:#?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.contains("removed") && c.ends_with(&victim)),
+        "the removal was not seen: {changes:#?}"
+    );
+    assert!(
+        !changes.iter().any(|c| c.contains("bystander")),
+        "the machine's own activity was blamed on the box: {changes:#?}"
+    );
 }

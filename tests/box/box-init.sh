@@ -28,8 +28,18 @@ done
 # booted with systemd has none, and a package installed in the box must start its unit.
 rm -f /usr/sbin/policy-rc.d
 
-# Install what the test staged (make install DESTDIR=…, configuration, units).
-cp -a "$STAGE/root/." /
+# Install what the test staged (make install DESTDIR=…, configuration, units), into the
+# overlays only: copying the stage's top directory itself (`cp -a root/. /`) would give the
+# machine's own / the stage's mode and times.
+for e in "$STAGE/root"/* "$STAGE/root"/.[!.]*; do
+  [ -e "$e" ] || continue
+  d=${e##*/}
+  case "$d" in
+    etc|var|usr|home|root) cp -a "$e/." "/$d/" ;;
+    *) echo "box-init: the stage has /$d, which is not an overlay: it would reach the machine" >&2
+       exit 1 ;;
+  esac
+done
 
 # The state directory on its own ext4 image, so it reads local-persistent (on the overlay it
 # would read local-volatile and the posture would rightly say so).
@@ -61,6 +71,12 @@ if mountpoint -q /sys/fs/cgroup && [ "$(stat -f -c %T /sys/fs/cgroup)" = tmpfs ]
   done
   mount -n --move /mnt/cgroup /sys/fs/cgroup
 fi
+
+# Kernel settings are the machine's: systemd as PID 1 raises fs.file-max and fs.nr_open at boot
+# even with container= set. Read-only here, as in any container (the box's systemd notes it
+# and carries on).
+mount -n --bind /proc/sys /proc/sys
+mount -n -o remount,bind,ro /proc/sys
 
 # A private /dev with just the nodes the tests use.
 mkdir /mnt/dev

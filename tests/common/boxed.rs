@@ -2,14 +2,31 @@
 //! journald and the system bus, isolated so that the machine is left unchanged (the recipe is
 //! `tests/box/box-init.sh`). One box at a time: an exclusive flock on
 //! `/run/lock/outlive-box.lock`, and the nextest group `box`.
+//!
+//! Whether a box changed the machine is checked two ways ([`machine_changes`]):
+//!
+//! - what the box did to the machine's filesystems is watched with fanotify, attributed by pid
+//!   namespace: the box runs in a pid namespace nested in one of the watch's own, whose reader
+//!   sees the pid of every box process that created, removed, renamed, wrote or chmod'ed a
+//!   file, and pid 0 for everyone else on the machine. So a shell writing its own files in
+//!   `/tmp` meanwhile is not the box, and a box that plants a file in the machine's `/tmp` or
+//!   removes one from `/run/lock` is caught, whatever the name;
+//! - a snapshot before and after of what fanotify cannot see: the mount table (superblock
+//!   options are shared), kernel settings, and `/dev`; and, on a filesystem fanotify cannot
+//!   watch, the trees themselves. `/tmp` and `/run/lock`, where other programs come and go,
+//!   are left to the watch.
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::watch::{MachineWatch, Reader};
 use super::{outlivectl, outlived, repo, run};
 
 const LOCK: &str = "/run/lock/outlive-box.lock";
@@ -97,12 +114,54 @@ impl Drop for Stage {
 
 /// A booted box.
 pub struct SystemdBox {
+    /// `unshare` of the watch's pid namespace, in which the box's own is nested.
     unshare: Child,
     /// systemd's pid as seen from the machine.
     pub pid: i32,
     cgroups_before: BTreeSet<PathBuf>,
     _lock: File,
     halted: bool,
+    /// The watch's reader, when [`machine_changes`] watches this box.
+    reader: Option<Reader>,
+}
+
+/// The watch of the test running now ([`machine_changes`]); boxes booted meanwhile report to it.
+static WATCH: Mutex<Option<Arc<MachineWatch>>> = Mutex::new(None);
+
+/// Run a box test and return what it changed on the machine (DESIGN §4.3): what its
+/// processes did to the machine's filesystems, as the watch saw it, and the difference of a
+/// snapshot before and after (see the module doc). Empty when the machine is as it was.
+pub fn machine_changes(test: impl FnOnce()) -> Vec<String> {
+    let watch = MachineWatch::start().expect("fanotify (root, Linux >= 5.9)");
+    *WATCH.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&watch));
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            *WATCH.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+    let _clear = Clear;
+    // Where other programs come and go, only the watch is asked (if it covers them).
+    let busy: Vec<&Path> = ["/tmp", "/run/lock"]
+        .iter()
+        .map(Path::new)
+        .filter(|p| watch.covers(p))
+        .collect();
+    let before = HostSnapshot::take(&busy);
+    test();
+    let mut out = watch.findings();
+    out.extend(before.diff(&HostSnapshot::take(&busy)));
+    out
+}
+
+/// Run a box test and assert that the machine is as it was ([`machine_changes`]).
+pub fn unchanged_machine(test: impl FnOnce()) {
+    let changes = machine_changes(test);
+    assert!(
+        changes.is_empty(),
+        "the box changed the machine:\n{}",
+        changes.join("\n")
+    );
 }
 
 fn cgroup_dirs() -> BTreeSet<PathBuf> {
@@ -151,31 +210,60 @@ impl SystemdBox {
         let cgroups_before = cgroup_dirs();
         let init = repo().join("tests/box/box-init.sh");
         let log = File::create(stage.dir.join("box.log")).unwrap();
-        let unshare = Command::new("setsid")
-            .args([
-                "unshare",
-                "--fork",
-                "--pid",
-                "--mount-proc",
-                "--mount",
-                "--uts",
-                "--ipc",
-                "--net",
-            ])
-            .args(["--propagation", "private"])
+        let watch = WATCH.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // The watch's pid namespace: its init (sh) runs the reader, then the box in a nested
+        // pid namespace of its own, and stays until the test ends it (`wait` for the reader).
+        let boot_box = "unshare --fork --pid --mount-proc --mount --uts --ipc --net \
+             --propagation private \"$0\" \"$1\"";
+        let script = if watch.is_some() {
+            format!("cat <&3 >&4 & exec 3<&- 4>&-; {boot_box}; wait")
+        } else {
+            format!("{boot_box}; wait")
+        };
+        let mut cmd = Command::new("setsid");
+        cmd.args(["unshare", "--fork", "--pid", "sh", "-c", &script])
             .arg(&init)
             .arg(&stage.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn unshare");
+            .stderr(log);
+        let mut reader = None;
+        let mut pipe_w = None;
+        if let Some(w) = &watch {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` is a valid out-array of two descriptors.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            // SAFETY: fresh descriptors we own.
+            let (r, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+            let (fan, wfd) = (w.raw_fd(), wr.as_raw_fd());
+            // SAFETY: only fcntl, dup2 and close between fork and exec (async-signal-safe).
+            // Both are first copied above 3 and 4 (either may be 3 or 4 already, and a dup2 of
+            // a descriptor onto itself would keep its close-on-exec flag).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let a = libc::fcntl(fan, libc::F_DUPFD, 10);
+                    let b = libc::fcntl(wfd, libc::F_DUPFD, 10);
+                    if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(a);
+                    libc::close(b);
+                    Ok(())
+                });
+            }
+            reader = Some(Reader::new(Arc::clone(w), r));
+            pipe_w = Some(wr);
+        }
+        let unshare = cmd.spawn().expect("spawn unshare");
+        // Only the reader writes the pipe now.
+        drop(pipe_w);
         let mut b = SystemdBox {
             pid: 0,
             unshare,
             cgroups_before,
             _lock: lock,
             halted: false,
+            reader,
         };
         let end = Instant::now() + Duration::from_secs(20);
         while b.pid == 0 {
@@ -255,18 +343,33 @@ impl SystemdBox {
         // SAFETY: sending a signal to a pid we own; no memory is involved.
         unsafe { libc::kill(self.pid, rtmin3) };
         let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.unshare.try_wait().ok().flatten().is_some() {
-                break;
-            }
+        while is_box_systemd(self.pid) {
             if Instant::now() > end {
                 // Killing PID 1 of the box kills every process in it.
                 unsafe { libc::kill(self.pid, libc::SIGKILL) };
-                let _ = self.unshare.wait();
+                let stop = Instant::now() + Duration::from_secs(10);
+                while is_box_systemd(self.pid) && Instant::now() < stop {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The box is gone; its watch reads up to a sentinel, then its namespace ends.
+        if let Some(r) = &mut self.reader
+            && !r.finish()
+        {
+            eprintln!("the box watch never saw its sentinel: what the box did last is unknown");
+            if let Some(w) = WATCH.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                w.lost();
+            }
+        }
+        if let Some(init) = first_child(self.unshare.id() as i32) {
+            // SAFETY: PID 1 of the watch's namespace; killing it ends the namespace.
+            unsafe { libc::kill(init, libc::SIGKILL) };
+        }
+        let _ = self.unshare.wait();
+        self.reader = None;
         let mut new: Vec<PathBuf> = cgroup_dirs()
             .difference(&self.cgroups_before)
             .cloned()
@@ -285,13 +388,30 @@ impl Drop for SystemdBox {
     }
 }
 
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn first_child(pid: i32) -> Option<i32> {
+    children(pid).first().copied()
+}
+
+fn is_box_systemd(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "systemd")
+}
+
+/// PID 1 of the box: the child of the inner `unshare` (the init script, then systemd), under
+/// the watch namespace's init (sh).
 fn find_box_systemd(unshare_pid: i32) -> Option<i32> {
-    // unshare --fork: its child is PID 1 of the box (the init script, then systemd).
-    let children =
-        std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children")).ok()?;
-    let pid: i32 = children.split_whitespace().next()?.parse().ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim() == "systemd").then_some(pid)
+    let sh = first_child(unshare_pid)?;
+    children(sh)
+        .into_iter()
+        .flat_map(children)
+        .find(|&p| is_box_systemd(p))
 }
 
 /// A listing of the machine's trees that a box must not change (DESIGN §4.3): path, type,

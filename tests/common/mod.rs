@@ -9,6 +9,7 @@
 
 pub mod boxed;
 pub mod bus;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::io::Write;
