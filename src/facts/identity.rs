@@ -22,26 +22,30 @@ pub const APP_ID: Id128 = Id128([
 pub struct Id128(pub [u8; 16]);
 
 impl Id128 {
-    /// Parse 32 hex digits, or the 36-character UUID form with dashes. Case-insensitive;
-    /// surrounding whitespace is ignored. The all-zero id is rejected (systemd's null id).
+    /// Parse 32 hex digits, or the 36-character UUID form with dashes at exactly 8, 13, 18
+    /// and 23 (8-4-4-4-12). Case-insensitive; surrounding whitespace is ignored. The all-zero
+    /// id is rejected (systemd's null id). Anything else is `None`, never a panic: ids come
+    /// from files and the bus (SPEC §12 H-1).
     pub fn parse(s: &str) -> Option<Id128> {
-        let s = s.trim();
-        let hex: String = match s.len() {
-            32 => s.to_string(),
+        let b = s.trim().as_bytes();
+        let hex: Vec<u8> = match b.len() {
+            32 => b.to_vec(),
             36 => {
-                let b = s.as_bytes();
-                if [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+                let dashes = [8, 13, 18, 23];
+                if (0..36).any(|i| (b[i] == b'-') != dashes.contains(&i)) {
                     return None;
                 }
-                s.chars().filter(|&c| c != '-').collect()
+                b.iter().copied().filter(|&c| c != b'-').collect()
             }
             _ => return None,
         };
+        if hex.len() != 32 || !hex.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
         let mut out = [0u8; 16];
-        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-            let hi = (chunk[0] as char).to_digit(16)?;
-            let lo = (chunk[1] as char).to_digit(16)?;
-            out[i] = (hi * 16 + lo) as u8;
+        for (i, pair) in hex.chunks_exact(2).enumerate() {
+            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
         }
         if out == [0; 16] {
             return None;
@@ -355,5 +359,35 @@ mod tests {
         assert_eq!(a.to_hex(), "08ec98a5da1a40b0b9f0f31e697132da");
         assert!(Id128::parse("08ec98a5-da1a-40b0-b9f0+f31e697132da").is_none());
         assert!(Id128::parse("zz").is_none());
+    }
+
+    /// SPEC §12 H-1/L-4 (core review finding 2): an id read from a file or the bus is checked
+    /// for its exact shape, and a malformed one is refused, never a panic. The first input is
+    /// the reviewer's: 36 characters with one dash too many, which left 31 hex digits.
+    #[test]
+    fn h1_id128_exact_shape_reviewer_inputs_never_panic() {
+        for bad in [
+            "01234567-89ab-cdef-0123-4567-9abcdef",
+            "01234567-89ab-cdef-0123-456789abcde-",
+            "-1234567-89ab-cdef-0123-456789abcdef",
+            "01234567-89ab-cdef-0123-45678-abcdef",
+            "0123456789abcdef0123456789abcde-",
+            "0123456789abcdef0123456789abcdeg",
+            "+123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcdéf",
+            "01234567-89ab-cdef-0123-456789abcdé",
+            "01234567\u{0}89ab-cdef-0123-456789abcdef",
+            "é0123456789abcdef0123456789abcd",
+        ] {
+            assert!(Id128::parse(bad).is_none(), "{bad:?} must be refused");
+        }
+        // Every 36-byte string of dashes and hex digits: refused unless exactly 8-4-4-4-12.
+        for extra in 0..36 {
+            let mut s: Vec<u8> = b"01234567-89ab-cdef-0123-456789abcdef".to_vec();
+            s[extra] = b'-';
+            let ok = [8, 13, 18, 23].contains(&extra);
+            let text = String::from_utf8(s).unwrap();
+            assert_eq!(Id128::parse(&text).is_some(), ok, "{text}");
+        }
     }
 }

@@ -1132,6 +1132,36 @@ mod tests {
 
     const STALE: Option<Duration> = Some(Duration::from_secs(600));
 
+    /// SPEC §12 H-1/L-4 (core review finding 2): ids in a record that are not of their exact
+    /// shape are a decision (not ours: foreign), never a panic, whatever auto_heal says. The
+    /// input is the reviewer's: 36 characters with one dash too many.
+    #[test]
+    fn l4_h1_malformed_ids_in_a_record_are_a_decision_never_a_panic() {
+        let bad = "01234567-89ab-cdef-0123-4567-9abcdef";
+        let mut r = rec(None, "beta");
+        r.host_id = Some(bad.into());
+        r.boot_id = Some(bad.into());
+        assert_eq!(
+            r.process().boot_id,
+            None,
+            "an unreadable boot id is no boot id"
+        );
+        let _ = same_process(
+            &r.process(),
+            &id(9),
+            Some(7),
+            &crate::facts::process::KernelProber,
+        );
+        for heal in [AutoHeal::Off, AutoHeal::Observe, AutoHeal::On] {
+            let mut f = Counting::new(FsClass::LocalPersistent, false, STALE);
+            let v = run(Observed::Locked(Ok(r.clone())), heal, &mut f);
+            assert!(
+                v.row >= 7,
+                "{heal:?}: a malformed host id is not ours: {v:?}"
+            );
+        }
+    }
+
     #[test]
     fn l4_row1_unusable_directory_is_acquisition_error_retryable() {
         let mut f = Counting::new(FsClass::LocalPersistent, false, STALE);
