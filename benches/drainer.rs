@@ -140,8 +140,8 @@ impl Rig {
         q.evaluate_lock(
             &LockEnv {
                 ours: ours.clone(),
-                facts: &facts,
-                prober: &KernelProber,
+                facts: facts.clone(),
+                prober: std::sync::Arc::new(KernelProber),
             },
             true,
         );
@@ -156,7 +156,6 @@ impl Rig {
             Box::new(HostGauge),
             Arc::new(SystemClock),
             auditor,
-            &state,
             &run,
         );
         Rig {
@@ -201,8 +200,8 @@ impl Rig {
     fn heartbeat(&self) {
         self.queue.lock().unwrap().heartbeat(&LockEnv {
             ours: self.ours.clone(),
-            facts: &self.facts,
-            prober: &KernelProber,
+            facts: self.facts.clone(),
+            prober: std::sync::Arc::new(KernelProber),
         });
     }
 }

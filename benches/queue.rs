@@ -77,6 +77,7 @@ fn bench_dir() -> PathBuf {
 
 fn persist(c: &mut Criterion) {
     let dir = bench_dir();
+    let d = outlive::files::Dir::open(&dir).unwrap();
     let mut g = c.benchmark_group("persist");
     g.bench_function("floor-empty-file", |b| b.iter(|| floor(&dir)));
     for n in [10usize, 50, 500] {
@@ -84,7 +85,7 @@ fn persist(c: &mut Criterion) {
         let bytes = serde_json::to_vec(&s).unwrap().len();
         eprintln!("state with {n} open entries: {bytes} bytes");
         g.bench_with_input(BenchmarkId::new("save", n), &s, |b, s| {
-            b.iter(|| store::save(&dir, s).unwrap())
+            b.iter(|| store::save(&d, s).unwrap())
         });
     }
     g.finish();

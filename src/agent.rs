@@ -9,7 +9,6 @@
 //! the lock). The agent never forks.
 
 use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +26,6 @@ use crate::drainer::manager::Systemd;
 use crate::drainer::tick::{Drainer, Handle, Report, Settings as DrainerSettings};
 use crate::drainer::validate::WorkerPaths;
 use crate::drainer::{self, Timing, Wake};
-use crate::facts::process::KernelProber;
 use crate::facts::{self, Facts};
 use crate::posture::attention::{Attention, Causes};
 use crate::posture::rows::{REASON_CODES, Runtime, RuntimeRead};
@@ -229,39 +227,40 @@ pub fn main(opts: Options) -> i32 {
     rt.block_on(agent.run())
 }
 
-/// Create the runtime directory if needed. In user mode it must be ours and private.
+/// Create the runtime directory if needed (through `crate::files`: a link at its path is
+/// refused). It must be this agent's, and writable by it alone (a runtime directory others may
+/// write in would let them plant the files the agent writes there: continuation copies, logs
+/// of spawned runs, audit lines while the lock is not held); in user mode private (0700).
 fn ensure_runtime_dir(dir: &Path, mode: Mode) -> Result<(), String> {
     let perm = if mode == Mode::User { 0o700 } else { 0o755 };
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) => {
-            if !m.is_dir() {
-                return Err(format!(
-                    "runtime_dir {} exists and is not a directory",
-                    dir.display()
-                ));
-            }
-            let me = nix::unistd::geteuid().as_raw();
-            if m.uid() != me {
-                return Err(format!(
-                    "runtime_dir {} is owned by uid {}, not by this agent (uid {me}); remove it or set runtime_dir",
-                    dir.display(),
-                    m.uid()
-                ));
-            }
-            if mode == Mode::User && m.permissions().mode() & 0o077 != 0 {
-                return Err(format!(
-                    "runtime_dir {} is accessible to others; chmod 700 it",
-                    dir.display()
-                ));
-            }
-            Ok(())
-        }
-        Err(_) => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(perm)
-            .create(dir)
-            .map_err(|e| format!("cannot create runtime_dir {}: {e}", dir.display())),
+    let d = crate::files::Dir::create(dir, perm)
+        .map_err(|e| format!("runtime_dir {}: {e}", dir.display()))?;
+    let m = d
+        .meta()
+        .map_err(|e| format!("runtime_dir {}: {e}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid != me {
+        return Err(format!(
+            "runtime_dir {} is owned by uid {}, not by this agent (uid {me}); remove it or set runtime_dir",
+            dir.display(),
+            m.uid
+        ));
     }
+    if m.shared_writable() {
+        return Err(format!(
+            "runtime_dir {} is writable by group or others (mode {:04o}); chmod go-w it, or set runtime_dir to a \
+             private directory",
+            dir.display(),
+            m.perm
+        ));
+    }
+    if mode == Mode::User && m.perm & 0o077 != 0 {
+        return Err(format!(
+            "runtime_dir {} is accessible to others; chmod 700 it",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 struct Agent {
@@ -287,12 +286,8 @@ struct Agent {
 }
 
 /// Evaluate or refresh the lock with this host's current identity (L-3).
-fn lock_env(host: &HostState) -> LockEnv<'_> {
-    LockEnv {
-        ours: host.ours(),
-        facts: &host.facts,
-        prober: &KernelProber,
-    }
+fn lock_env(host: &HostState) -> LockEnv {
+    host.lock_env()
 }
 
 /// The `STATUS=` line (X-3), also the `StatusText` property. `DEGRADED:` iff the attention
@@ -419,7 +414,6 @@ impl Agent {
             Box::new(HostGauge),
             Arc::new(SystemClock),
             Arc::clone(&self.audit),
-            &self.config.state_dir,
             &self.config.runtime_dir,
         );
         let out = Arc::new(Outputs {
@@ -1052,6 +1046,7 @@ impl Agent {
                 let w = writes.get();
                 RuntimeRead::Status(Runtime {
                     enabled: w.last_error.is_none(),
+                    reason_code: w.last_error.map(|e| e.code.to_string()),
                     last_tick_boot: w.last_ok.map(|x| x.0),
                     last_tick_wall: w.last_ok.map(|x| x.1),
                     ..Runtime::default()
@@ -1071,28 +1066,12 @@ impl Agent {
                 serde_json::to_string_pretty(&p.boot_snapshot_json()).unwrap_or_default()
             )
         };
-        let dir = if lock_queue(&self.queue).lock_held() {
-            &self.config.state_dir
-        } else {
-            &self.config.runtime_dir
-        };
-        let path = dir.join("posture-boot.json");
-        let tmp = dir.join(".posture-boot.json.tmp");
-        let res = (|| -> std::io::Result<()> {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = res {
-            tracing::warn!("cannot write {}: {e}", path.display());
+        // In the state directory while the lock is held (checked to still be ours), else in
+        // the runtime directory (L-6).
+        if let Err(e) =
+            lock_queue(&self.queue).write_file(None, "posture-boot.json", text.as_bytes())
+        {
+            tracing::warn!("cannot write posture-boot.json: {e}");
         }
     }
 }
@@ -1201,9 +1180,13 @@ impl Runner {
             self.audit.record(
                 &Event::new(
                     "metrics-write-failed",
-                    format!("{err}; the metrics.textfile guard reads off-runtime-divergent until a write succeeds"),
+                    format!(
+                        "{}; the metrics.textfile guard reads off-runtime-divergent ({}) until a write succeeds",
+                        err.message, err.code
+                    ),
                 )
-                .priority(priority::WARNING),
+                .priority(priority::WARNING)
+                .field("reason", err.code),
             );
         }
     }

@@ -260,25 +260,18 @@ impl AuditLog {
         self.failures.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Append one event, rotating first when the file would grow past the threshold.
+    /// Append one event, rotating first when the file would grow past the threshold (through
+    /// `crate::files`: no link followed, nothing but a regular file written, never blocking).
     pub fn append(&self, ev: &Event) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
-        let path = dir.join(AUDIT_FILE);
         let mut line = ev.to_json().to_string();
         line.push('\n');
-        if let Ok(m) = std::fs::metadata(&path)
-            && m.len() + line.len() as u64 > self.max_bytes
-        {
-            std::fs::rename(&path, dir.join(format!("{AUDIT_FILE}.1")))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)?;
-        f.write_all(line.as_bytes())
+        crate::files::Dir::open(&dir)?.append(
+            AUDIT_FILE,
+            line.as_bytes(),
+            self.max_bytes,
+            &format!("{AUDIT_FILE}.1"),
+        )
     }
 }
 
@@ -331,8 +324,10 @@ impl Auditor {
     }
 }
 
-impl AuditSink for Auditor {
-    fn record(&self, event: &Event) {
+impl Auditor {
+    /// Through the gate (G-9) and to the sinks; `to_file`: also to `audit.jsonl`. Returns the
+    /// error of a failed append.
+    fn deliver(&self, event: &Event, to_file: bool) -> Option<std::io::Error> {
         let admitted;
         let event = match self.gate.get() {
             Some(g) => match g.admit(event) {
@@ -340,18 +335,45 @@ impl AuditSink for Auditor {
                     admitted = e;
                     &admitted
                 }
-                None => return,
+                None => return None,
             },
             None => event,
         };
-        if self.log.append(event).is_err() {
-            self.log
-                .failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        let failed = if to_file {
+            self.log.append(event).err()
+        } else {
+            None
+        };
         for s in &self.sinks {
             s.record(event);
         }
+        failed
+    }
+}
+
+impl AuditSink for Auditor {
+    fn record(&self, event: &Event) {
+        let Some(e) = self.deliver(event, true) else {
+            return;
+        };
+        self.log
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A failure to keep the local audit trail is itself a notice (not only a counter): it
+        // reaches the journal and the attention item, which coalesces identical ones (one entry
+        // per 10 minutes) and keeps it while appends keep failing.
+        let dir = self.log.dir();
+        let notice = Event::new(
+            "audit-write-failed",
+            format!(
+                "cannot append to {} ({e}): audit events still reach the journal, but `outlivectl audit` misses \
+                 them until the file can be written again",
+                dir.join(AUDIT_FILE).display()
+            ),
+        )
+        .alert(Alert::QueueNotice)
+        .field("path", dir.join(AUDIT_FILE).display());
+        let _ = self.deliver(&notice, false);
     }
 }
 
@@ -451,6 +473,32 @@ mod tests {
         // Two files are kept: the oldest events are gone, the newest are there.
         assert!(all.iter().any(|e| e.message == "event 9"));
         assert!(!all.iter().any(|e| e.message == "event 0"));
+    }
+
+    /// Core review finding 14: a failed append is a notice on the other sinks (the journal)
+    /// and through the gate, not only a counter; and a FIFO or link at the log's name is
+    /// refused without blocking or following it.
+    #[test]
+    fn x2_a_failed_append_is_a_notice_not_only_a_counter() {
+        let d = tempfile::tempdir().unwrap();
+        nix::unistd::mkfifo(
+            &d.path().join(AUDIT_FILE),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let sink = std::sync::Arc::new(MemorySink::default());
+        let a = Auditor::new(AuditLog::new(d.path()), vec![sink.clone()]);
+        a.record(&Event::new("started", "hello"));
+        assert_eq!(a.log.failures(), 1);
+        assert_eq!(
+            sink.of_kind("started").len(),
+            1,
+            "the journal still gets it"
+        );
+        let n = sink.of_kind("audit-write-failed");
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].alert, Some(Alert::QueueNotice));
+        assert!(n[0].message.contains("FIFO"), "{}", n[0].message);
     }
 
     #[test]

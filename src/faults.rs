@@ -3,7 +3,9 @@
 //! fault by creating a file in the agent's runtime directory:
 //!
 //! - `fault-wedge-<loop>`: the named loop (e.g. `drainer`) wedges at its next wake;
-//! - `fault-persist-fails`: every save of the queue state fails, as on a full disk.
+//! - `fault-persist-fails`: every save of the queue state fails, as on a full disk;
+//! - `fault-rename-fails-<name>`, `fault-dir-sync-fails-<name>`: a replace of the file `<name>`
+//!   fails at its rename, or after it at the directory fsync (`files`).
 //!
 //! The release build is checked to lack this module (`.ci/run`).
 
@@ -27,4 +29,9 @@ pub fn wedged(loop_name: &str) -> bool {
 pub fn persist_fails() -> bool {
     DIR.get()
         .is_some_and(|d| d.join("fault-persist-fails").exists())
+}
+
+/// Whether a fault file of this name exists.
+pub fn requested(name: &str) -> bool {
+    DIR.get().is_some_and(|d| d.join(name).exists())
 }

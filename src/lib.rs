@@ -14,6 +14,7 @@ pub mod drainer;
 pub mod facts;
 #[cfg(feature = "fault-hooks")]
 pub mod faults;
+pub mod files;
 pub mod posture;
 pub mod publish;
 pub mod queue;

@@ -440,17 +440,15 @@ async fn resume_reason(conn: &zbus::Connection) -> String {
         .unwrap_or_default()
 }
 
-/// A disk fault under a running agent (`fault` and `clear` are shell run in its mount
-/// namespace, `$S` the state directory): the mutation is refused with PersistFailed, the last
-/// good state is intact, the journal says persist-failed, the posture reads `persist-failed`,
-/// the agent keeps running, and when the fault clears it recovers by itself.
-async fn disk_fault(fault: &str, clear: &str) {
+/// A disk fault under a running agent (`mount` prepares the state directory `$D/state` in the
+/// agent's mount namespace; `fault` and `clear` are shell run there, `$S` the state
+/// directory): the mutation is refused with PersistFailed, the last good state is intact, the
+/// journal says persist-failed, the posture reads `persist-failed`, the agent keeps running,
+/// and when the fault clears it recovers by itself.
+async fn disk_fault(mount: &str, fault: &str, clear: &str) {
     let bus = PrivateBus::start();
     let d = common::open_tempdir();
-    let ns = MountNs::start(
-        d.path(),
-        "mkdir -p $D/state && mount -t tmpfs -o size=256k,mode=700 tmpfs $D/state",
-    );
+    let ns = MountNs::start(d.path(), mount);
     let state = d.path().join("state");
     let sh = |ns: &MountNs, script: &str| ns.sh(&format!("S={}; {script}", state.display()));
     let (n, j) = (TestSocket::notify(), TestSocket::journal());
@@ -541,6 +539,7 @@ async fn q14_full_state_filesystem_refuses_loudly_keeps_the_last_state_and_recov
         return;
     }
     disk_fault(
+        "mkdir -p $D/state && mount -t tmpfs -o size=256k,mode=700 tmpfs $D/state",
         "dd if=/dev/zero of=$S/filler bs=4k 2>/dev/null; df -k $S | tail -1",
         "rm $S/filler",
     )
@@ -549,15 +548,23 @@ async fn q14_full_state_filesystem_refuses_loudly_keeps_the_last_state_and_recov
 
 #[tokio::test]
 async fn q14_read_only_state_directory_refuses_loudly_keeps_the_last_state_and_recovers() {
-    if !require_root("remounting a tmpfs") || !require_tools(&["dbus-daemon", "unshare", "nsenter"])
+    if !require_root("mounting an ext4 image")
+        || !require_tools(&["dbus-daemon", "unshare", "nsenter"])
     {
         return;
     }
-    // A read-only bind mount over the state directory (a plain remount is refused while the
-    // agent holds its lock file open for writing): every new write there gets EROFS.
+    // A state directory nothing can be created in: an immutable directory on ext4 (a plain
+    // read-only remount is refused while the agent holds its lock file open for writing, and a
+    // read-only bind mount over the path no longer stops a writer that, like outlived, writes
+    // through its descriptor of the directory: the directory itself stays writable).
+    if !require_tools(&["mkfs.ext4", "chattr"]) {
+        return;
+    }
     disk_fault(
-        "mount --bind $S $S && mount -o remount,bind,ro $S && ! touch $S/probe 2>/dev/null",
-        "umount $S",
+        "truncate -s 16M $D/img && mkfs.ext4 -q -F $D/img && mkdir -p $D/state \
+         && mount -o loop $D/img $D/state && chmod 700 $D/state",
+        "chattr +i $S && ! touch $S/probe 2>/dev/null",
+        "chattr -i $S",
     )
     .await;
 }
@@ -571,7 +578,7 @@ fn q15_corrupt_state_file_is_set_aside_audited_and_the_agent_runs() {
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(
         state.join("resume-queue.json"),
-        b"{\"version\": 1, \"entries\": [{\"id\": 5}]}",
+        b"{\"version\": 1, \"entries\": [{\"id\": 5}",
     )
     .unwrap();
     let (n, j) = (TestSocket::notify(), TestSocket::journal());
@@ -606,7 +613,7 @@ fn q15_corrupt_state_file_is_set_aside_audited_and_the_agent_runs() {
     );
     assert_eq!(
         std::fs::read(&sidecar).unwrap(),
-        b"{\"version\": 1, \"entries\": [{\"id\": 5}]}"
+        b"{\"version\": 1, \"entries\": [{\"id\": 5}"
     );
     let now =
         outlive::queue::store::parse(&std::fs::read(state.join("resume-queue.json")).unwrap())
@@ -617,4 +624,88 @@ fn q15_corrupt_state_file_is_set_aside_audited_and_the_agent_runs() {
         None,
         "the agent keeps running"
     );
+}
+
+/// Q-15 as amended (core review finding 6), against the agent: three queued entries, one
+/// carrying a status word from a newer version. After a restart the two others are still
+/// there; the third is set aside in a sidecar, and the notice (DEGRADED) says how many and
+/// where, and stays until acknowledged.
+#[test]
+fn q15_one_entry_from_a_newer_version_is_set_aside_the_two_others_survive_a_restart() {
+    let d = common::open_tempdir();
+    let state: PathBuf = d.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let entry = |id: &str, status: &str| {
+        serde_json::json!({
+            "id": id, "run_id": format!("run-{id}"), "session": "s",
+            "target": {"exec": ["/bin/true"]}, "uid": 0, "gid": 0, "cwd": "/",
+            "class": "interactive", "status": status, "reaped_at": 1, "queued_at": 2,
+            "evidence": ["active-subagent"]
+        })
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let doc = serde_json::json!({"version": 1, "saved_at": now, "entries": [
+        entry("rq-a-1", "queued"), entry("rq-b-1", "frobbed"), entry("rq-c-1", "queued")]});
+    std::fs::write(state.join("resume-queue.json"), doc.to_string()).unwrap();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut a = Agent::start(AgentSpec {
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        state_dir: Some(state.clone()),
+        ..AgentSpec::default()
+    });
+    let ready = n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let status = ready.get("STATUS").unwrap();
+    assert!(
+        status.starts_with("DEGRADED: state-salvaged: 1 item(s)")
+            && status.ends_with(" · 2 waiting"),
+        "{ready:?}"
+    );
+    let ev = j.wait_for("state-salvaged", T, |d| {
+        d.has("OUTLIVE_EVENT", "state-salvaged")
+    });
+    assert_eq!(ev.get("OUTLIVE_SET_ASIDE"), Some("1"));
+    let sidecar = PathBuf::from(ev.get("OUTLIVE_SIDECAR").unwrap());
+    assert!(
+        std::fs::read_to_string(&sidecar)
+            .unwrap()
+            .contains("frobbed")
+    );
+    a.signal(Signal::SIGTERM);
+    assert_eq!(a.wait_exit(T), Some(0));
+    let ids = |p: &Path| -> Vec<String> {
+        outlive::queue::store::parse(&std::fs::read(p.join("resume-queue.json")).unwrap())
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.id)
+            .collect()
+    };
+    assert_eq!(ids(&state), vec!["rq-a-1", "rq-c-1"]);
+    // A restart: both still there, nothing set aside again.
+    let n2 = TestSocket::notify();
+    let _b = Agent::start(AgentSpec {
+        notify: Some(n2.path.clone()),
+        state_dir: Some(state.clone()),
+        ..AgentSpec::default()
+    });
+    let ready = n2.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    assert!(
+        ready.get("STATUS").unwrap().contains("2 waiting"),
+        "{ready:?}"
+    );
+    assert_eq!(ids(&state), vec!["rq-a-1", "rq-c-1"]);
+    let sidecars = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("resume-queue.corrupt-")
+        })
+        .count();
+    assert_eq!(sidecars, 1, "set aside once");
 }

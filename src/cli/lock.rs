@@ -278,36 +278,26 @@ pub async fn clear(
             "lock clear needs root (for a user's agent: outlivectl --user lock clear)",
         ));
     }
-    let path = dir.join(lock::LOCK_FILE);
-    let mut f = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Failure::refused(format!(
-                "{}: there is no lock file to clear",
-                path.display()
-            )));
+    // L-8 as amended: the file is removed while this process holds its flock, so no agent can
+    // hold it meanwhile; a holder means refusal.
+    let cleared = lock::clear(&dir).map_err(|e| match &e {
+        lock::ClearError::Held(_, pids) => {
+            let who: Vec<String> = pids
+                .iter()
+                .map(|p| format!("pid {p} ({})", comm(*p)))
+                .collect();
+            Failure::refused(format!(
+                "{e}{}",
+                if who.is_empty() {
+                    String::new()
+                } else {
+                    format!(" Holder: {}.", who.join(", "))
+                }
+            ))
         }
-        Err(e) => return Err(Failure::refused(format!("{}: {e}", path.display()))),
-    };
-    let holders = lock::flock_holders(&f)
-        .map_err(|e| Failure::refused(format!("cannot read /proc/locks: {e}")))?;
-    if !holders.is_empty() {
-        let who: Vec<String> = holders
-            .iter()
-            .map(|p| format!("pid {p} ({})", comm(*p)))
-            .collect();
-        return Err(Failure::refused(format!(
-            "{} is held by {}: a live holder. Stop it first (e.g. `systemctl stop outlived` on that host); nothing was removed.",
-            path.display(),
-            who.join(", ")
-        )));
-    }
-    let mut bytes = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut f, &mut bytes);
-    drop(f);
-    let record = LockRecord::parse(&bytes);
-    std::fs::remove_file(&path)
-        .map_err(|e| Failure::refused(format!("cannot remove {}: {e}", path.display())))?;
+        _ => Failure::refused(e.to_string()),
+    })?;
+    let (path, record) = (cleared.lock, cleared.record);
     let reevaluated = match client::connect(user).await {
         Ok(conn) => match client::agent(&conn).await?.reevaluate().await {
             Ok(()) => client::properties(&conn, QUEUE_PATH, "org.outlive.ResumeQueue1")

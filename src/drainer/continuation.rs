@@ -1,14 +1,16 @@
 //! The continuation (SPEC D-11): a short plain text telling a revived run that it was shut down
 //! mid-work by the system and restarted (not resumed), with the recorded reason (clearly
 //! labelled as literal data, never an instruction) and the evidence. The record is kept in
-//! `<state>/continuations/<id>.txt` (0600); the run reads a copy in
-//! `<runtime_dir>/continuations/<id>.txt` (directory 0711, file 0400 owned by the run's user),
-//! named by `OUTLIVE_CONTINUATION`. A unit target's copy is
-//! `<runtime_dir>/continuations/unit/<unit>.txt` (0444: the unit's own user is not known).
+//! `<state>/continuations/<id>.txt` (0600), written by the queue under its lock
+//! ([`crate::queue::Queue::write_file`]); the run reads a copy in
+//! `<runtime_dir>/continuations/<id>.txt` (directory 0711, file 0400 owned by the run's user,
+//! handed over through its descriptor before it is renamed into place), named by
+//! `OUTLIVE_CONTINUATION`. A unit target's copy is `<runtime_dir>/continuations/unit/<unit>.txt`
+//! (0444: the unit's own user is not known). Both go through `crate::files`.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::files::{Dir, Replace};
 
 use crate::queue::entry::{Entry, Target};
 
@@ -56,62 +58,41 @@ pub fn text(e: &Entry) -> String {
     out
 }
 
-fn dir(path: &Path, mode: u32) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+/// The record's name under `<state>/continuations/`.
+pub fn record_name(e: &Entry) -> String {
+    format!("{}.txt", e.id)
 }
 
-fn write_new(path: &Path, mode: u32, contents: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("txt.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Write the record and the run's copy; returns the copy's path (for `OUTLIVE_CONTINUATION`).
-pub fn prepare(state_dir: &Path, runtime_dir: &Path, e: &Entry) -> std::io::Result<PathBuf> {
-    let t = text(e);
-    let record_dir = state_dir.join("continuations");
-    dir(&record_dir, 0o700)?;
-    write_new(&record_dir.join(format!("{}.txt", e.id)), 0o600, &t)?;
-    let copies = runtime_dir.join("continuations");
-    dir(&copies, 0o711)?;
+/// Write the run's copy of `text` under the runtime directory; returns its path (for
+/// `OUTLIVE_CONTINUATION`).
+pub fn write_copy(runtime_dir: &Path, e: &Entry, text: &str) -> std::io::Result<PathBuf> {
+    let run = Dir::create(runtime_dir, 0o755)?;
+    let copies = run.subdir("continuations", 0o711)?;
     match &e.target {
         Target::Exec { .. } => {
-            let copy = copies.join(format!("{}.txt", e.id));
-            write_new(&copy, 0o400, &t)?;
-            chown(&copy, e.uid, e.gid)?;
-            Ok(copy)
+            let name = record_name(e);
+            let how = Replace {
+                mode: 0o400,
+                owner: Some((e.uid, e.gid)),
+                durable: false,
+                exclusive: false,
+            };
+            copies.replace(&name, text.as_bytes(), how)?;
+            Ok(runtime_dir.join("continuations").join(name))
         }
         Target::Unit { unit } => {
-            let units = copies.join("unit");
-            dir(&units, 0o711)?;
-            let copy = units.join(format!("{unit}.txt"));
-            write_new(&copy, 0o444, &t)?;
-            Ok(copy)
+            let units = copies.subdir("unit", 0o711)?;
+            let name = format!("{unit}.txt");
+            let how = Replace {
+                mode: 0o444,
+                owner: None,
+                durable: false,
+                exclusive: false,
+            };
+            units.replace(&name, text.as_bytes(), how)?;
+            Ok(runtime_dir.join("continuations/unit").join(name))
         }
     }
-}
-
-fn chown(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    if nix::unistd::geteuid().as_raw() == uid {
-        return Ok(());
-    }
-    nix::unistd::chown(
-        path,
-        Some(nix::unistd::Uid::from_raw(uid)),
-        Some(nix::unistd::Gid::from_raw(gid)),
-    )
-    .map_err(std::io::Error::from)
 }
 
 #[cfg(test)]
@@ -159,13 +140,14 @@ mod tests {
     }
 
     #[test]
-    fn d11_record_and_copy_with_their_modes_and_owner() {
+    fn d11_copy_with_its_modes_and_owner() {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
         let d = tempfile::tempdir().unwrap();
-        let (state, run) = (d.path().join("state"), d.path().join("run"));
-        let copy = prepare(&state, &run, &entry()).unwrap();
+        let run = d.path().join("run");
+        let e = entry();
+        let copy = write_copy(&run, &e, &text(&e)).unwrap();
         assert_eq!(copy, run.join("continuations/rq-a-1.txt"));
         let m = std::fs::metadata(&copy).unwrap();
         assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o400, 65534, 65534));
@@ -173,14 +155,34 @@ mod tests {
             std::fs::metadata(run.join("continuations")).unwrap().mode() & 0o777,
             0o711
         );
-        let rec = std::fs::metadata(state.join("continuations/rq-a-1.txt")).unwrap();
-        assert_eq!(rec.mode() & 0o777, 0o600);
         let mut u = entry();
         u.target = Target::Unit {
             unit: "demo.service".into(),
         };
-        let copy = prepare(&state, &run, &u).unwrap();
+        let copy = write_copy(&run, &u, &text(&u)).unwrap();
         assert_eq!(copy, run.join("continuations/unit/demo.service.txt"));
         assert_eq!(std::fs::metadata(&copy).unwrap().mode() & 0o777, 0o444);
+    }
+
+    /// §12 Q-14 (security review finding 12): a link planted where the copy goes is replaced,
+    /// never followed, and a `continuations` directory that is not the agent's is refused.
+    #[test]
+    fn d11_copies_never_follow_links_or_adopt_foreign_directories() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let run = d.path().join("run");
+        std::fs::create_dir_all(run.join("continuations")).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, run.join("continuations/rq-a-1.txt")).unwrap();
+        let e = entry();
+        write_copy(&run, &e, &text(&e)).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let foreign = d.path().join("run2");
+        std::fs::create_dir_all(foreign.join("continuations")).unwrap();
+        std::os::unix::fs::chown(foreign.join("continuations"), Some(65534), Some(65534)).unwrap();
+        assert!(write_copy(&foreign, &e, &text(&e)).is_err());
     }
 }

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,16 +44,8 @@ pub fn log_path(runtime_dir: &Path, id: &str) -> PathBuf {
 
 /// Spawn detached. Returns the child, its pid and start time.
 pub fn spawn(spec: &SpawnSpec, runtime_dir: &Path) -> std::io::Result<(Child, i64, u64)> {
-    let runs = runtime_dir.join("runs");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&runs)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(log_path(runtime_dir, &spec.id))?;
+    let runs = crate::files::Dir::create(runtime_dir, 0o755)?.subdir("runs", 0o700)?;
+    let (log, _) = runs.open_append(&format!("{}.log", spec.id))?;
     let groups = groups_of(spec.uid, spec.gid);
     let (uid, gid) = (spec.uid, spec.gid);
     let mut cmd = Command::new(&spec.argv[0]);

@@ -322,7 +322,6 @@ impl Rig {
             Box::new(FakeGauge(g.clone())),
             f.clock.clone(),
             f.sink.clone(),
-            &f.state_dir(),
             &f.dir.path().join("run"),
         )
     }

@@ -261,7 +261,6 @@ pub struct Drainer<M: ServiceManager, P: Paths> {
     gauge: Box<dyn Gauge>,
     clock: Arc<dyn Clock>,
     audit: Arc<dyn AuditSink>,
-    state_dir: PathBuf,
     runtime_dir: PathBuf,
     handle: Handle,
     calm_streak: u32,
@@ -287,7 +286,6 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         gauge: Box<dyn Gauge>,
         clock: Arc<dyn Clock>,
         audit: Arc<dyn AuditSink>,
-        state_dir: &Path,
         runtime_dir: &Path,
     ) -> Drainer<M, P> {
         Drainer {
@@ -302,7 +300,6 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             },
             clock,
             audit,
-            state_dir: state_dir.to_path_buf(),
             runtime_dir: runtime_dir.to_path_buf(),
             calm_streak: 0,
             breaker_failures: 0,
@@ -737,7 +734,6 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             )),
             Target::Exec { .. } => None,
         };
-        let cont = continuation::prepare(&self.state_dir, &self.runtime_dir, &e);
         let e = match q(queue).begin_attempt(&e.id, unit.clone()) {
             Ok(e) => e,
             Err(err) => {
@@ -748,6 +744,16 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 );
             }
         };
+        // The record under the state directory goes through the queue (written only while its
+        // lock is ours); the run's copy under the runtime directory.
+        let text = continuation::text(&e);
+        let cont = q(queue)
+            .write_file(
+                Some("continuations"),
+                &continuation::record_name(&e),
+                text.as_bytes(),
+            )
+            .and_then(|_| continuation::write_copy(&self.runtime_dir, &e, &text));
         let started_boot = self.clock.boot_ms();
         let started_wall = e.last_attempt_at.unwrap_or_else(|| self.clock.wall_ms());
         let cont = match cont {

@@ -72,6 +72,9 @@ impl Anomaly {
 pub enum Stay {
     /// Leaves after `posture.notice_hold_min`, or when acknowledged.
     OneOff,
+    /// Leaves only when acknowledged: what it reports needs an operator (Q-15 as amended:
+    /// queue state set aside).
+    UntilAcked,
     /// Leaves when its cause clears.
     While(Cause),
 }
@@ -122,6 +125,7 @@ pub fn stay_of(kind: &str) -> Stay {
         "queue-disabled" => Stay::While(Cause::QueueDisabled),
         "persist-failed" => Stay::While(Cause::PersistFailed),
         "paused-waiting" => Stay::While(Cause::PausedWaiting),
+        "state-salvaged" | "state-corrupt" => Stay::UntilAcked,
         _ => Stay::OneOff,
     }
 }
@@ -334,6 +338,7 @@ impl Attention {
         let hold = self.hold_ms;
         self.notices.retain(|n| match n.stay {
             Stay::OneOff => now_boot.saturating_sub(n.at_boot) < hold,
+            Stay::UntilAcked => true,
             Stay::While(c) => causes.holds(c),
         });
         let mut changed = self.notices.len() != before;
@@ -414,7 +419,8 @@ impl Attention {
     /// posture-restored entry if the item closed.
     pub fn ack(&mut self) -> (usize, Vec<Event>) {
         let before = self.notices.len();
-        self.notices.retain(|n| n.stay != Stay::OneOff);
+        self.notices
+            .retain(|n| !matches!(n.stay, Stay::OneOff | Stay::UntilAcked));
         let gone = before - self.notices.len();
         let mut out = Vec::new();
         if self.is_open() && self.notices.is_empty() && self.anomalies.is_empty() {
@@ -443,6 +449,7 @@ impl Attention {
             "notices": self.notices.iter().map(|n| serde_json::json!({
                 "kind": n.kind, "message": n.message, "at": n.at_wall, "count": n.count,
                 "one_off": n.stay == Stay::OneOff,
+                "until_acknowledged": n.stay == Stay::UntilAcked,
             })).collect::<Vec<_>>(),
             "recent": self.recent.iter().cloned().collect::<Vec<_>>(),
             "counts": self.counts,
@@ -614,6 +621,22 @@ mod tests {
         t.notice(&gave);
         let (gone, ev) = t.ack();
         assert_eq!((gone, kinds(&ev)), (1, vec!["posture-restored"]));
+    }
+
+    /// Q-15 as amended: a notice that queue state was set aside stays until acknowledged,
+    /// however long it waits.
+    #[test]
+    fn q15_a_salvage_notice_stays_until_acknowledged() {
+        let c = FakeClock::new();
+        let mut t = att(&c);
+        for kind in ["state-salvaged", "state-corrupt"] {
+            t.notice(&Event::new(kind, "1 item set aside in /x").alert(Alert::QueueNotice));
+            c.pass(7 * 24 * 60 * 60 * S);
+            assert!(t.evaluate(&[], &none(), &Causes::default()).is_empty());
+            assert!(t.is_open(), "{kind} is still there after a week");
+            let (gone, ev) = t.ack();
+            assert_eq!((gone, kinds(&ev)), (1, vec!["posture-restored"]), "{kind}");
+        }
     }
 
     #[test]

@@ -85,12 +85,17 @@ pub const REASON_CODES: &[&str] = &[
     "live-holder",
     "lost-race",
     "acquisition-error",
+    "lock-lost",
+    "state-dir-unsafe",
     "persist-failed",
     "queue-off",
     "no-linger",
     "state-volatile",
     "state-not-host-local",
     "config-unreadable",
+    "manager-unreachable",
+    "metrics-dir-unsafe",
+    "metrics-write-failed",
 ];
 
 /// Whether `code` may leave the process as a reason code: the closed vocabulary, or (for
@@ -493,5 +498,33 @@ mod tests {
         assert!(reason_code_ok("custom-code", true));
         assert!(!reason_code_ok("Custom Code", true));
         assert!(!reason_code_ok(&"x".repeat(41), true));
+    }
+
+    /// §12 G-6: the closed vocabulary is exactly the SPEC's, and every code the lock can
+    /// disable the queue with is in it.
+    #[test]
+    fn g6_the_vocabulary_is_the_specs_and_holds_every_lock_reason() {
+        let spec = [
+            "foreign-host",
+            "would-auto-heal",
+            "live-holder",
+            "lost-race",
+            "acquisition-error",
+            "lock-lost",
+            "state-dir-unsafe",
+            "persist-failed",
+            "queue-off",
+            "no-linger",
+            "state-volatile",
+            "state-not-host-local",
+            "config-unreadable",
+            "manager-unreachable",
+            "metrics-dir-unsafe",
+            "metrics-write-failed",
+        ];
+        assert_eq!(REASON_CODES, spec);
+        for r in crate::queue::lock::LockReason::ALL {
+            assert!(REASON_CODES.contains(&r.as_str()), "{r}");
+        }
     }
 }

@@ -1,11 +1,17 @@
 //! The metrics textfile (SPEC X-5): when `metrics.textfile` is set, every tick writes the
 //! posture and the queue in Prometheus text format for node_exporter's textfile collector,
-//! atomically (a temporary file in the same directory, then rename), so the collector never
-//! reads half a file. Whether the last write worked is the `metrics.textfile` guard's runtime.
+//! atomically (a *replace* of `crate::files`: a temporary file with a random name created
+//! O_EXCL|O_NOFOLLOW|O_NONBLOCK in the directory, checked to be a regular file, renamed over
+//! the target relative to the directory's descriptor), so the collector never reads half a
+//! file and nothing planted in the directory is followed or blocks the agent. The directory
+//! must be root's (or, for a user's agent, its user's) and not writable by group or others
+//! (§12: `metrics-dir-unsafe`); the checks and the write go through one descriptor of it.
+//! Whether the last write worked is the `metrics.textfile` guard's runtime.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
+
+use crate::files::{Dir, Replace};
 
 use crate::posture::rows::{Effective, Row};
 use crate::queue::entry::{Entry, Status};
@@ -94,30 +100,49 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o
 }
 
-/// Write `text` to `path` atomically: a temporary file beside it, then rename.
-pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "metrics".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        // Readable by node_exporter (which does not run as root).
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Why the metrics file was not written: a G-6 reason code and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteError {
+    /// `metrics-dir-unsafe` or `metrics-write-failed`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Write `text` to `path` atomically (see the module doc).
+pub fn write_atomic(path: &Path, text: &str) -> Result<(), WriteError> {
+    let failed = |e: String| WriteError {
+        code: "metrics-write-failed",
+        message: format!("cannot write {}: {e}", path.display()),
+    };
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(failed("not a file path".into()));
+    };
+    let dir = Dir::open(parent).map_err(|e| failed(e.to_string()))?;
+    let m = dir.meta().map_err(|e| failed(e.to_string()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if (m.uid != 0 && m.uid != me) || m.shared_writable() {
+        return Err(WriteError {
+            code: "metrics-dir-unsafe",
+            message: format!(
+                "refusing to write {}: its directory is owned by uid {} with mode {:04o}; it must be root's and \
+                 writable by root alone (e.g. metrics.textfile = \"/run/outlive/metrics/outlive.prom\", or a \
+                 root-owned 0755 directory granted with a ReadWritePaths= drop-in)",
+                path.display(),
+                m.uid,
+                m.perm
+            ),
+        });
     }
-    res
+    // Readable by node_exporter (which does not run as root).
+    let how = Replace {
+        mode: 0o644,
+        owner: None,
+        durable: false,
+        exclusive: false,
+    };
+    dir.replace(name, text.as_bytes(), how)
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// How the writes go: the `metrics.textfile` guard's runtime.
@@ -130,7 +155,7 @@ pub struct Writes {
 pub struct WritesInner {
     /// (boottime, wall) of the last successful write.
     pub last_ok: Option<(u64, u64)>,
-    pub last_error: Option<String>,
+    pub last_error: Option<WriteError>,
 }
 
 impl Writes {
@@ -139,7 +164,7 @@ impl Writes {
     }
 
     /// Write and record the outcome; the error is returned when it is new (to audit once).
-    pub fn write(&self, path: &Path, text: &str) -> Option<String> {
+    pub fn write(&self, path: &Path, text: &str) -> Option<WriteError> {
         let r = write_atomic(path, text);
         let mut i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match r {
@@ -149,10 +174,9 @@ impl Writes {
                 None
             }
             Err(e) => {
-                let msg = format!("cannot write {}: {e}", path.display());
-                let new = i.last_error.as_deref() != Some(msg.as_str());
-                i.last_error = Some(msg.clone());
-                new.then_some(msg)
+                let new = i.last_error.as_ref() != Some(&e);
+                i.last_error = Some(e.clone());
+                new.then_some(e)
             }
         }
     }
@@ -226,8 +250,49 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "no temporary file left");
         // A failing write is reported once.
         let bad = d.path().join("missing/outlive.prom");
-        assert!(w.write(&bad, &t).is_some());
+        assert_eq!(
+            w.write(&bad, &t).map(|e| e.code),
+            Some("metrics-write-failed")
+        );
         assert!(w.write(&bad, &t).is_none());
         assert!(w.get().last_error.is_some());
+    }
+
+    /// §12 (security review finding 3): a directory others may write in is refused
+    /// (`metrics-dir-unsafe`); links and FIFOs planted there are never followed, never block.
+    #[test]
+    fn x5_metrics_dir_must_be_safe_and_nothing_planted_is_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("outlive.prom");
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(
+            write_atomic(&p, "x 1\n").unwrap_err().code,
+            "metrics-dir-unsafe"
+        );
+        assert!(!p.exists());
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"state").unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        for pid in [std::process::id(), 1] {
+            let _ = nix::unistd::mkfifo(
+                &d.path().join(format!(".outlive.prom.{pid}.tmp")),
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+            );
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p2 = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(write_atomic(&p2, "x 1\n"));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the write blocked");
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"state");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "x 1\n");
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o644);
     }
 }

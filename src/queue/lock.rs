@@ -1,23 +1,29 @@
-//! The host lock (SPEC L-1 to L-8): only the holder of an exclusive `flock(2)` on
-//! `resume-queue.lock` may write under the state directory; the lock also detects a state
-//! directory shared between machines, which is refused.
+//! The host lock (SPEC L-1 to L-8, as amended in §12): only the holder of an exclusive
+//! `flock(2)` on `resume-queue.lock` may write under the state directory; the lock also
+//! detects a state directory shared between machines, which is refused.
 //!
-//! - [`decide`] is L-4, a pure function from what was observed (no file, a busy flock, a
-//!   record we could lock) and facts asked for on demand through [`LockFacts`] (filesystem
-//!   class, holder liveness, heartbeat age). Row 7 (a foreign record with `auto_heal = "off"`)
-//!   asks for none of them.
-//! - [`acquire`] carries a decision out: a lock file is born locked (created under a temporary
-//!   name, flocked, written, fsynced, installed with link(2)); an existing one is opened,
-//!   flocked and re-checked to still be the file the path names; a held record is updated in
-//!   place; a takeover (L-5) renames a born-locked file over the old one while holding the old
-//!   flock, so a loser never overwrites a lock it does not hold.
-//! - [`inspect`] gathers the same facts without taking anything (`outlivectl lock`).
+//! - [`decide`] is L-4, a pure function from what was observed (an unusable or unsafe
+//!   directory, no file, a busy flock, a record we could lock) and facts asked for on demand
+//!   through [`LockFacts`] (filesystem class, holder liveness, heartbeat age). Row 7 (a foreign
+//!   record with `auto_heal = "off"`) asks for none of them. Malformed input (ids of the wrong
+//!   shape, a record that is not JSON) is a decision, never a panic.
+//! - [`acquire`] carries a decision out, through the one file module (`crate::files`): the
+//!   state directory must be the agent's and not writable by group or others; a lock file is
+//!   born locked (a temporary file with a random name, flocked, written, fsynced, linked in
+//!   without replacing anything, then checked to be the file the path names); an existing one
+//!   is opened without following links or blocking on a FIFO, flocked and re-checked; a held
+//!   record is updated in place; a takeover (L-5) renames a born-locked file over the old one
+//!   while holding the old flock, so a loser never overwrites a lock it does not hold.
+//! - [`HeldLock::still_installed`] is asked before every persisted write (L-6 as amended): a
+//!   lock path that no longer names the locked inode means the lock was lost.
+//! - [`inspect`] gathers the same facts without taking anything (`outlivectl lock`), and
+//!   [`clear`] removes a lock file while holding its flock (L-8 as amended).
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +34,7 @@ use crate::config::AutoHeal;
 use crate::facts::classify::{Classification, FsClass};
 use crate::facts::identity::Id128;
 use crate::facts::process::{ProcessProber, RecordedProcess, SameProcess, same_process};
+use crate::files::{self, Dir, Meta};
 
 /// The lock file's name in the state directory.
 pub const LOCK_FILE: &str = "resume-queue.lock";
@@ -137,9 +144,24 @@ pub enum LockReason {
     LostRace,
     ForeignHost,
     WouldAutoHeal,
+    /// The lock path stopped naming the inode we held (§12 L-6).
+    LockLost,
+    /// The state directory is not the agent's, or others may write in it (§12 Q-14).
+    StateDirUnsafe,
 }
 
 impl LockReason {
+    /// Every reason, for the vocabulary tests.
+    pub const ALL: [LockReason; 7] = [
+        LockReason::AcquisitionError,
+        LockReason::LiveHolder,
+        LockReason::LostRace,
+        LockReason::ForeignHost,
+        LockReason::WouldAutoHeal,
+        LockReason::LockLost,
+        LockReason::StateDirUnsafe,
+    ];
+
     /// The reason code.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -148,14 +170,21 @@ impl LockReason {
             LockReason::LostRace => "lost-race",
             LockReason::ForeignHost => "foreign-host",
             LockReason::WouldAutoHeal => "would-auto-heal",
+            LockReason::LockLost => "lock-lost",
+            LockReason::StateDirUnsafe => "state-dir-unsafe",
         }
     }
 
-    /// L-3: retried by ticks (else only on reload and `lock clear`).
+    /// L-3: retried by ticks (else on reload and `lock clear`, or, for L-4 row 10, once the
+    /// heartbeat turns stale: [`Verdict::retry_in`]).
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            LockReason::AcquisitionError | LockReason::LiveHolder | LockReason::LostRace
+            LockReason::AcquisitionError
+                | LockReason::LiveHolder
+                | LockReason::LostRace
+                | LockReason::LockLost
+                | LockReason::StateDirUnsafe
         )
     }
 }
@@ -169,8 +198,12 @@ impl fmt::Display for LockReason {
 /// What was observed before deciding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Observed {
-    /// Row 1: the directory cannot be created or opened (with why).
+    /// Row 1: the directory cannot be created or opened, or the lock path holds something
+    /// that is not a regular file (with why).
     DirUnusable(String),
+    /// Row 1 (§12 Q-14): the directory is not owned by the agent's uid or is writable by group
+    /// or others (with why).
+    DirUnsafe(String),
     /// Row 2: no lock file.
     Absent,
     /// Row 3: another process holds the flock; its record if readable.
@@ -186,8 +219,9 @@ pub trait LockFacts {
     fn classify_state_dir(&mut self) -> Classification;
     /// H-2 liveness of the recorded holder.
     fn holder_alive(&mut self, record: &LockRecord) -> SameProcess;
-    /// Age of the lock file's mtime (the heartbeat); None when unreadable.
-    fn heartbeat_age(&mut self) -> Option<Duration>;
+    /// Age of the lock file's mtime (the heartbeat) in ms, negative when the mtime is in the
+    /// future (clock skew); None when unreadable.
+    fn heartbeat_age_ms(&mut self) -> Option<i64>;
 }
 
 /// Facts gathered for a decision (audit event fields and `outlivectl lock`).
@@ -197,8 +231,8 @@ pub struct Gathered {
     pub rule: Option<String>,
     pub holder: Option<String>,
     pub holder_alive: Option<bool>,
-    /// Heartbeat age in ms; `Some(None)` when asked but unreadable.
-    pub heartbeat_age_ms: Option<Option<u64>>,
+    /// Heartbeat age in ms (negative: in the future); `Some(None)` when asked but unreadable.
+    pub heartbeat_age_ms: Option<Option<i64>>,
 }
 
 /// What to do, with the L-4 row that decided.
@@ -225,15 +259,15 @@ pub struct Verdict {
     pub row: u8,
     pub decision: Decision,
     pub facts: Gathered,
+    /// A refusal that is not retried every tick, but whose cause expires by itself (L-4 row
+    /// 10 as amended: the heartbeat turns stale): evaluate again after this long.
+    pub retry_in: Option<Duration>,
 }
 
-fn recovery(lock: &Path) -> String {
-    format!(
-        "After verifying that nothing else uses this state directory (the host was renamed, restored from a \
-         backup, or its machine id was regenerated), run `outlivectl lock clear` (or delete {}) and reload \
-         outlived (`systemctl reload outlived`).",
-        lock.display()
-    )
+fn recovery() -> &'static str {
+    "After verifying that nothing else uses this state directory (the host was renamed, restored from a \
+     backup, or its machine id was regenerated), run `outlivectl lock clear` and reload outlived \
+     (`systemctl reload outlived`)."
 }
 
 /// L-4: decide. `lock` is the lock file's path (for messages).
@@ -249,6 +283,7 @@ pub fn decide(
         row,
         decision: Decision::Disabled { reason, message },
         facts: g,
+        retry_in: None,
     };
     let rec = match observed {
         Observed::DirUnusable(why) => {
@@ -259,11 +294,24 @@ pub fn decide(
                 g,
             );
         }
+        Observed::DirUnsafe(why) => {
+            return disabled(
+                1,
+                LockReason::StateDirUnsafe,
+                format!(
+                    "{why}. The state directory must belong to outlived's user and be writable by it alone \
+                     (mode 0700): fix its owner and mode (or set state_dir to a private directory); the queue is \
+                     retried every tick."
+                ),
+                g,
+            );
+        }
         Observed::Absent => {
             return Verdict {
                 row: 2,
                 decision: Decision::Create,
                 facts: g,
+                retry_in: None,
             };
         }
         Observed::Busy(record) => {
@@ -301,6 +349,7 @@ pub fn decide(
                         renamed_from: None,
                     },
                     facts: g,
+                    retry_in: None,
                 };
             }
             return disabled(
@@ -311,7 +360,7 @@ pub fn decide(
                      host-local is never reclaimed. {}",
                     c.class,
                     c.rule,
-                    recovery(lock)
+                    recovery()
                 ),
                 g,
             );
@@ -330,6 +379,7 @@ pub fn decide(
                 renamed_from,
             },
             facts: g,
+            retry_in: None,
         };
     }
 
@@ -347,7 +397,7 @@ pub fn decide(
                 rec.host_label(),
                 ours.hostname,
                 ours.host_id,
-                recovery(lock)
+                recovery()
             ),
             g,
         );
@@ -367,7 +417,7 @@ pub fn decide(
                 rec.host_label(),
                 c.class,
                 c.rule,
-                recovery(lock)
+                recovery()
             ),
             g,
         );
@@ -385,35 +435,47 @@ pub fn decide(
                 lock.display(),
                 rec.host_label(),
                 rec.pid,
-                recovery(lock)
+                recovery()
             ),
             g,
         );
     }
-    // Row 10.
-    let age = facts.heartbeat_age();
-    g.heartbeat_age_ms = Some(age.map(|a| a.as_millis() as u64));
+    // Row 10, as amended: a fresh heartbeat is retried once it turns stale; an mtime in the
+    // future is clock skew (still declined, retried once it is stale by our clock).
+    let age = facts.heartbeat_age_ms();
+    g.heartbeat_age_ms = Some(age);
+    let window = HEARTBEAT_WINDOW.as_millis() as i64;
     if let Some(a) = age
-        && a < HEARTBEAT_WINDOW
+        && a < window
     {
-        return disabled(
+        let touched = if a < 0 {
+            format!(
+                "clock-skew: the lock file was touched {} s in the future by this host's clock",
+                (-a) / 1000
+            )
+        } else {
+            format!("heartbeat fresh (touched {} s ago", a / 1000)
+        };
+        let mut v = disabled(
             10,
             LockReason::ForeignHost,
             format!(
-                "{} belongs to another host ({}, host id {their_id}); auto-heal declined: heartbeat fresh \
-                 (touched {} s ago; stale after {} s). {}",
+                "{} belongs to another host ({}, host id {their_id}); auto-heal declined: {touched}{}; stale after \
+                 {} s, when outlived looks again by itself. {}",
                 lock.display(),
                 rec.host_label(),
-                a.as_secs(),
+                if a < 0 { "" } else { ")" },
                 HEARTBEAT_WINDOW.as_secs(),
-                recovery(lock)
+                recovery()
             ),
             g,
         );
+        v.retry_in = Some(Duration::from_millis((window - a) as u64));
+        return v;
     }
     // Row 11.
     let age_text = age
-        .map(|a| format!("{} s ago", a.as_secs()))
+        .map(|a| format!("{} s ago", a / 1000))
         .unwrap_or_else(|| "unreadable".into());
     match auto_heal {
         AutoHeal::Observe => disabled(
@@ -432,16 +494,21 @@ pub fn decide(
             row: 11,
             decision: Decision::Takeover { from: rec.clone() },
             facts: g,
+            retry_in: None,
         },
     }
 }
 
 // ---- effects -------------------------------------------------------------------------------
 
-/// The held lock: the open, flocked descriptor of the file the lock path names.
+/// The held lock: the open, flocked descriptor of the file the lock path names, and the state
+/// directory it guards (every write under it goes through this descriptor of it).
 #[derive(Debug)]
 pub struct HeldLock {
     file: File,
+    dir: Dir,
+    /// The state directory as opened (device and inode), to see it replaced.
+    dir_meta: Meta,
     path: PathBuf,
     record: LockRecord,
 }
@@ -450,6 +517,11 @@ impl HeldLock {
     /// The lock file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The state directory, for writes under it. Ask [`HeldLock::still_installed`] first.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
     }
 
     /// Our record as written.
@@ -463,27 +535,28 @@ impl HeldLock {
         nix::sys::stat::futimens(self.file.as_fd(), &now, &now).map_err(io::Error::from)
     }
 
-    /// Whether the path still names the locked file (false if it was deleted or replaced).
+    /// L-6 as amended: whether the lock path still names the locked file (false if it was
+    /// deleted or replaced, or the state directory itself was). Two lstat and two fstat calls,
+    /// asked before every persisted write.
     pub fn still_installed(&self) -> bool {
-        match (self.file.metadata(), std::fs::metadata(&self.path)) {
-            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-            _ => false,
-        }
+        let Ok(held) = files::meta(&self.file) else {
+            return false;
+        };
+        let at_path = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .map(|m| (m.dev(), m.ino()))
+        };
+        at_path(&self.path) == Some((held.dev, held.ino))
+            && at_path(self.dir.path()) == Some((self.dir_meta.dev, self.dir_meta.ino))
     }
 
     /// Rewrite the held record in place (pwrite, ftruncate, fsync; never by rename).
     pub fn update(&mut self, record: LockRecord) -> io::Result<()> {
-        write_in_place(&mut self.file, &record.to_bytes())?;
+        files::update_in_place(&self.file, &record.to_bytes())?;
         self.record = record;
         Ok(())
     }
-}
-
-fn write_in_place(f: &mut File, bytes: &[u8]) -> io::Result<()> {
-    f.seek(SeekFrom::Start(0))?;
-    f.write_all(bytes)?;
-    f.set_len(bytes.len() as u64)?;
-    f.sync_all()
 }
 
 /// Outcome of [`acquire`].
@@ -505,129 +578,64 @@ impl Acquired {
     }
 }
 
-fn try_flock(f: &File) -> io::Result<bool> {
-    match f.try_lock() {
-        Ok(()) => Ok(true),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
-    }
-}
-
 fn read_record(f: &mut File) -> Result<LockRecord, String> {
     let mut b = Vec::new();
     f.seek(SeekFrom::Start(0))
         .map_err(|e| format!("cannot read the lock record: {e}"))?;
-    f.take(64 * 1024)
+    (&*f)
+        .take(64 * 1024)
         .read_to_end(&mut b)
         .map_err(|e| format!("cannot read the lock record: {e}"))?;
     LockRecord::parse(&b)
 }
 
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Create a file born locked: `<lock>.<pid>.tmp` with O_EXCL, flocked, our record written and
-/// fsynced. A leftover temp of a crashed process with our pid is removed first.
-fn born_locked(dir: &Path, record: &LockRecord) -> io::Result<(File, PathBuf)> {
-    let tmp = dir.join(format!("{LOCK_FILE}.{}.tmp", std::process::id()));
-    let open = || {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)
-    };
-    let mut f = match open() {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            // Named after our pid: no live process can own it.
-            std::fs::remove_file(&tmp)?;
-            open()?
-        }
-        Err(e) => return Err(e),
-    };
-    let ok = (|| {
-        if !try_flock(&f)? {
-            return Err(io::Error::other(
-                "a freshly created file is locked by someone else",
-            ));
-        }
-        f.write_all(&record.to_bytes())?;
-        f.sync_all()
-    })();
-    if let Err(e) = ok {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+/// Why the state directory is unsafe to hold the lock in (§12 Q-14), if it is: not owned by
+/// this process's uid, or writable by group or others.
+pub fn unsafe_dir(path: &Path, m: &Meta) -> Option<String> {
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid != me {
+        return Some(format!(
+            "the state directory {} is owned by uid {}, not by outlived (uid {me})",
+            path.display(),
+            m.uid
+        ));
     }
-    Ok((f, tmp))
-}
-
-/// Install `tmp` as `lock` without replacing an existing file: link(2), or where hard links
-/// are unsupported renameat2(RENAME_NOREPLACE). Ok(false) when `lock` exists.
-fn install_noreplace(tmp: &Path, lock: &Path) -> io::Result<bool> {
-    match std::fs::hard_link(tmp, lock) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(libc::EMLINK)
-            ) =>
-        {
-            rename_noreplace(tmp, lock)
-        }
-        Err(e) => Err(e),
+    if m.shared_writable() {
+        return Some(format!(
+            "the state directory {} is writable by group or others (mode {:04o})",
+            path.display(),
+            m.perm
+        ));
     }
+    None
 }
 
-#[cfg(target_os = "linux")]
-fn rename_noreplace(tmp: &Path, lock: &Path) -> io::Result<bool> {
-    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
-    match renameat2(AT_FDCWD, tmp, AT_FDCWD, lock, RenameFlags::RENAME_NOREPLACE) {
-        Ok(()) => Ok(true),
-        Err(nix::errno::Errno::EEXIST) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+/// What opening the lock file found.
+enum Opened {
+    Absent,
+    /// The path changed between open and flock: look again.
+    Changed,
+    /// Someone holds the flock; its record if readable.
+    Busy(Option<Result<LockRecord, String>>),
+    /// We hold the flock on the file the path names.
+    Locked(File, Result<LockRecord, String>),
 }
 
-#[cfg(not(target_os = "linux"))]
-fn rename_noreplace(tmp: &Path, lock: &Path) -> io::Result<bool> {
-    // macOS: renamex_np(RENAME_EXCL) would do; link(2) is supported on APFS and HFS+, so this
-    // path is only reached on filesystems without hard links, where exclusivity cannot be had.
-    let _ = (tmp, lock);
-    Err(io::Error::from(io::ErrorKind::Unsupported))
-}
-
-/// Open the existing lock file and try its flock, re-checking that the path still names the
-/// locked inode. Returns the observation (and the file when we hold its flock).
-fn open_existing(lock: &Path) -> io::Result<Option<(Observed, Option<File>)>> {
-    let mut f = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(lock)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+/// Open the existing lock file (never following a link, never blocking on a FIFO) and try its
+/// flock, re-checking that the path still names the locked inode.
+fn open_existing(dir: &Dir) -> io::Result<Opened> {
+    let Some((mut f, meta)) = dir.open_file(LOCK_FILE, true)? else {
+        return Ok(Opened::Absent);
     };
-    if !try_flock(&f)? {
-        let rec = Some(read_record(&mut f));
-        return Ok(Some((Observed::Busy(rec), None)));
+    if !files::try_flock(&f)? {
+        return Ok(Opened::Busy(Some(read_record(&mut f))));
     }
-    let same = match (f.metadata(), std::fs::metadata(lock)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    };
-    if !same {
-        // Replaced or removed between open and flock: start over.
-        return Ok(Some((Observed::DirUnusable(String::new()), None)));
+    match dir.entry(LOCK_FILE)? {
+        Some(now) if now.same(&meta) => {}
+        _ => return Ok(Opened::Changed),
     }
     let rec = read_record(&mut f);
-    Ok(Some((Observed::Locked(rec), Some(f))))
+    Ok(Opened::Locked(f, rec))
 }
 
 /// How many times to start over when the lock file changes under us.
@@ -644,124 +652,112 @@ pub fn acquire(
 ) -> Acquired {
     let now_ms = crate::clock::wall_ms();
     let lock = state_dir.join(LOCK_FILE);
-    let unusable = |why: String| {
+    let verdict_on = |observed: &Observed, file: Option<&File>| {
         let mut k = KernelLockFacts {
             facts,
             state_dir,
-            file: None,
+            file,
             ours,
             prober,
             now_wall_ms: now_ms,
         };
-        let v = decide(&Observed::DirUnusable(why), ours, auto_heal, &lock, &mut k);
-        Acquired {
-            verdict: v,
-            held: None,
-            events: vec![],
+        decide(observed, ours, auto_heal, &lock, &mut k)
+    };
+    let refused = |observed: Observed| Acquired {
+        verdict: verdict_on(&observed, None),
+        held: None,
+        events: vec![],
+    };
+    let dir = match Dir::create(state_dir, 0o700) {
+        Ok(d) => d,
+        Err(e) => {
+            return refused(Observed::DirUnusable(format!(
+                "{}: {e}",
+                state_dir.display()
+            )));
         }
     };
-    if let Err(e) = ensure_dir(state_dir) {
-        return unusable(format!("{}: {e}", state_dir.display()));
+    let dir_meta = match dir.meta() {
+        Ok(m) => m,
+        Err(e) => {
+            return refused(Observed::DirUnusable(format!(
+                "{}: {e}",
+                state_dir.display()
+            )));
+        }
+    };
+    if let Some(why) = unsafe_dir(state_dir, &dir_meta) {
+        return refused(Observed::DirUnsafe(why));
     }
     for _ in 0..ATTEMPTS {
-        let (observed, file) = match open_existing(&lock) {
-            Ok(Some((Observed::DirUnusable(_), _))) => continue,
-            Ok(Some((o, f))) => (o, f),
-            Ok(None) => (Observed::Absent, None),
-            Err(e) => return unusable(format!("{}: {e}", lock.display())),
+        let (observed, file) = match open_existing(&dir) {
+            Ok(Opened::Changed) => continue,
+            Ok(Opened::Absent) => (Observed::Absent, None),
+            Ok(Opened::Busy(r)) => (Observed::Busy(r), None),
+            Ok(Opened::Locked(f, r)) => (Observed::Locked(r), Some(f)),
+            Err(e) => return refused(Observed::DirUnusable(format!("{}: {e}", lock.display()))),
         };
-        let verdict = {
-            let mut k = KernelLockFacts {
-                facts,
-                state_dir,
-                file: file.as_ref(),
-                ours,
-                prober,
-                now_wall_ms: now_ms,
-            };
-            decide(&observed, ours, auto_heal, &lock, &mut k)
-        };
+        let verdict = verdict_on(&observed, file.as_ref());
         match &verdict.decision {
             Decision::Create => {
                 let record = ours.record(now_ms);
-                let (f, tmp) = match born_locked(state_dir, &record) {
-                    Ok(x) => x,
-                    Err(e) => return unusable(format!("cannot create {}: {e}", lock.display())),
-                };
-                let installed = install_noreplace(&tmp, &lock);
-                let _ = std::fs::remove_file(&tmp);
-                match installed {
-                    Ok(true) => {
-                        let _ = fsync_dir(state_dir);
+                match dir.install_locked(LOCK_FILE, &record.to_bytes()) {
+                    Ok(Some(f)) => {
                         return Acquired {
-                            verdict,
                             held: Some(HeldLock {
                                 file: f,
+                                dir,
+                                dir_meta,
                                 path: lock,
                                 record,
                             }),
+                            verdict,
                             events: vec![],
                         };
                     }
-                    // EEXIST: someone created it meanwhile; continue at row 3.
-                    Ok(false) => continue,
-                    Err(e) => return unusable(format!("cannot install {}: {e}", lock.display())),
+                    // The name exists now, or is not ours after the link: look again (row 3).
+                    Ok(None) => continue,
+                    Err(e) => {
+                        return refused(Observed::DirUnusable(format!(
+                            "cannot create {}: {e}",
+                            lock.display()
+                        )));
+                    }
                 }
             }
             Decision::Reclaim {
                 corrupt,
                 renamed_from,
             } => {
-                let mut f = file.expect("a reclaim holds the flock");
+                let Some(f) = file else {
+                    continue;
+                };
                 let record = ours.record(now_ms);
-                if let Err(e) = write_in_place(&mut f, &record.to_bytes()) {
-                    return unusable(format!("cannot rewrite {}: {e}", lock.display()));
+                if let Err(e) = files::update_in_place(&f, &record.to_bytes()) {
+                    return refused(Observed::DirUnusable(format!(
+                        "cannot rewrite {}: {e}",
+                        lock.display()
+                    )));
                 }
-                let mut events = vec![];
-                if let Some(why) = corrupt {
-                    events.push(
-                        Event::new(
-                            "lock-reclaimed",
-                            format!(
-                                "reclaimed {}: its record was unreadable ({why}) and the state directory is host-local",
-                                lock.display()
-                            ),
-                        )
-                        .priority(priority::NOTICE)
-                        .field("cause", "corrupt-record")
-                        .field("lock", lock.display())
-                        .field("class", verdict.facts.class.map(|c| c.as_str()).unwrap_or("-")),
-                    );
-                }
-                if let Some(from) = renamed_from {
-                    events.push(
-                        Event::new(
-                            "lock-host-renamed",
-                            format!(
-                                "this host was renamed from {from} to {} (same host id {}); the queue lock was \
-                                 reclaimed",
-                                ours.hostname, ours.host_id
-                            ),
-                        )
-                        .alert(Alert::LockHostRenamed)
-                        .field("from", from)
-                        .field("to", &ours.hostname)
-                        .field("host_id", ours.host_id),
-                    );
-                }
+                let events = reclaim_events(&lock, ours, &verdict, corrupt, renamed_from);
                 return Acquired {
-                    verdict,
                     held: Some(HeldLock {
                         file: f,
+                        dir,
+                        dir_meta,
                         path: lock,
                         record,
                     }),
+                    verdict,
                     events,
                 };
             }
             Decision::Takeover { from } => {
-                let old = file.expect("a takeover holds the old flock");
-                return takeover(state_dir, &lock, ours, now_ms, old, from.clone(), verdict);
+                let Some(old) = file else {
+                    continue;
+                };
+                let from = from.clone();
+                return takeover(dir, dir_meta, &lock, ours, now_ms, old, from, verdict);
             }
             Decision::Disabled { .. } => {
                 drop(file);
@@ -773,15 +769,59 @@ pub fn acquire(
             }
         }
     }
-    unusable(format!(
+    refused(Observed::DirUnusable(format!(
         "{} kept changing while it was being locked",
         lock.display()
-    ))
+    )))
+}
+
+fn reclaim_events(
+    lock: &Path,
+    ours: &Ours,
+    verdict: &Verdict,
+    corrupt: &Option<String>,
+    renamed_from: &Option<String>,
+) -> Vec<Event> {
+    let mut events = vec![];
+    if let Some(why) = corrupt {
+        events.push(
+            Event::new(
+                "lock-reclaimed",
+                format!(
+                    "reclaimed {}: its record was unreadable ({why}) and the state directory is host-local",
+                    lock.display()
+                ),
+            )
+            .priority(priority::NOTICE)
+            .field("cause", "corrupt-record")
+            .field("lock", lock.display())
+            .field("class", verdict.facts.class.map(|c| c.as_str()).unwrap_or("-")),
+        );
+    }
+    if let Some(from) = renamed_from {
+        events.push(
+            Event::new(
+                "lock-host-renamed",
+                format!(
+                    "this host was renamed from {from} to {} (same host id {}); the queue lock was \
+                     reclaimed",
+                    ours.hostname, ours.host_id
+                ),
+            )
+            .alert(Alert::LockHostRenamed)
+            .field("from", from)
+            .field("to", &ours.hostname)
+            .field("host_id", ours.host_id),
+        );
+    }
+    events
 }
 
 /// L-5: while holding the old flock, rename a born-locked file over the lock path.
+#[allow(clippy::too_many_arguments)]
 fn takeover(
-    dir: &Path,
+    dir: Dir,
+    dir_meta: Meta,
     lock: &Path,
     ours: &Ours,
     now_ms: u64,
@@ -790,18 +830,28 @@ fn takeover(
     verdict: Verdict,
 ) -> Acquired {
     let record = ours.record(now_ms);
-    let result = (|| -> io::Result<File> {
-        let (f, tmp) = born_locked(dir, &record)?;
-        if let Err(e) = std::fs::rename(&tmp, lock) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fsync_dir(dir)?;
-        Ok(f)
-    })();
+    let result = dir.replace_locked(LOCK_FILE, &record.to_bytes());
     drop(old);
+    let lost = |why: String| Acquired {
+        verdict: Verdict {
+            row: verdict.row,
+            decision: Decision::Disabled {
+                reason: LockReason::LostRace,
+                message: format!(
+                    "the takeover of {} (held by {}) failed and was abandoned: {why}; nothing was overwritten. \
+                     Retried every tick.",
+                    lock.display(),
+                    from.host_label()
+                ),
+            },
+            facts: verdict.facts.clone(),
+            retry_in: None,
+        },
+        held: None,
+        events: vec![],
+    };
     match result {
-        Ok(f) => Acquired {
+        Ok(Some(f)) => Acquired {
             events: vec![
                 Event::new(
                     "lock-auto-healed",
@@ -818,40 +868,17 @@ fn takeover(
                 .field("from_host_id", from.host_id.clone().unwrap_or_default())
                 .field("to_host", &ours.hostname),
             ],
-            held: Some(HeldLock { file: f, path: lock.to_path_buf(), record }),
+            held: Some(HeldLock {
+                file: f,
+                dir,
+                dir_meta,
+                path: lock.to_path_buf(),
+                record,
+            }),
             verdict,
         },
-        Err(e) => Acquired {
-            verdict: Verdict {
-                row: verdict.row,
-                decision: Decision::Disabled {
-                    reason: LockReason::LostRace,
-                    message: format!(
-                        "the takeover of {} (held by {}) failed and was abandoned: {e}; nothing was overwritten. \
-                         Retried every tick.",
-                        lock.display(),
-                        from.host_label()
-                    ),
-                },
-                facts: verdict.facts,
-            },
-            held: None,
-            events: vec![],
-        },
-    }
-}
-
-/// Create the state directory (0700) if missing.
-pub fn ensure_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => Ok(()),
-        Ok(_) => Err(io::Error::other("exists and is not a directory")),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir),
-        Err(e) => Err(e),
+        Ok(None) => lost("the lock path named another file right after the rename".into()),
+        Err(e) => lost(e.to_string()),
     }
 }
 
@@ -892,13 +919,9 @@ impl LockFacts for KernelLockFacts<'_> {
         )
     }
 
-    fn heartbeat_age(&mut self) -> Option<Duration> {
-        let m = self.file?.metadata().ok()?;
-        let mtime_ms =
-            (m.mtime() as i128 * 1000 + m.mtime_nsec() as i128 / 1_000_000).max(0) as u64;
-        Some(Duration::from_millis(
-            self.now_wall_ms.saturating_sub(mtime_ms),
-        ))
+    fn heartbeat_age_ms(&mut self) -> Option<i64> {
+        let m = files::meta(self.file?).ok()?;
+        Some(self.now_wall_ms as i64 - m.mtime_ms)
     }
 }
 
@@ -914,7 +937,8 @@ pub struct Inspection {
     pub verdict: Verdict,
 }
 
-/// Inspect the lock under `state_dir` without taking it (L-8, `outlivectl lock`).
+/// Inspect the lock under `state_dir` without taking it (L-8, `outlivectl lock`). Nothing is
+/// created, no link is followed, and a FIFO is refused without blocking.
 pub fn inspect(
     state_dir: &Path,
     ours: &Ours,
@@ -924,58 +948,67 @@ pub fn inspect(
     now_wall_ms: u64,
 ) -> Inspection {
     let lock = state_dir.join(LOCK_FILE);
-    let mut file = match File::open(&lock) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            let v = decide(
-                &Observed::DirUnusable(format!("{}: {e}", lock.display())),
+    let decide_on = |observed: &Observed, file: Option<&File>| {
+        decide(
+            observed,
+            ours,
+            auto_heal,
+            &lock,
+            &mut KernelLockFacts {
+                facts,
+                state_dir,
+                file,
                 ours,
-                auto_heal,
-                &lock,
-                &mut KernelLockFacts {
-                    facts,
-                    state_dir,
-                    file: None,
-                    ours,
-                    prober,
-                    now_wall_ms,
-                },
-            );
+                prober,
+                now_wall_ms,
+            },
+        )
+    };
+    let opened = Dir::open(state_dir).and_then(|d| {
+        let m = d.meta()?;
+        Ok((d.open_file(LOCK_FILE, false)?, m))
+    });
+    let (file, dir_meta) = match opened {
+        Ok((f, m)) => (f.map(|(f, _)| f), m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let v = decide_on(&Observed::Absent, None);
             return Inspection {
                 lock,
-                exists: true,
+                exists: false,
                 record: None,
                 holders: vec![],
                 verdict: v,
             };
         }
+        Err(e) => {
+            return Inspection {
+                verdict: decide_on(
+                    &Observed::DirUnusable(format!("{}: {e}", lock.display())),
+                    None,
+                ),
+                lock,
+                exists: true,
+                record: None,
+                holders: vec![],
+            };
+        }
     };
+    let mut file = file;
     let record = file.as_mut().map(read_record);
     let holders = file
         .as_ref()
         .map(|f| flock_holders(f).unwrap_or_default())
         .unwrap_or_default();
     let observed = match (&file, &record) {
+        _ if unsafe_dir(state_dir, &dir_meta).is_some() => {
+            Observed::DirUnsafe(unsafe_dir(state_dir, &dir_meta).unwrap_or_default())
+        }
         (None, _) => Observed::Absent,
         (Some(_), r) if !holders.is_empty() => Observed::Busy(r.clone()),
         (Some(_), Some(r)) => Observed::Locked(r.clone()),
         (Some(_), None) => Observed::Absent,
     };
-    let verdict = decide(
-        &observed,
-        ours,
-        auto_heal,
-        &lock,
-        &mut KernelLockFacts {
-            facts,
-            state_dir,
-            file: file.as_ref(),
-            ours,
-            prober,
-            now_wall_ms,
-        },
-    );
+    let verdict = decide_on(&observed, file.as_ref());
     Inspection {
         lock,
         exists: file.is_some(),
@@ -983,6 +1016,84 @@ pub fn inspect(
         holders,
         verdict,
     }
+}
+
+/// What [`clear`] removed.
+#[derive(Debug)]
+pub struct Cleared {
+    pub lock: PathBuf,
+    pub record: Result<LockRecord, String>,
+}
+
+/// Why [`clear`] removed nothing.
+#[derive(Debug)]
+pub enum ClearError {
+    /// No lock file.
+    Absent(PathBuf),
+    /// A process holds the flock (pids from /proc/locks, possibly empty if unreadable).
+    Held(PathBuf, Vec<i64>),
+    /// The file could not be opened, locked or removed.
+    Io(PathBuf, io::Error),
+}
+
+impl fmt::Display for ClearError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClearError::Absent(p) => write!(f, "{}: there is no lock file to clear", p.display()),
+            ClearError::Held(p, pids) => {
+                let who = if pids.is_empty() {
+                    "a live process".to_string()
+                } else {
+                    pids.iter()
+                        .map(|p| format!("pid {p}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                write!(
+                    f,
+                    "{} is held by {who}: a live holder. Stop it first (e.g. `systemctl stop outlived` on that host); \
+                     nothing was removed.",
+                    p.display()
+                )
+            }
+            ClearError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+        }
+    }
+}
+
+/// L-8 as amended: remove the lock file while holding its flock, so that no holder can exist
+/// meanwhile: open it (no link followed, no blocking), take its flock without waiting (a
+/// holder ⇒ refused), check that the path still names that inode, remove it, sync the
+/// directory, and only then let go.
+pub fn clear(state_dir: &Path) -> Result<Cleared, ClearError> {
+    let lock = state_dir.join(LOCK_FILE);
+    let io_err = |e: io::Error| ClearError::Io(lock.clone(), e);
+    let dir = Dir::open(state_dir).map_err(io_err)?;
+    for _ in 0..ATTEMPTS {
+        let Some((mut f, meta)) = dir.open_file(LOCK_FILE, true).map_err(io_err)? else {
+            return Err(ClearError::Absent(lock));
+        };
+        if !files::try_flock(&f).map_err(io_err)? {
+            return Err(ClearError::Held(
+                lock.clone(),
+                flock_holders(&f).unwrap_or_default(),
+            ));
+        }
+        match dir.entry(LOCK_FILE).map_err(io_err)? {
+            Some(now) if now.same(&meta) => {}
+            // Replaced between open and flock: look again.
+            _ => continue,
+        }
+        let record = read_record(&mut f);
+        dir.unlink(LOCK_FILE).map_err(io_err)?;
+        dir.sync().map_err(io_err)?;
+        drop(f);
+        return Ok(Cleared { lock, record });
+    }
+    Err(ClearError::Io(
+        lock.clone(),
+        io::Error::other("the lock file kept changing while it was being cleared"),
+    ))
 }
 
 /// pids holding a flock on this file, from `/proc/locks` (matched by device and inode).
@@ -1074,6 +1185,8 @@ mod tests {
         class: FsClass,
         alive: bool,
         age: Option<Duration>,
+        /// A heartbeat age in ms that may be negative (an mtime in the future).
+        skew_ms: Option<i64>,
         asked: Vec<&'static str>,
     }
 
@@ -1083,6 +1196,7 @@ mod tests {
                 class,
                 alive,
                 age,
+                skew_ms: None,
                 asked: vec![],
             }
         }
@@ -1107,9 +1221,10 @@ mod tests {
                 SameProcess::Dead("test")
             }
         }
-        fn heartbeat_age(&mut self) -> Option<Duration> {
+        fn heartbeat_age_ms(&mut self) -> Option<i64> {
             self.asked.push("mtime");
-            self.age
+            self.skew_ms
+                .or_else(|| self.age.map(|a| a.as_millis() as i64))
         }
     }
 
@@ -1399,6 +1514,120 @@ mod tests {
         assert_eq!(v.row, 11, "an unreadable mtime counts as stale");
     }
 
+    /// L-4 row 10 as amended (core review finding 8): a dead holder with a fresh heartbeat is
+    /// retried by itself once the heartbeat turns stale (mtime + 5 min); rows that expire by
+    /// no clock are not.
+    #[test]
+    fn l4_row10_a_fresh_heartbeat_is_retried_at_mtime_plus_five_minutes() {
+        for (age, left) in [(299, 1), (60, 240), (0, 300)] {
+            let mut f = Counting::new(
+                FsClass::LocalPersistent,
+                false,
+                Some(Duration::from_secs(age)),
+            );
+            let v = run(
+                Observed::Locked(Ok(rec(Some(id(2)), "beta"))),
+                AutoHeal::On,
+                &mut f,
+            );
+            assert_eq!(v.row, 10);
+            assert_eq!(v.retry_in, Some(Duration::from_secs(left)), "age {age} s");
+            assert!(!LockReason::ForeignHost.retryable(), "not every tick");
+        }
+        let mut f = Counting::new(FsClass::LocalPersistent, true, STALE);
+        let v = run(
+            Observed::Locked(Ok(rec(Some(id(2)), "beta"))),
+            AutoHeal::On,
+            &mut f,
+        );
+        assert_eq!(
+            (v.row, v.retry_in),
+            (9, None),
+            "an alive holder is not retried"
+        );
+    }
+
+    /// L-4 row 10 as amended: an mtime in the future is clock skew, said so, still declined,
+    /// and retried once it is stale by this host's clock.
+    #[test]
+    fn l4_row10_an_mtime_in_the_future_is_clock_skew() {
+        let mut f = Counting::new(FsClass::LocalPersistent, false, None);
+        f.skew_ms = Some(-3_600_000);
+        let v = run(
+            Observed::Locked(Ok(rec(Some(id(2)), "beta"))),
+            AutoHeal::On,
+            &mut f,
+        );
+        assert_eq!((v.row, reason(&v)), (10, Some(LockReason::ForeignHost)));
+        let Decision::Disabled { message, .. } = &v.decision else {
+            panic!()
+        };
+        assert!(message.contains("clock-skew"), "{message}");
+        assert!(!message.contains("touched 0 s ago"), "{message}");
+        assert_eq!(v.retry_in, Some(Duration::from_secs(3600 + 300)));
+        assert_eq!(v.facts.heartbeat_age_ms, Some(Some(-3_600_000)));
+    }
+
+    /// §12 Q-14 (core review finding 5): an unsafe state directory disables the queue
+    /// `state-dir-unsafe`, retried every tick.
+    #[test]
+    fn l4_row1_an_unsafe_state_directory_is_state_dir_unsafe() {
+        let mut f = Counting::new(FsClass::LocalPersistent, false, STALE);
+        let v = run(
+            Observed::DirUnsafe("the state directory /x is writable by group or others".into()),
+            AutoHeal::On,
+            &mut f,
+        );
+        assert_eq!((v.row, reason(&v)), (1, Some(LockReason::StateDirUnsafe)));
+        assert!(LockReason::StateDirUnsafe.retryable());
+        assert!(LockReason::LockLost.retryable());
+        assert!(f.asked.is_empty());
+    }
+
+    /// L-8 as amended (core review finding 4): no message tells an operator to delete the lock
+    /// file by hand.
+    #[test]
+    fn l8_no_message_suggests_deleting_the_lock_by_hand() {
+        for (o, heal, alive, age) in [
+            (
+                Observed::Locked(Ok(rec(Some(id(2)), "beta"))),
+                AutoHeal::Off,
+                false,
+                STALE,
+            ),
+            (
+                Observed::Locked(Ok(rec(Some(id(2)), "beta"))),
+                AutoHeal::On,
+                true,
+                STALE,
+            ),
+            (
+                Observed::Locked(Ok(rec(Some(id(2)), "beta"))),
+                AutoHeal::On,
+                false,
+                Some(Duration::from_secs(1)),
+            ),
+            (
+                Observed::Locked(Err("bad".into())),
+                AutoHeal::On,
+                false,
+                STALE,
+            ),
+        ] {
+            for class in [FsClass::Network, FsClass::LocalPersistent] {
+                let mut f = Counting::new(class, alive, age);
+                let v = run(o.clone(), heal, &mut f);
+                if let Decision::Disabled { message, .. } = &v.decision {
+                    assert!(
+                        !message.contains("delete") && !message.contains("rm "),
+                        "row {}: {message}",
+                        v.row
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn l4_row11_observe_reports_on_takes_over() {
         let mut f = Counting::new(FsClass::LocalVolatile, false, STALE);
@@ -1423,15 +1652,13 @@ mod tests {
     }
 
     #[test]
-    fn l3_only_live_holder_lost_race_and_acquisition_error_are_retried() {
+    fn l3_which_refusals_ticks_retry() {
         use LockReason::*;
-        for (r, retry) in [
-            (AcquisitionError, true),
-            (LiveHolder, true),
-            (LostRace, true),
-            (ForeignHost, false),
-            (WouldAutoHeal, false),
-        ] {
+        for r in LockReason::ALL {
+            let retry = matches!(
+                r,
+                AcquisitionError | LiveHolder | LostRace | LockLost | StateDirUnsafe
+            );
             assert_eq!(r.retryable(), retry, "{r}");
         }
     }

@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::config::{AutoHeal, Config};
 use crate::facts::Facts;
 use crate::facts::process::ProcessProber;
+use crate::files::ReplaceError;
 use entry::{Entry, Status, Target};
 use lock::{HeldLock, LockReason, Ours, Verdict};
 use rules::{Bound, PauseChange, PauseKind, Request, RequeueRefusal};
@@ -123,11 +124,32 @@ pub struct Reply {
     pub id: String,
 }
 
-/// What the facts layer must provide to evaluate the lock.
-pub struct LockEnv<'a> {
+/// What the facts layer must provide to evaluate the lock. Owned, so that the queue keeps the
+/// latest one: a lock found lost while writing is evaluated again at once (L-3 as amended).
+#[derive(Clone)]
+pub struct LockEnv {
     pub ours: Ours,
-    pub facts: &'a Facts,
-    pub prober: &'a dyn ProcessProber,
+    pub facts: Facts,
+    pub prober: Arc<dyn ProcessProber + Send + Sync>,
+}
+
+/// When a lock refusal is evaluated again (L-3 as amended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// On every tick.
+    Tick,
+    /// At this CLOCK_BOOTTIME ms (L-4 row 10: once the heartbeat is stale).
+    At(u64),
+    /// On reload and after `outlivectl lock clear` only.
+    Reload,
+}
+
+/// Why the lock is not held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    code: String,
+    detail: String,
+    retry: Retry,
 }
 
 /// A snapshot for publication (D-Bus properties, status line, posture).
@@ -155,8 +177,15 @@ pub struct Queue {
     settings: Settings,
     held: Option<HeldLock>,
     /// Why the lock is not held (None while held).
-    lock_disabled: Option<(String, String, bool)>,
+    lock_disabled: Option<Refusal>,
     last_disabled_audited: Option<(String, String)>,
+    /// The latest lock environment (to evaluate again at once when the lock is found lost).
+    env: Option<LockEnv>,
+    /// Set while a lost lock is evaluated again: the outcome says so (one report).
+    lost: Option<String>,
+    /// Lock and state I/O at start and on retries runs here, under a timeout (a hung state
+    /// directory must not hang the agent before READY=1).
+    io: crate::facts::probe::FactsWorker,
     verdict: Option<Verdict>,
     state: State,
     loaded: bool,
@@ -184,12 +213,15 @@ impl Queue {
             runtime_dir: runtime_dir.to_path_buf(),
             settings,
             held: None,
-            lock_disabled: Some((
-                "acquisition-error".into(),
-                "the lock has not been evaluated yet".into(),
-                true,
-            )),
+            lock_disabled: Some(Refusal {
+                code: "acquisition-error".into(),
+                detail: "the lock has not been evaluated yet".into(),
+                retry: Retry::Tick,
+            }),
             last_disabled_audited: None,
+            env: None,
+            lost: None,
+            io: crate::facts::probe::FactsWorker::new(),
             verdict: None,
             state: State::empty(),
             loaded: false,
@@ -239,72 +271,108 @@ impl Queue {
 
     // ---- the lock (L-3) ---------------------------------------------------------------------
 
+    /// How long lock and state I/O may take before the state directory counts as hung.
+    fn io_timeout(env: &LockEnv) -> std::time::Duration {
+        (env.facts.timeout() * 2 + std::time::Duration::from_secs(2))
+            .max(std::time::Duration::from_secs(5))
+    }
+
     /// L-3: evaluate the lock. At start and reload (`force`), and on each tick while the lock is
-    /// refused for a retryable cause. Nothing happens while the lock is held.
-    pub fn evaluate_lock(&mut self, env: &LockEnv<'_>, force: bool) {
+    /// refused for a cause that is retried (every tick, or L-4 row 10 once its heartbeat is
+    /// stale). Nothing happens while the lock is held. The lock decision and the load of the
+    /// state run on a worker under a timeout: a hung state directory leaves the queue disabled
+    /// `acquisition-error`, never the agent hung.
+    pub fn evaluate_lock(&mut self, env: &LockEnv, force: bool) {
+        self.env = Some(env.clone());
         if self.held.is_some() {
             return;
         }
-        if !force
-            && !self
-                .lock_disabled
-                .as_ref()
-                .is_some_and(|(_, _, retry)| *retry)
-        {
+        let due = match self.lock_disabled.as_ref().map(|r| r.retry) {
+            Some(Retry::Tick) => true,
+            Some(Retry::At(t)) => self.clock.boot_ms() >= t,
+            Some(Retry::Reload) | None => false,
+        };
+        if !force && !due {
             return;
         }
-        let acq = lock::acquire(
-            &self.state_dir,
-            &env.ours,
-            self.settings.auto_heal,
-            env.facts,
-            env.prober,
-        );
+        let timeout = Self::io_timeout(env);
+        let (dir, e2) = (self.state_dir.clone(), env.clone());
+        let (auto_heal, now_wall) = (self.settings.auto_heal, self.clock.wall_ms());
+        let job = move || {
+            let acq = lock::acquire(&dir, &e2.ours, auto_heal, &e2.facts, &*e2.prober);
+            let loaded = acq.held.as_ref().map(|h| store::load(h.dir(), now_wall));
+            (acq, loaded)
+        };
+        let (acq, loaded) = match self.io.run(timeout, job) {
+            crate::facts::probe::Run::Done(x) => x,
+            crate::facts::probe::Run::Timeout => {
+                let msg = format!(
+                    "the state directory {} did not answer within {} s (a hung or unreachable filesystem?); \
+                     retried every tick",
+                    self.state_dir.display(),
+                    timeout.as_secs()
+                );
+                self.disable("acquisition-error", &msg, Retry::Tick, None);
+                return;
+            }
+        };
         let disabled = acq.disabled().map(|(r, m)| (r, m.to_string()));
         self.verdict = Some(acq.verdict.clone());
-        match acq.held {
-            Some(h) => {
+        match (acq.held, loaded) {
+            (Some(h), Some(loaded)) => {
                 self.held = Some(h);
                 self.auditor.log.set_dir(&self.state_dir);
                 for e in acq.events {
                     self.audit(e);
                 }
                 let was_disabled = self.last_disabled_audited.take().is_some();
+                let lost = self.lost.take();
                 self.lock_disabled = None;
-                self.load_state();
-                if was_disabled && self.loaded {
-                    self.audit(
-                        Event::new(
-                            "queue-enabled",
-                            "the revival queue holds its lock again and is enabled",
-                        )
-                        .priority(priority::NOTICE),
-                    );
+                self.load_state(loaded);
+                if (was_disabled || lost.is_some()) && self.loaded {
+                    let message = match lost {
+                        Some(what) => format!(
+                            "{what}; outlived took the lock again, reloaded the queue from disk and is enabled"
+                        ),
+                        None => "the revival queue holds its lock again and is enabled".to_string(),
+                    };
+                    self.audit(Event::new("queue-enabled", message).priority(priority::NOTICE));
                 }
             }
-            None => {
+            _ => {
                 let (reason, message) =
                     disabled.unwrap_or((LockReason::AcquisitionError, "lock not held".into()));
-                self.disable(
-                    reason.as_str(),
-                    &message,
-                    reason.retryable(),
-                    Some(&acq.verdict),
-                );
+                let retry = if reason.retryable() {
+                    Retry::Tick
+                } else if let Some(d) = acq.verdict.retry_in {
+                    Retry::At(self.clock.boot_ms() + d.as_millis() as u64)
+                } else {
+                    Retry::Reload
+                };
+                self.disable(reason.as_str(), &message, retry, Some(&acq.verdict));
             }
         }
     }
 
     /// Close the lock, stop writing under the state directory, and audit the outcome when it
-    /// differs from the previous one (L-4, L-6).
-    fn disable(&mut self, code: &str, detail: &str, retryable: bool, verdict: Option<&Verdict>) {
+    /// differs from the previous one (L-4, L-6). While a lost lock is evaluated again, the
+    /// outcome says so (L-3 as amended: one report, with its real reason).
+    fn disable(&mut self, code: &str, detail: &str, retry: Retry, verdict: Option<&Verdict>) {
         self.held = None;
         self.loaded = false;
         self.state = State::empty();
         self.pause_boot = None;
         self.auditor.log.set_dir(&self.runtime_dir);
-        self.lock_disabled = Some((code.to_string(), detail.to_string(), retryable));
-        let key = (code.to_string(), detail.to_string());
+        let detail = match self.lost.take() {
+            Some(what) => format!("{what}: {detail}"),
+            None => detail.to_string(),
+        };
+        self.lock_disabled = Some(Refusal {
+            code: code.to_string(),
+            detail: detail.clone(),
+            retry,
+        });
+        let key = (code.to_string(), detail.clone());
         if self.last_disabled_audited.as_ref() != Some(&key) {
             let mut e = Event::new(
                 "queue-disabled",
@@ -341,22 +409,99 @@ impl Queue {
         }
     }
 
+    /// L-6 as amended: the lock path no longer names the locked inode. The queue stops writing
+    /// at once, and L-4 is evaluated again in the same step; only its outcome is audited and
+    /// raised, saying that the lock file was replaced while held.
+    fn lock_lost(&mut self) {
+        let Some(h) = self.held.take() else {
+            return;
+        };
+        let what = format!(
+            "the lock file {} was replaced or removed while held (lock-lost)",
+            h.path().display()
+        );
+        drop(h);
+        self.loaded = false;
+        self.lock_disabled = Some(Refusal {
+            code: "lock-lost".into(),
+            detail: what.clone(),
+            retry: Retry::Tick,
+        });
+        self.lost = Some(what);
+        if let Some(env) = self.env.clone() {
+            self.evaluate_lock(&env, true);
+        } else {
+            self.disable("lock-lost", "", Retry::Tick, None);
+        }
+    }
+
+    /// The state directory, for a write under it: only while the lock is held and its path
+    /// still names the locked inode (L-6 as amended); otherwise the lock is lost and the write
+    /// refused with `QueueDisabled` (`lock-lost`).
+    fn state_dir_for_write(&mut self) -> Result<(), QueueError> {
+        self.require_enabled()?;
+        if self.held.as_ref().is_some_and(|h| h.still_installed()) {
+            return Ok(());
+        }
+        self.lock_lost();
+        Err(QueueError::Disabled {
+            code: "lock-lost".into(),
+            detail: "the lock file was replaced or removed while held; nothing was written (see `outlivectl \
+                     status` for what the queue found when it looked again)"
+                .into(),
+        })
+    }
+
+    /// Write a file under the state directory through the held lock's descriptor of it (the
+    /// continuation records, the posture boot snapshot), or, while the lock is not held, into
+    /// the runtime directory (L-6). `subdir` is created 0700 when missing.
+    pub fn write_file(
+        &mut self,
+        subdir: Option<&str>,
+        name: &str,
+        bytes: &[u8],
+    ) -> std::io::Result<PathBuf> {
+        let how = crate::files::Replace::DURABLE;
+        if self.held.is_some() && self.state_dir_for_write().is_ok() {
+            let h = self.held.as_ref().expect("held");
+            let (d, path) = match subdir {
+                Some(s) => (
+                    Some(h.dir().subdir(s, 0o700)?),
+                    self.state_dir.join(s).join(name),
+                ),
+                None => (None, self.state_dir.join(name)),
+            };
+            d.as_ref().unwrap_or(h.dir()).replace(name, bytes, how)?;
+            return Ok(path);
+        }
+        let run = crate::files::Dir::create(&self.runtime_dir, 0o755)?;
+        let (d, path) = match subdir {
+            Some(s) => (
+                Some(run.subdir(s, 0o700)?),
+                self.runtime_dir.join(s).join(name),
+            ),
+            None => (None, self.runtime_dir.join(name)),
+        };
+        d.as_ref().unwrap_or(&run).replace(name, bytes, how)?;
+        Ok(path)
+    }
+
     /// L-7: release the lock (orderly stop). The file stays.
     pub fn release(&mut self) {
         self.held = None;
     }
 
     /// Tick step 1 (D-2): touch the lock's heartbeat, or retry acquisition. A lock file that
-    /// no longer names our descriptor (removed or replaced) is lost: retried next tick. Also
-    /// keeps the held record's hostname current.
-    pub fn heartbeat(&mut self, env: &LockEnv<'_>) {
+    /// no longer names our descriptor (removed or replaced) is lost (L-6 as amended). Also keeps
+    /// the held record's hostname current.
+    pub fn heartbeat(&mut self, env: &LockEnv) {
+        self.env = Some(env.clone());
+        if self.held.as_ref().is_some_and(|h| !h.still_installed()) {
+            self.lock_lost();
+            return;
+        }
         match &mut self.held {
             Some(h) => {
-                if !h.still_installed() {
-                    let msg = format!("{} was removed or replaced while held", h.path().display());
-                    self.disable("acquisition-error", &msg, true, None);
-                    return;
-                }
                 if let Err(e) = h.touch() {
                     tracing::warn!("cannot touch the lock heartbeat: {e}");
                 }
@@ -388,26 +533,45 @@ impl Queue {
 
     // ---- state ------------------------------------------------------------------------------
 
-    fn load_state(&mut self) {
+    fn load_state(&mut self, loaded: Loaded) {
         let now_wall = self.clock.wall_ms();
         let now_boot = self.clock.boot_ms();
-        match store::load(&self.state_dir, now_wall) {
+        match loaded {
             Loaded::Fresh => {
                 self.state = State::empty();
                 self.loaded = true;
             }
-            Loaded::State(s) => {
-                self.state = *s;
+            Loaded::State {
+                state,
+                set_aside,
+                sidecar,
+                paused_because,
+            } => {
+                self.state = *state;
                 self.restore_clocks(now_wall, now_boot);
                 self.loaded = true;
-                // Write the restored waiting time now: the next restart must not depend on the
-                // wall clock behaving meanwhile.
-                if self.state.entries.iter().any(|e| e.status.is_open()) {
+                if let Some(side) = sidecar {
+                    // Rewrite now: the next start must not set the same items aside again.
+                    let _ = self.commit(|_, _| Ok(((), vec![])));
+                    self.audit(salvage_notice(
+                        &self.state_dir,
+                        &set_aside,
+                        &side,
+                        paused_because,
+                    ));
+                } else if self.state.entries.iter().any(|e| e.status.is_open()) {
+                    // Write the restored waiting time now: the next restart must not depend on
+                    // the wall clock behaving meanwhile.
                     let _ = self.commit(|_, _| Ok(((), vec![])));
                 }
             }
-            Loaded::Corrupt { why, sidecar } => {
+            Loaded::Corrupt {
+                why,
+                sidecar,
+                id_floor_ms,
+            } => {
                 self.state = State::empty();
+                self.state.last_id_ms = id_floor_ms;
                 self.loaded = true;
                 // Replace the corrupt file now, so a restart does not set it aside again.
                 let _ = self.commit(|_, _| Ok(((), vec![])));
@@ -415,8 +579,9 @@ impl Queue {
                     Event::new(
                         "state-corrupt",
                         format!(
-                            "the queue state {} was unreadable ({why}); it was copied to {} and the queue starts \
-                             empty. Inspect the copy to recover runs that were waiting.",
+                            "the queue state {} was unreadable as a whole ({why}); it was copied to {} and the queue \
+                             starts empty. Inspect the copy to recover runs that were waiting (enqueue them again), \
+                             then `outlivectl ack`.",
                             self.state_dir.join(store::STATE_FILE).display(),
                             sidecar.display()
                         ),
@@ -431,14 +596,14 @@ impl Queue {
                     "the queue state is unreadable ({why}) and could not be copied aside ({error}); it is left in \
                      place and the queue is disabled until it can be"
                 );
-                self.disable("persist-failed", &msg, true, None);
+                self.disable("persist-failed", &msg, Retry::Tick, None);
                 return;
             }
             Loaded::Unreadable(e) => {
                 self.disable(
                     "persist-failed",
                     &format!("cannot read the queue state: {e}"),
-                    true,
+                    Retry::Tick,
                     None,
                 );
                 return;
@@ -492,10 +657,10 @@ impl Queue {
     }
 
     fn require_enabled(&self) -> Result<(), QueueError> {
-        if let Some((code, detail, _)) = &self.lock_disabled {
+        if let Some(r) = &self.lock_disabled {
             return Err(QueueError::Disabled {
-                code: code.clone(),
-                detail: detail.clone(),
+                code: r.code.clone(),
+                detail: r.detail.clone(),
             });
         }
         if !self.loaded {
@@ -508,11 +673,22 @@ impl Queue {
     }
 
     /// Apply `f` to a copy, persist it, and make it current; record its events only then.
+    ///
+    /// An acknowledgement is never contradicted (issue "Keep the promise under faults", 7):
+    /// - the lock must still be ours (L-6 as amended), else nothing is written and the change
+    ///   is refused `QueueDisabled` (`lock-lost`);
+    /// - a save that failed before its rename changed nothing: `PersistFailed`;
+    /// - a save whose rename succeeded but whose directory fsync failed left the new state
+    ///   visible but not known durable. Refusing it then would be contradicted by the next
+    ///   start, which loads the file: so the previous state is written back first, and only
+    ///   then is the change refused `PersistFailed`. If even that rename fails, the file holds
+    ///   the change and a restart will load it, so the change stands and is acknowledged
+    ///   (the directory's failed fsync is audited and keeps `persist-failed` set).
     fn commit<T>(
         &mut self,
         f: impl FnOnce(&mut State, &Ctx) -> Result<(T, Vec<Event>), QueueError>,
     ) -> Result<T, QueueError> {
-        self.require_enabled()?;
+        self.state_dir_for_write()?;
         let ctx = Ctx {
             wall: self.clock.wall_ms(),
             boot: self.clock.boot_ms(),
@@ -526,14 +702,36 @@ impl Queue {
                 .next_attempt_boot
                 .map(|b| ctx.wall + b.saturating_sub(ctx.boot));
         }
-        match store::save(&self.state_dir, &next) {
-            Ok(()) => {
+        let dir = self.held.as_ref().expect("checked above").dir();
+        // Ok(true): written and durable; Ok(false): written, not known durable.
+        let saved: Result<bool, String> = match store::save(dir, &next) {
+            Ok(()) => Ok(true),
+            Err(ReplaceError::Failed(e)) => Err(e.to_string()),
+            Err(ReplaceError::NotDurable(e)) => match store::save(dir, &self.state) {
+                Ok(()) | Err(ReplaceError::NotDurable(_)) => Err(format!(
+                    "the directory could not be synced after the write ({e}); the previous state was written \
+                     back"
+                )),
+                Err(ReplaceError::Failed(back)) => {
+                    let msg = format!(
+                        "{} was written, but the directory could not be synced ({e}) and the previous state could \
+                         not be written back ({back}): the change stands, not known durable",
+                        self.state_dir.join(store::STATE_FILE).display()
+                    );
+                    self.note_persist_failure(&msg);
+                    self.persist_failed = Some(msg);
+                    Ok(false)
+                }
+            },
+        };
+        match saved {
+            Ok(durable) => {
                 self.state = next;
                 self.saved_boot = ctx.boot;
                 for e in events {
                     self.audit(e);
                 }
-                if let Some(was) = self.persist_failed.take() {
+                if durable && let Some(was) = self.persist_failed.take() {
                     self.audit(
                         Event::new(
                             "persist-recovered",
@@ -544,25 +742,32 @@ impl Queue {
                 }
                 Ok(out)
             }
-            Err(e) => {
+            Err(why) => {
                 let msg = format!(
-                    "cannot write {}: {e}",
+                    "cannot write {}: {why}",
                     self.state_dir.join(store::STATE_FILE).display()
                 );
-                if self.persist_failed.as_deref() != Some(msg.as_str()) {
-                    self.audit(
-                        Event::new(
-                            "persist-failed",
-                            format!("{msg}; the change was refused and the previous state kept. Free space or fix the \
-                                     state directory; outlived retries on every tick."),
-                        )
-                        .alert(Alert::QueueNotice)
-                        .field("error", e),
-                    );
-                }
+                self.note_persist_failure(&msg);
                 self.persist_failed = Some(msg.clone());
                 Err(QueueError::PersistFailed(msg))
             }
+        }
+    }
+
+    /// Audit a persist failure once per distinct message (Q-14).
+    fn note_persist_failure(&self, msg: &str) {
+        if self.persist_failed.as_deref() != Some(msg) {
+            self.audit(
+                Event::new(
+                    "persist-failed",
+                    format!(
+                        "{msg}; the change was refused and the previous state kept. Free space or fix the state \
+                         directory; outlived retries on every tick."
+                    ),
+                )
+                .alert(Alert::QueueNotice)
+                .field("error", msg),
+            );
         }
     }
 
@@ -589,7 +794,7 @@ impl Queue {
     /// A snapshot for publication.
     pub fn snapshot(&self) -> Snapshot {
         let (enabled, reason, detail) = match (&self.lock_disabled, self.settings.enabled) {
-            (Some((c, d, _)), _) => (false, c.clone(), d.clone()),
+            (Some(r), _) => (false, r.code.clone(), r.detail.clone()),
             (None, false) => (
                 false,
                 "queue-off".to_string(),
@@ -1405,6 +1610,48 @@ pub enum Finished {
 }
 
 /// Q-2: a transition names the status it expects to leave.
+/// Q-15 as amended: the notice for items set aside while loading. It stays in the attention
+/// item until acknowledged (G-9), and says how many, where, and what to do.
+fn salvage_notice(
+    state_dir: &Path,
+    set_aside: &[store::SetAside],
+    sidecar: &Path,
+    paused_because: Option<String>,
+) -> Event {
+    let entries = set_aside.iter().filter(|a| a.field == "entries").count();
+    let whys: Vec<String> = set_aside
+        .iter()
+        .take(3)
+        .map(|a| match &a.at {
+            Some(at) => format!("{}[{at}]: {}", a.field, a.why),
+            None => format!("{}: {}", a.field, a.why),
+        })
+        .collect();
+    let mut message = format!(
+        "{} item(s) of the queue state {} could not be read ({} entries) and were set aside in {} ({}{});          everything else loaded. Recover what they held by hand (enqueue a run again), then `outlivectl ack`.",
+        set_aside.len(),
+        state_dir.join(store::STATE_FILE).display(),
+        entries,
+        sidecar.display(),
+        whys.join("; "),
+        if set_aside.len() > whys.len() {
+            "; …"
+        } else {
+            ""
+        },
+    );
+    if let Some(why) = paused_because {
+        message.push_str(&format!(
+            " Revival is paused (maintenance) because {why}: run `outlivectl resume` once you have checked."
+        ));
+    }
+    Event::new("state-salvaged", message)
+        .alert(Alert::QueueNotice)
+        .field("set_aside", set_aside.len())
+        .field("entries", entries)
+        .field("sidecar", sidecar.display())
+}
+
 fn expect(e: &Entry, want: &Status, what: &str) -> Result<(), QueueError> {
     if &e.status == want {
         Ok(())

@@ -79,8 +79,8 @@ impl Fixture {
         q.evaluate_lock(
             &LockEnv {
                 ours: ours(),
-                facts: &self.facts,
-                prober: &KernelProber,
+                facts: self.facts.clone(),
+                prober: std::sync::Arc::new(KernelProber),
             },
             true,
         );
@@ -603,9 +603,11 @@ fn q14_persist_failure_refuses_rolls_back_is_loud_and_recovers() {
     let mut q = f.queue();
     admit(&mut q, req("a"));
     let before = std::fs::read(f.state_dir().join(store::STATE_FILE)).unwrap();
-    // A directory where the temp file would go: every save fails, as on a full disk.
-    let blocker = f.state_dir().join(format!("{}.tmp", store::STATE_FILE));
-    std::fs::create_dir(&blocker).unwrap();
+    // Every save fails, as on a full disk.
+    crate::files::faults::fail_until_cleared(
+        store::STATE_FILE,
+        crate::files::faults::Fault::Rename,
+    );
     assert!(matches!(
         q.enqueue(&root(), Ok(req("b"))),
         Err(QueueError::PersistFailed(_))
@@ -630,7 +632,7 @@ fn q14_persist_failure_refuses_rolls_back_is_loud_and_recovers() {
     );
     q.housekeeping();
     assert!(q.snapshot().persist_failed.is_some());
-    std::fs::remove_dir(&blocker).unwrap();
+    crate::files::faults::clear();
     q.housekeeping();
     assert!(
         q.snapshot().persist_failed.is_none(),
@@ -647,7 +649,7 @@ fn q15_corrupt_state_is_set_aside_and_the_queue_starts_empty() {
     drop(q);
     std::fs::write(
         f.state_dir().join(store::STATE_FILE),
-        b"{\"version\": 1, \"entries\": 7}",
+        b"{\"version\": 1, \"entries\": [",
     )
     .unwrap();
     let q = f.queue();
@@ -657,13 +659,49 @@ fn q15_corrupt_state_is_set_aside_and_the_queue_starts_empty() {
     let sidecar = std::path::PathBuf::from(ev.get("sidecar").unwrap());
     assert_eq!(
         std::fs::read(&sidecar).unwrap(),
-        b"{\"version\": 1, \"entries\": 7}"
+        b"{\"version\": 1, \"entries\": ["
     );
     // The corrupt file was replaced at once: a restart does not set it aside again.
     drop(q);
     let mut q = f.queue();
     assert_eq!(f.events("state-corrupt").len(), 1);
     admit(&mut q, req("a"));
+}
+
+/// Q-15 as amended (core review finding 6): three entries, one carrying a status word from a
+/// newer version. After a restart the two others are still there; the third is in a sidecar,
+/// and one notice says how many were set aside and where. The state file is rewritten, so
+/// the next start sets nothing aside again.
+#[test]
+fn q15_one_entry_from_a_newer_version_is_set_aside_the_others_stay() {
+    let f = Fixture::new();
+    let mut q = f.queue();
+    let ids: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|r| admit(&mut q, req(r)))
+        .collect();
+    drop(q);
+    let path = f.state_dir().join(store::STATE_FILE);
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    doc["entries"][1]["status"] = "frobbed".into();
+    std::fs::write(&path, doc.to_string()).unwrap();
+    let q = f.queue();
+    let left: Vec<String> = q.entries().unwrap().iter().map(|e| e.id.clone()).collect();
+    assert_eq!(left, vec![ids[0].clone(), ids[2].clone()]);
+    let ev = f.events("state-salvaged");
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].alert, Some(Alert::QueueNotice));
+    assert_eq!(ev[0].get("set_aside"), Some("1"));
+    let sidecar = std::path::PathBuf::from(ev[0].get("sidecar").unwrap());
+    assert!(ev[0].message.contains(&sidecar.display().to_string()));
+    let side = std::fs::read_to_string(&sidecar).unwrap();
+    assert!(side.contains("frobbed") && side.contains(&ids[1]), "{side}");
+    assert!(f.events("state-corrupt").is_empty(), "not the whole queue");
+    drop(q);
+    let q = f.queue();
+    assert_eq!(q.entries().unwrap().len(), 2);
+    assert_eq!(f.events("state-salvaged").len(), 1, "set aside once");
 }
 
 #[test]
@@ -760,8 +798,8 @@ fn l6_disabled_queue_writes_nothing_under_the_state_directory() {
     // Not retried by ticks; a forced re-evaluation with the same outcome writes nothing more.
     let env = LockEnv {
         ours: ours(),
-        facts: &f.facts,
-        prober: &KernelProber,
+        facts: f.facts.clone(),
+        prober: std::sync::Arc::new(KernelProber),
     };
     q.heartbeat(&env);
     q.evaluate_lock(&env, true);
@@ -778,8 +816,8 @@ fn l3_live_holder_is_retried_each_tick_and_acquired_when_released() {
     assert_eq!(second.snapshot().disabled_reason, "live-holder");
     let env = LockEnv {
         ours: ours(),
-        facts: &f.facts,
-        prober: &KernelProber,
+        facts: f.facts.clone(),
+        prober: std::sync::Arc::new(KernelProber),
     };
     second.heartbeat(&env);
     assert!(!second.lock_held());
@@ -803,17 +841,25 @@ fn l1_heartbeat_touches_the_lock_and_a_removed_lock_is_lost_then_retaken() {
     set_mtime(&lockp, old);
     let env = LockEnv {
         ours: ours(),
-        facts: &f.facts,
-        prober: &KernelProber,
+        facts: f.facts.clone(),
+        prober: std::sync::Arc::new(KernelProber),
     };
     q.heartbeat(&env);
     assert!(filetime(&lockp) > old + 3000, "touched");
+    // L-3 as amended: a lock found lost is evaluated again in the same step, and only the
+    // outcome is reported, saying what happened. Nobody else holds it here: it is taken again.
     std::fs::remove_file(&lockp).unwrap();
     q.heartbeat(&env);
-    assert!(!q.lock_held());
-    assert_eq!(q.snapshot().disabled_reason, "acquisition-error");
-    q.heartbeat(&env);
-    assert!(q.lock_held(), "retaken on the next tick");
+    assert!(q.lock_held(), "evaluated again at once");
+    assert!(lockp.exists(), "a new lock file, born locked");
+    assert!(f.events("queue-disabled").is_empty(), "one report, not two");
+    let en = f.events("queue-enabled");
+    assert_eq!(en.len(), 1);
+    assert!(
+        en[0].message.contains("replaced or removed while held"),
+        "{}",
+        en[0].message
+    );
 }
 
 fn filetime(p: &std::path::Path) -> i64 {

@@ -87,6 +87,15 @@ impl HostState {
         }
     }
 
+    /// What the lock decision needs of this host now (L-3).
+    pub fn lock_env(&self) -> crate::queue::LockEnv {
+        crate::queue::LockEnv {
+            ours: self.ours(),
+            facts: self.facts.clone(),
+            prober: Arc::new(crate::facts::process::KernelProber),
+        }
+    }
+
     /// Set the status text (the same line as `STATUS=`).
     pub fn set_status_text(&self, s: &str) {
         *self.status_text.write().unwrap_or_else(|e| e.into_inner()) = s.to_string();
@@ -253,11 +262,7 @@ impl Agent1 {
         let caller = auth::caller(conn, &hdr).await?;
         caller.require_admin(&self.state.auth, "Reevaluate")?;
         {
-            let env = crate::queue::LockEnv {
-                ours: self.state.ours(),
-                facts: &self.state.facts,
-                prober: &crate::facts::process::KernelProber,
-            };
+            let env = self.state.lock_env();
             super::queue1::lock(&self.queue).evaluate_lock(&env, true);
         }
         self.publisher.sync(conn).await;
