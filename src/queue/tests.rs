@@ -832,6 +832,68 @@ fn l3_live_holder_is_retried_each_tick_and_acquired_when_released() {
     assert_eq!(f.events("queue-enabled").len(), 1);
 }
 
+/// Issue "Keep the promise under faults", 7 (core review finding 13): a change whose rename
+/// succeeded but whose directory fsync failed is refused only after the previous state was
+/// written back, so the refusal is not contradicted by a restart.
+#[test]
+fn q14_a_refusal_after_the_rename_is_never_contradicted_by_a_restart() {
+    use crate::files::faults::{Fault, plan};
+    let f = Fixture::new();
+    let mut q = f.queue();
+    admit(&mut q, req("kept"));
+    plan(&[(store::STATE_FILE, Fault::DirSync)]);
+    assert!(matches!(
+        q.enqueue(&root(), Ok(req("refused"))),
+        Err(QueueError::PersistFailed(_))
+    ));
+    let on_disk = |f: &Fixture| -> Vec<String> {
+        store::parse(&std::fs::read(f.state_dir().join(store::STATE_FILE)).unwrap())
+            .unwrap()
+            .entries
+            .into_iter()
+            .filter_map(|e| e.run_id)
+            .collect()
+    };
+    assert_eq!(
+        on_disk(&f),
+        vec!["kept"],
+        "the previous state is back on disk"
+    );
+    drop(q);
+    let q = f.queue();
+    let runs: Vec<String> = q
+        .entries()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.run_id.clone())
+        .collect();
+    assert_eq!(
+        runs,
+        vec!["kept"],
+        "a restart does not find the refused change applied"
+    );
+}
+
+/// The corner of the same mechanism: when even the write-back fails, the file holds the change
+/// and a restart would load it, so the change stands and is acknowledged (not known durable:
+/// `persist-failed` stays set and is audited).
+#[test]
+fn q14_when_the_previous_state_cannot_be_written_back_the_change_stands() {
+    use crate::files::faults::{Fault, plan};
+    let f = Fixture::new();
+    let mut q = f.queue();
+    plan(&[
+        (store::STATE_FILE, Fault::DirSync),
+        (store::STATE_FILE, Fault::Rename),
+    ]);
+    let id = admit(&mut q, req("stands"));
+    assert!(q.snapshot().persist_failed.is_some());
+    assert_eq!(f.events("persist-failed").len(), 1);
+    drop(q);
+    let q = f.queue();
+    assert!(q.entries().unwrap().iter().any(|e| e.id == id));
+}
+
 #[test]
 fn l1_heartbeat_touches_the_lock_and_a_removed_lock_is_lost_then_retaken() {
     let f = Fixture::new();

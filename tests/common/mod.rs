@@ -20,9 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The built agent.
+/// The built agent, or the one `OUTLIVE_TEST_OUTLIVED` names (to show that a test fails on an
+/// older build: `OUTLIVE_TEST_OUTLIVED=/path/to/old/outlived cargo nextest run …`).
 pub fn outlived() -> &'static str {
-    env!("CARGO_BIN_EXE_outlived")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("OUTLIVE_TEST_OUTLIVED")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outlived").to_string())
+    })
 }
 
 /// The built CLI.
@@ -293,6 +298,8 @@ pub struct AgentSpec {
     pub state_dir: Option<PathBuf>,
     /// Drop-ins for `guards.d/` beside the configuration: (file name, text, owner uid).
     pub dropins: Vec<(String, String, u32)>,
+    /// The runtime directory (default: `run` in the agent's temp dir).
+    pub runtime_dir: Option<PathBuf>,
 }
 
 impl Default for AgentSpec {
@@ -307,6 +314,7 @@ impl Default for AgentSpec {
             wrapper: Vec::new(),
             state_dir: None,
             dropins: Vec::new(),
+            runtime_dir: None,
         }
     }
 }
@@ -319,7 +327,10 @@ impl Agent {
             .state_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("state"));
-        let runtime_dir = dir.path().join("run");
+        let runtime_dir = spec
+            .runtime_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("run"));
         let config = dir.path().join("outlive.toml");
         let journal = spec
             .journal
@@ -392,6 +403,16 @@ impl Agent {
     /// Send a signal.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// The agent's own pid when it runs under a wrapper that forks (`unshare --fork`): the
+    /// wrapper's first child.
+    pub fn inner_pid(&self) -> i32 {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(pid)
     }
 
     /// Wait for the agent to exit; its exit code (or 128+signal).

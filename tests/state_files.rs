@@ -1,0 +1,384 @@
+//! Files the agent writes as root (SPEC Q-14 as amended in §12; core review findings 5, 9, 13),
+//! against the real agent:
+//!
+//! - a symbolic link at the lock path and at every temporary name an older agent used, and a
+//!   FIFO at the lock path: the victims stay byte-identical, the agent stays up, and it says
+//!   why the queue is disabled;
+//! - a state directory others may write in disables the queue `state-dir-unsafe`, loudly, and
+//!   nothing is written in it; fixed, it is taken by itself;
+//! - a state directory that hangs (a stopped FUSE daemon) still lets the agent reach READY,
+//!   with the queue disabled `acquisition-error` and a STATUS that says why;
+//! - a change refused after its rename (the directory fsync failed, `fault-hooks`) is not
+//!   found applied after a restart.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::bus::PrivateBus;
+use common::{Agent, AgentSpec, MountNs, TestSocket, require, require_root, require_tools};
+use nix::sys::signal::Signal;
+use zbus::wire::Variant;
+
+const T: Duration = Duration::from_secs(15);
+
+fn status(d: &common::Datagram) -> String {
+    d.get("STATUS").unwrap_or_default().to_string()
+}
+
+/// A private state directory (0700) under a fresh temporary directory.
+fn private_state(dir: &Path) -> PathBuf {
+    let s = dir.join("state");
+    std::fs::create_dir_all(&s).unwrap();
+    std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o700)).unwrap();
+    s
+}
+
+fn victim(dir: &Path, name: &str) -> PathBuf {
+    let v = dir.join(name);
+    std::fs::write(&v, format!("precious {name}\n")).unwrap();
+    v
+}
+
+async fn enqueue(conn: &zbus::Connection, run: &str) -> Result<(), String> {
+    let d: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("run_id", Variant::from(run)),
+        ("cwd", Variant::from("/")),
+        ("exec", Variant::from(vec!["/bin/true".to_string()])),
+        (
+            "evidence",
+            Variant::from(vec!["active-subagent".to_string()]),
+        ),
+    ]);
+    conn.call_method(
+        Some("org.outlive.Agent1"),
+        "/org/outlive/Agent1/ResumeQueue",
+        Some("org.outlive.ResumeQueue1"),
+        "Enqueue",
+        &(d,),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// §12 Q-14 (core review finding 5): a link at the lock path is neither followed nor
+/// truncated, and a FIFO there never blocks the agent; both leave the queue disabled with the
+/// reason, the agent up.
+#[test]
+fn q14_a_link_or_a_fifo_at_the_lock_path_is_refused_loudly_without_blocking() {
+    for fifo in [false, true] {
+        let d = common::open_tempdir();
+        let state = private_state(d.path());
+        let v = victim(d.path(), "victim");
+        let lock = state.join("resume-queue.lock");
+        if fifo {
+            nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        } else {
+            std::os::unix::fs::symlink(&v, &lock).unwrap();
+        }
+        let n = TestSocket::notify();
+        let mut a = Agent::start(AgentSpec {
+            notify: Some(n.path.clone()),
+            state_dir: Some(state.clone()),
+            toml: "[drainer]\ninterval_sec = 1\n".into(),
+            ..AgentSpec::default()
+        });
+        let ready = n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+        let s = status(&ready);
+        assert!(
+            s.starts_with("DEGRADED: queue.resume off-runtime-divergent (acquisition-error)"),
+            "fifo {fifo}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            a.wait_exit(Duration::from_millis(10)),
+            None,
+            "the agent stays up"
+        );
+        assert_eq!(std::fs::read(&v).unwrap(), b"precious victim\n");
+        let m = std::fs::symlink_metadata(&lock).unwrap();
+        assert!(
+            if fifo {
+                m.file_type().is_fifo_like()
+            } else {
+                m.file_type().is_symlink()
+            },
+            "left as it was"
+        );
+        let why = a.stderr();
+        assert!(
+            why.contains(if fifo {
+                "is a FIFO"
+            } else {
+                "is a symbolic link"
+            }),
+            "the reason names what stands there: {why}"
+        );
+    }
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+
+impl FifoLike for std::fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        std::os::unix::fs::FileTypeExt::is_fifo(self)
+    }
+}
+
+/// §12 Q-14 (core review finding 5): links planted at every temporary name an agent ever
+/// used in the state directory (the lock's `resume-queue.lock.1.tmp` as pid 1, the state's
+/// `resume-queue.json.tmp`, the boot snapshot's `.posture-boot.json.tmp`, a continuation's):
+/// the agent starts, takes the lock, writes its state through a mutation and a reload, and no
+/// victim changes; the state file stays a regular file.
+#[tokio::test]
+async fn q14_links_at_the_old_temporary_names_are_never_written_through() {
+    if !require_root("owning the bus name, a pid namespace")
+        || !require_tools(&["dbus-daemon", "unshare"])
+    {
+        return;
+    }
+    let bus = PrivateBus::start();
+    let d = common::open_tempdir();
+    let state = private_state(d.path());
+    std::fs::create_dir(state.join("continuations")).unwrap();
+    let mut victims = vec![];
+    for name in [
+        "resume-queue.lock.1.tmp",
+        "resume-queue.json.tmp",
+        ".posture-boot.json.tmp",
+        "continuations/rq-0-1.txt.tmp",
+    ] {
+        let v = victim(d.path(), &name.replace('/', "-"));
+        std::os::unix::fs::symlink(&v, state.join(name)).unwrap();
+        victims.push(v);
+    }
+    let n = TestSocket::notify();
+    let mut env = HashMap::new();
+    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+    let a = Agent::start(AgentSpec {
+        args: vec![],
+        env,
+        notify: Some(n.path.clone()),
+        state_dir: Some(state.clone()),
+        wrapper: vec!["unshare".into(), "--pid".into(), "--fork".into()],
+        ..AgentSpec::default()
+    });
+    let ready = n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    assert!(status(&ready).contains("lock held"), "{ready:?}");
+    let conn = common::bus::connect(&bus.address).await;
+    enqueue(&conn, "written").await.expect("acknowledged");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.inner_pid()), Signal::SIGHUP).unwrap();
+    n.wait_for("the reload", T, |d| d.has("READY", "1") && d.at > ready.at);
+    for v in &victims {
+        let name = v.file_name().unwrap().to_string_lossy().to_string();
+        assert_eq!(
+            std::fs::read_to_string(v).unwrap(),
+            format!("precious {name}\n"),
+            "{name} was written through"
+        );
+    }
+    let m = std::fs::symlink_metadata(state.join("resume-queue.json")).unwrap();
+    assert!(m.is_file(), "the state file is a regular file");
+    assert!(
+        std::fs::read_to_string(state.join("resume-queue.json"))
+            .unwrap()
+            .contains("\"written\"")
+    );
+}
+
+/// §12 Q-14 (core review finding 5, "perm1"): a state directory others may write in is never
+/// used: the queue is disabled `state-dir-unsafe`, loudly, nothing is written there, and once
+/// fixed it is taken by itself (retried every tick).
+#[test]
+fn q14_a_state_directory_others_may_write_in_is_state_dir_unsafe() {
+    let d = common::open_tempdir();
+    let state = private_state(d.path());
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut a = Agent::start(AgentSpec {
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        state_dir: Some(state.clone()),
+        toml: "[drainer]\ninterval_sec = 1\n".into(),
+        ..AgentSpec::default()
+    });
+    let ready = n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    assert!(
+        status(&ready)
+            .starts_with("DEGRADED: queue.resume off-runtime-divergent (state-dir-unsafe)"),
+        "{ready:?}"
+    );
+    let ev = j.wait_for("queue-disabled", T, |d| {
+        d.has("OUTLIVE_EVENT", "queue-disabled")
+    });
+    assert_eq!(ev.get("OUTLIVE_REASON"), Some("state-dir-unsafe"));
+    assert!(
+        ev.get("MESSAGE")
+            .unwrap()
+            .contains("writable by group or others"),
+        "{ev:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        std::fs::read_dir(&state).unwrap().count(),
+        0,
+        "nothing written in an unsafe state directory"
+    );
+    assert_eq!(a.wait_exit(Duration::from_millis(10)), None);
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let end = Instant::now() + T;
+    loop {
+        n.drain(Duration::from_millis(50));
+        if n.seen()
+            .iter()
+            .rev()
+            .find_map(|d| d.get("STATUS").map(str::to_string))
+            .is_some_and(|s| s.contains("lock held"))
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "never took the lock once fixed");
+    }
+}
+
+/// Issue 12 (security review finding 12): a runtime directory others may write in is refused
+/// at start, with STATUS and ERRNO.
+#[test]
+fn x3_a_runtime_directory_others_may_write_in_is_a_start_error() {
+    let d = common::open_tempdir();
+    let run = d.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let n = TestSocket::notify();
+    let mut a = Agent::start(AgentSpec {
+        notify: Some(n.path.clone()),
+        runtime_dir: Some(run.clone()),
+        ..AgentSpec::default()
+    });
+    assert_ne!(a.wait_exit(T), Some(0));
+    let fatal = n.wait_for("ERRNO", T, |d| d.get("ERRNO").is_some());
+    assert!(
+        status(&fatal).contains("writable by group or others"),
+        "{fatal:?}"
+    );
+}
+
+/// Core review finding 9: a state directory that hangs (its FUSE daemon stopped) does not hang
+/// the start: READY comes, the queue disabled `acquisition-error`, the STATUS saying why; when
+/// the filesystem answers again, the lock is taken by itself.
+#[test]
+fn l3_a_hung_state_directory_still_reaches_ready_disabled_and_recovers() {
+    if !require_root("mounting FUSE")
+        || !require_tools(&["unshare", "nsenter", "bindfs", "fusermount3"])
+        || !require(Path::new("/dev/fuse").exists(), "/dev/fuse (FUSE)")
+    {
+        return;
+    }
+    let d = common::open_tempdir();
+    let ns = MountNs::start(
+        d.path(),
+        "mkdir -p $D/backing $D/mnt && chmod 700 $D/backing && (bindfs -f $D/backing $D/mnt &) && \
+         for i in $(seq 100); do grep -q \" $D/mnt \" /proc/self/mountinfo && break; sleep 0.05; done",
+    );
+    let state = d.path().join("mnt");
+    let (code, pid, err) = ns.sh("pgrep -f 'bindfs -f'");
+    assert_eq!(code, 0, "bindfs: {err}");
+    let bindfs = pid.trim().lines().next().unwrap().to_string();
+    let (code, _, err) = ns.sh(&format!("kill -STOP {bindfs}"));
+    assert_eq!(code, 0, "{err}");
+    let n = TestSocket::notify();
+    let started = Instant::now();
+    let mut a = Agent::start(AgentSpec {
+        notify: Some(n.path.clone()),
+        state_dir: Some(state.clone()),
+        wrapper: ns.wrapper(),
+        toml: "[drainer]\ninterval_sec = 1\n[facts]\nstatfs_timeout_ms = 500\n".into(),
+        ..AgentSpec::default()
+    });
+    let ready = n.wait_for("READY=1", Duration::from_secs(30), |d| d.has("READY", "1"));
+    let s = status(&ready);
+    assert!(
+        s.starts_with("DEGRADED: queue.resume off-runtime-divergent (acquisition-error)"),
+        "{s}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "READY came after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        a.stderr().contains("did not answer"),
+        "the reason says the state directory did not answer: {}",
+        a.stderr()
+    );
+    assert_eq!(a.wait_exit(Duration::from_millis(10)), None);
+    let (code, _, err) = ns.sh(&format!("kill -CONT {bindfs}"));
+    assert_eq!(code, 0, "{err}");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        n.drain(Duration::from_millis(50));
+        if n.seen()
+            .iter()
+            .rev()
+            .find_map(|d| d.get("STATUS").map(str::to_string))
+            .is_some_and(|s| s.contains("lock held"))
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "never recovered: {}", a.stderr());
+    }
+}
+
+/// Issue "Keep the promise under faults", 7 (core review finding 13), against the agent: the
+/// state directory's fsync fails after the state file was renamed (`fault-hooks`). The enqueue
+/// is refused PersistFailed, and after a restart it is not there.
+#[tokio::test]
+async fn q14_a_refused_change_is_not_found_applied_after_a_restart() {
+    if !require_root("owning the bus name") || !require_tools(&["dbus-daemon"]) {
+        return;
+    }
+    let bus = PrivateBus::start();
+    let d = common::open_tempdir();
+    let state = private_state(d.path());
+    let spec = |n: &TestSocket| {
+        let mut env = HashMap::new();
+        env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
+        AgentSpec {
+            args: vec![],
+            env,
+            notify: Some(n.path.clone()),
+            state_dir: Some(state.clone()),
+            ..AgentSpec::default()
+        }
+    };
+    let n = TestSocket::notify();
+    let mut a = Agent::start(spec(&n));
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let conn = common::bus::connect(&bus.address).await;
+    enqueue(&conn, "kept").await.expect("acknowledged");
+    let hook = a.runtime_dir.join("fault-dir-sync-fails-resume-queue.json");
+    std::fs::write(&hook, b"").unwrap();
+    let e = enqueue(&conn, "refused").await.expect_err("refused");
+    assert!(e.contains("PersistFailed"), "{e}");
+    std::fs::remove_file(&hook).unwrap();
+    a.signal(Signal::SIGKILL);
+    a.wait_exit(T);
+    drop(a);
+    let n2 = TestSocket::notify();
+    let _b = Agent::start(spec(&n2));
+    n2.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let runs: Vec<String> =
+        outlive::queue::store::parse(&std::fs::read(state.join("resume-queue.json")).unwrap())
+            .unwrap()
+            .entries
+            .into_iter()
+            .filter_map(|e| e.run_id)
+            .collect();
+    assert_eq!(runs, vec!["kept"], "the refused change is not there");
+}
