@@ -80,7 +80,7 @@ test-packages: deb rpm
 # fuzz-smoke is the short run per target that make test includes (what it finds goes to a
 # temporary directory; the committed corpus is only read); fuzz is the long one, which adds to
 # fuzz/corpus (minimise with cargo fuzz cmin before committing).
-FUZZ_TARGETS := mountinfo state_file lock_record enqueue_dict
+FUZZ_TARGETS := mountinfo state_file lock_record enqueue_dict lock_decision state_salvage
 FUZZ_SECONDS ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
 CARGO_FUZZ := cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz

@@ -382,3 +382,58 @@ async fn q14_a_refused_change_is_not_found_applied_after_a_restart() {
             .collect();
     assert_eq!(runs, vec!["kept"], "the refused change is not there");
 }
+
+/// §12 H-1/L-4 (core review findings 2 and 10): `outlivectl lock`, the tool meant to explain
+/// a refusal, never panics on the reviewer's malformed record and never blocks on a FIFO at
+/// the lock path; `lock clear` refuses a FIFO without blocking.
+#[test]
+fn l8_outlivectl_lock_never_panics_and_never_blocks_on_a_fifo() {
+    let d = common::open_tempdir();
+    let state = private_state(d.path());
+    let lock = state.join("resume-queue.lock");
+    let bad = "01234567-89ab-cdef-0123-4567-9abcdef";
+    let rec = serde_json::json!({"version": 1, "host_id": bad, "hostname": "other",
+        "boot_id": bad, "pid": 4194000, "acquired_at": 1});
+    std::fs::write(&lock, format!("{rec}\n")).unwrap();
+    let ctl = |args: &[&str]| {
+        let mut c = std::process::Command::new("timeout");
+        c.arg("10")
+            .arg(common::outlivectl())
+            .args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent");
+        common::run(&mut c)
+    };
+    let (code, out, err) = ctl(&["--json", "lock"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["decision"]["reason"], "foreign-host", "{v}");
+    std::fs::remove_file(&lock).unwrap();
+    nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let started = Instant::now();
+    let (code, out, err) = ctl(&["--json", "lock"]);
+    assert_ne!(code, 124, "outlivectl lock blocked on the FIFO");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert!(
+        v["decision"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is a FIFO")),
+        "{out}{err}"
+    );
+    if common::is_root() {
+        let (code, out, err) = ctl(&["lock", "clear"]);
+        assert_ne!(code, 124, "lock clear blocked on the FIFO");
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(err.contains("is a FIFO"), "{err}");
+        assert!(
+            std::fs::symlink_metadata(&lock)
+                .unwrap()
+                .file_type()
+                .is_fifo_like(),
+            "left alone"
+        );
+    }
+}
