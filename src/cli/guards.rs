@@ -34,6 +34,31 @@ pub fn hint(row: &serde_json::Value) -> String {
             "off-runtime-divergent",
             "foreign-host" | "would-auto-heal" | "live-holder" | "lost-race" | "acquisition-error",
         ) => "the queue does not hold its lock: `outlivectl lock` explains the decision and the recovery".into(),
+        ("off-runtime-divergent", "lock-lost") => {
+            "the lock file was replaced or removed while held (another agent on this state directory?): \
+             `outlivectl lock` shows who holds it now; outlived retries every tick"
+                .into()
+        }
+        ("off-runtime-divergent", "state-dir-unsafe") => {
+            "the state directory is not outlived's or others may write in it: chown it to outlived's user and \
+             chmod 700 it; outlived retries every tick"
+                .into()
+        }
+        ("off-runtime-divergent", "manager-unreachable") => {
+            "systemd cannot be reached over D-Bus: check dbus.service (`systemctl status dbus`); outlived \
+             reconnects by itself and nothing is dropped meanwhile"
+                .into()
+        }
+        ("off-runtime-divergent", "metrics-dir-unsafe") => {
+            "the metrics directory must be root's and writable by root alone: fix it, or use \
+             metrics.textfile = \"/run/outlive/metrics/outlive.prom\""
+                .into()
+        }
+        ("off-runtime-divergent", "metrics-write-failed") => {
+            "the metrics file cannot be written: is its directory granted (`ReadWritePaths=` drop-in) and \
+             not full? `outlivectl audit` has the error"
+                .into()
+        }
         ("off-runtime-divergent", "persist-failed") => {
             "the queue state cannot be written: free space on the state directory or fix its permissions".into()
         }
@@ -105,6 +130,9 @@ pub fn guards_table(rows: &[serde_json::Value]) -> String {
             }
             if let Some(c) = r["reason_code"].as_str() {
                 state = format!("{state} ({c})");
+            }
+            if r["diverged"] == true && r["effective"] != "diverged-pending-restart" {
+                state = format!("{state}, file edited: reload pending");
             }
             vec![
                 if is_anomalous(r) {

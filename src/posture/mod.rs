@@ -513,6 +513,7 @@ impl Posture {
                 config_dry_run,
                 default_enabled: g.default_enabled && !(g.key == "publish.dbus" && no_bus),
                 diverged,
+                applied_enabled: applied_on,
                 expect_runtime: g.expect_runtime,
                 boot_had_it_off: self.boot.get(g.key).is_some_and(|b| !b.0),
                 runtime: self
@@ -548,6 +549,7 @@ impl Posture {
                 default_enabled: dg.default_enabled,
                 diverged: on_disk
                     .is_none_or(|x| (x.enabled, x.dry_run) != (dg.enabled, dg.dry_run)),
+                applied_enabled: dg.enabled,
                 expect_runtime: true,
                 boot_had_it_off: self.boot.get(&dg.key).is_some_and(|b| !b.0),
                 runtime: reports.get(&dg.key).cloned().unwrap_or(RuntimeRead::Absent),
@@ -573,6 +575,7 @@ impl Posture {
                     config_dry_run: false,
                     default_enabled: true,
                     diverged: false,
+                    applied_enabled: true,
                     expect_runtime: true,
                     boot_had_it_off: false,
                     runtime: RuntimeRead::Errored(r.why.clone()),
@@ -740,6 +743,7 @@ impl Posture {
             stale: d.stale,
             last_tick_at: d.last_tick_wall,
             reason_code: d.reason_code.clone(),
+            diverged: input.diverged,
             load_bearing,
             since: t.since,
             source: source.to_string(),

@@ -143,6 +143,9 @@ pub struct Input {
     pub default_enabled: bool,
     /// The file on disk differs from what was applied (never for live or code-default rows).
     pub diverged: bool,
+    /// On as applied (at start or the last reload), whatever the file on disk says now (when
+    /// not `diverged`, the file and what is applied agree).
+    pub applied_enabled: bool,
     pub expect_runtime: bool,
     /// The boot snapshot had this guard off.
     pub boot_had_it_off: bool,
@@ -208,8 +211,15 @@ pub fn derive(i: &Input) -> Derived {
         d.effective = Effective::Missing;
         return d;
     }
-    // 3. off-runtime-divergent
-    if config_on && rt.is_some_and(|r| !r.enabled) && !i.diverged {
+    // 3. off-runtime-divergent: on as applied and not on at runtime, whatever the file on
+    // disk says now (§12 G-6: an edit waiting for a reload never hides a disabled queue; the
+    // divergence is shown beside it).
+    let applied_on = if i.diverged {
+        i.applied_enabled
+    } else {
+        config_on
+    };
+    if applied_on && rt.is_some_and(|r| !r.enabled) {
         d.effective = Effective::OffRuntimeDivergent;
         return d;
     }
@@ -267,6 +277,9 @@ pub struct Row {
     pub last_tick_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason_code: Option<String>,
+    /// The configuration on disk differs from what is applied (a reload or restart is pending),
+    /// shown beside any state (§12 G-6).
+    pub diverged: bool,
     pub load_bearing: bool,
     /// Wall ms when the row entered its state.
     pub since: u64,
@@ -287,6 +300,7 @@ pub const ROW_FIELDS: &[&str] = &[
     "stale",
     "last_tick_at",
     "reason_code",
+    "diverged",
     "load_bearing",
     "since",
     "source",
@@ -327,6 +341,7 @@ mod tests {
             config_dry_run: false,
             default_enabled: true,
             diverged: false,
+            applied_enabled: true,
             expect_runtime: true,
             boot_had_it_off: false,
             runtime: RuntimeRead::Status(on()),
@@ -386,8 +401,19 @@ mod tests {
             (d.effective, d.reason_code.as_deref()),
             (OffRuntimeDivergent, Some("foreign-host"))
         );
-        // 4 over 3: diverged wins when runtime is off because the file changed.
+        // §12 G-6 (core review finding 7): on as applied and off at runtime reads
+        // off-runtime-divergent whatever the file on disk says now; the divergence is beside it.
         x.diverged = true;
+        assert_eq!(eff(&x), OffRuntimeDivergent);
+        x.config_enabled = Ok(false);
+        assert_eq!(
+            eff(&x),
+            OffRuntimeDivergent,
+            "even when the file turns it off"
+        );
+        // 4 over 3: off at runtime because it was applied off, and the file now turns it on.
+        x.config_enabled = Ok(true);
+        x.applied_enabled = false;
         assert_eq!(eff(&x), DivergedPendingRestart);
         // 4 over 5: config off on disk, applied on.
         let mut x = base();
@@ -479,6 +505,7 @@ mod tests {
             stale: false,
             last_tick_at: Some(1),
             reason_code: Some("foreign-host".into()),
+            diverged: false,
             load_bearing: true,
             since: 2,
             source: "builtin".into(),

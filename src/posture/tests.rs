@@ -177,6 +177,47 @@ fn g3_a_queue_that_failed_its_lock_reads_off_runtime_divergent_never_missing() {
     assert_eq!(g.eff("publish.dbus"), "missing");
 }
 
+/// §12 G-6 (core review finding 7, "v5c"): a queue disabled at runtime reads
+/// off-runtime-divergent, and stays an anomaly, even after its configuration file was edited
+/// (here dry_run turned off, not yet reloaded); the divergence is shown beside it.
+#[test]
+fn g6_a_disabled_queue_stays_off_runtime_divergent_after_its_file_was_edited() {
+    let mut f = Fix::new("");
+    f.set(
+        "queue.resume",
+        RuntimeRead::Status(Runtime {
+            enabled: false,
+            reason_code: Some("foreign-host".into()),
+            ..Runtime::default()
+        }),
+    );
+    f.eval();
+    assert_eq!(f.eff("queue.resume"), "off-runtime-divergent");
+    std::fs::write(
+        f.dir.path().join("outlive.toml"),
+        "[queue]\ndry_run = false\n",
+    )
+    .unwrap();
+    f.eval();
+    let r = f.row("queue.resume");
+    assert_eq!(
+        (r.effective, r.reason_code.as_deref(), r.diverged),
+        ("off-runtime-divergent", Some("foreign-host"), true)
+    );
+    assert_eq!(
+        f.p.published().anomalies,
+        ["queue.resume: off-runtime-divergent (foreign-host)"]
+    );
+    // Even an edit that switches the queue off does not hide what is running now.
+    std::fs::write(
+        f.dir.path().join("outlive.toml"),
+        "[queue]\nenabled = false\n",
+    )
+    .unwrap();
+    f.eval();
+    assert_eq!(f.eff("queue.resume"), "off-runtime-divergent");
+}
+
 #[test]
 fn g4_switched_off_in_the_file_and_applied_is_off_diverged_from_default() {
     let mut f = Fix::new("[drainer]\ncalm_gate = false\n");

@@ -199,6 +199,7 @@ mod tests {
             stale: false,
             last_tick_at: None,
             reason_code: None,
+            diverged: false,
             load_bearing: false,
             since: 0,
             source: "builtin".into(),
