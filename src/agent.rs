@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -366,28 +366,15 @@ impl Agent {
         published: Arc<RwLock<Published>>,
     ) -> Runner {
         let user_mode = self.mode == Mode::User;
-        let manager = if !Systemd::booted() {
+        // Under systemd the drainer always goes through it: its connection is made when first
+        // needed and rebuilt after any loss (§12 D-6); the agent never spawns runs itself there.
+        let manager = if Systemd::booted() {
+            Some(Systemd::new(user_mode, Some(beat.clone())))
+        } else {
             tracing::info!(
                 "systemd is not the service manager here: exec targets are spawned detached, unit targets cannot be revived"
             );
             None
-        } else {
-            match tokio::time::timeout(
-                crate::drainer::manager::CALL_TIMEOUT,
-                Systemd::connect(user_mode, Some(beat.clone())),
-            )
-            .await
-            {
-                Ok(Ok(m)) => Some(m),
-                Ok(Err(e)) => {
-                    self.manager_unreachable(&e.to_string());
-                    None
-                }
-                Err(_) => {
-                    self.manager_unreachable("no answer within 5 s");
-                    None
-                }
-            }
         };
         let uid = nix::unistd::getuid().as_raw();
         let no_linger = user_mode && manager.is_some() && !lingers(uid);
@@ -404,6 +391,7 @@ impl Agent {
                 .field("reason", "no-linger"),
             );
         }
+        let systemd = manager.clone();
         let d = Drainer::new(
             DrainerSettings::from_config(&self.config, user_mode),
             manager,
@@ -439,20 +427,9 @@ impl Agent {
             metrics: Arc::new(metrics::Writes::default()),
             audit: Arc::clone(&self.audit),
             no_linger,
+            systemd,
+            manager_down: Arc::default(),
         }
-    }
-
-    fn manager_unreachable(&self, why: &str) {
-        self.audit.record(
-            &Event::new(
-                "manager-unreachable",
-                format!(
-                    "cannot reach systemd over D-Bus ({why}): exec targets will be spawned detached and unit \
-                     targets cannot be revived until outlived restarts"
-                ),
-            )
-            .alert(Alert::QueueNotice),
-        );
     }
 
     async fn start_bus(&self, objects: Objects) -> Result<Arc<Bus>, (String, i32, i32)> {
@@ -588,6 +565,7 @@ impl Agent {
             out: Arc::clone(&out),
             queue: Arc::clone(&self.queue),
             audit: Arc::clone(&self.audit),
+            manager_down: Arc::clone(&runner.manager_down),
         });
         evaluator.evaluate().await;
 
@@ -790,11 +768,14 @@ struct Evaluator {
     out: Arc<Outputs>,
     queue: SharedQueue,
     audit: Arc<dyn AuditSink>,
+    /// The service manager unreachable past its grace (a persistent cause, G-9).
+    manager_down: Arc<AtomicBool>,
 }
 
 impl Evaluator {
     async fn evaluate(&self) {
-        let facts = queue_facts(&self.queue);
+        let mut facts = queue_facts(&self.queue);
+        facts.causes.manager_unreachable = self.manager_down.load(Ordering::Relaxed);
         let posture = Arc::clone(&self.posture);
         let done = tokio::task::spawn_blocking(move || {
             let mut p = posture.lock().unwrap_or_else(|e| e.into_inner());
@@ -841,6 +822,7 @@ fn queue_facts(q: &SharedQueue) -> QueueFacts {
             queue_disabled: !s.enabled,
             persist_failed: s.persist_failed.is_some(),
             paused_waiting: s.pause.is_some() && s.waiting > 0,
+            manager_unreachable: false,
         },
         dry_run_since: s.dry_run_since,
     }
@@ -885,12 +867,14 @@ impl Agent {
             Arc::clone(&self.attention),
             Arc::new(SystemClock),
         );
-        // queue.resume: the lock held, the state writable, the drainer ticking.
+        // queue.resume: the lock held, the state writable, the service manager reachable, the
+        // drainer ticking.
         let (q, d, no_linger) = (
             Arc::clone(&self.queue),
             runner.handle.clone(),
             runner.no_linger,
         );
+        let (systemd, applied) = (runner.systemd.clone(), Arc::clone(&self.applied));
         p.register(
             "queue.resume",
             Box::new(move || {
@@ -908,6 +892,14 @@ impl Agent {
                 }
                 if no_linger {
                     return off_because("no-linger");
+                }
+                let grace = manager_grace_ms(&applied.read().unwrap_or_else(|e| e.into_inner()));
+                if systemd
+                    .as_ref()
+                    .and_then(Systemd::down_for_ms)
+                    .is_some_and(|d| d > grace)
+                {
+                    return off_because("manager-unreachable");
                 }
                 let last = d.public().last_tick_boot;
                 RuntimeRead::Status(Runtime {
@@ -1098,6 +1090,17 @@ struct Runner {
     audit: Arc<dyn AuditSink>,
     /// `--user` without lingering (the queue's row reads `no-linger`).
     no_linger: bool,
+    /// The service manager's connection (a clone of the drainer's), when systemd runs here.
+    systemd: Option<Systemd>,
+    /// Whether the manager has been unreachable past the threshold (a persistent cause, G-9).
+    manager_down: Arc<AtomicBool>,
+}
+
+/// How long the service manager may be unreachable before `queue.resume` reads
+/// `off-runtime-divergent` (`manager-unreachable`): max(2 × `drainer.interval_sec`, 30 s)
+/// (§12 D-6).
+fn manager_grace_ms(c: &Config) -> u64 {
+    (2 * c.drainer.interval_sec as u64 * 1000).max(30_000)
 }
 
 impl Runner {
@@ -1117,6 +1120,47 @@ impl Runner {
         }
     }
 
+    /// On every tick: a sign of life from the service manager (so a lost connection is found
+    /// and rebuilt even while the queue is idle), and, once it has been unreachable past the
+    /// threshold, one notice that stays while it is (and one line when it is back).
+    async fn watch_manager(&self) {
+        let Some(m) = &self.systemd else {
+            return;
+        };
+        let _ = m.ping().await;
+        let grace = manager_grace_ms(&self.applied.read().unwrap_or_else(|e| e.into_inner()));
+        let down = m.down_for_ms();
+        let over = down.is_some_and(|d| d > grace);
+        if over == self.manager_down.swap(over, Ordering::Relaxed) {
+            return;
+        }
+        if over {
+            self.audit.record(
+                &Event::new(
+                    "manager-unreachable",
+                    format!(
+                        "systemd has not been reachable over D-Bus for {} s ({}): no run is revived and none is \
+                         dropped meanwhile (entries stay queued, attempts wait for their verification); outlived \
+                         keeps reconnecting. Check the system bus: `systemctl status dbus`",
+                        down.unwrap_or(0) / 1000,
+                        m.last_error()
+                    ),
+                )
+                .alert(Alert::QueueNotice)
+                .field("reason", "manager-unreachable"),
+            );
+        } else {
+            self.audit.record(
+                &Event::new(
+                    "manager-reachable",
+                    "systemd answers over D-Bus again: revival resumes",
+                )
+                .priority(priority::NOTICE),
+            );
+        }
+        self.posture_poke.notify_one();
+    }
+
     /// One wake of the loop; returns when the next attempt's grace ends.
     async fn wake(&self, w: Wake) -> Option<Duration> {
         let due = {
@@ -1131,6 +1175,7 @@ impl Runner {
             self.step_one(w == Wake::Tick);
             match w {
                 Wake::Tick => {
+                    self.watch_manager().await;
                     d.tick(&self.queue, false).await;
                 }
                 Wake::Idle => d.wake(&self.queue).await,

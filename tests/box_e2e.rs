@@ -1271,3 +1271,176 @@ fn box_the_machine_check_sees_a_planted_file_and_a_removed_one_and_nothing_else(
         "the machine's own activity was blamed on the box: {changes:#?}"
     );
 }
+
+/// The outlived unit's main process has no child processes: it never spawns runs itself under
+/// systemd (§12 D-6).
+fn assert_no_children(b: &SystemdBox) {
+    let pid = b.show("outlived", "MainPID");
+    let (code, out, _) = b.run(&["pgrep", "-P", &pid]);
+    assert_ne!(code, 0, "outlived (pid {pid}) has children: {out}");
+}
+
+/// §12 D-6 (core review finding 1, security review finding 9): the service manager is never
+/// lost silently, under the shipped unit with dry_run off.
+///
+/// - An attempt in flight while `systemctl restart dbus` runs is still verified, and a unit
+///   enqueued after the restart is revived within two ticks (its grace after).
+/// - With the bus stopped (masked) for longer than max(2 × interval, 30 s), `systemctl status`
+///   reads DEGRADED naming `manager-unreachable`, and it clears by itself when the bus is back.
+/// - With the bus unavailable for the first seconds of the agent's start, a unit-target entry
+///   stays queued (never `target-missing`) and is revived once the bus is back; an exec target
+///   is revived as a transient unit, and outlived never has a child process.
+#[test]
+fn box_d6_the_service_manager_is_never_silently_lost() {
+    if !box_available() {
+        return;
+    }
+    unchanged_machine(|| {
+        let stage = Stage::new("manager");
+        stage.state_image(64);
+        stage.file(
+            "/etc/outlive/outlive.toml",
+            "[queue]\ndry_run = false\n\n[drainer]\ninterval_sec = 1\ngrace_sec = 6\n\
+             required_calm_ticks = 1\nbackoff_base_sec = 1\ncalm_gate = false\n",
+        );
+        stage.file(
+            "/etc/systemd/system/outlived.service.d/test.conf",
+            "[Service]\nRestartSec=1s\n",
+        );
+        for u in ["demo-a", "demo-b", "demo-c"] {
+            stage.file(
+                &format!("/etc/systemd/system/{u}.service"),
+                "[Unit]\nDescription=a long run\n[Service]\nExecStart=/bin/sleep infinity\n",
+            );
+        }
+        stage.want("outlived.service");
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        let unit_entry = |run: &str, unit: &str| {
+            enqueue_in(&b, None, &["--run-id", run, "--unit", unit, "--cwd", "/"])
+        };
+
+        // An attempt in flight across a restart of the system bus is still verified.
+        let a = unit_entry("a", "demo-a.service");
+        wait_entry(&b, &a, "starting", Duration::from_secs(15));
+        let (code, _, err) = b.run(&["systemctl", "restart", "dbus.service"]);
+        assert_eq!(code, 0, "{err}");
+        wait_entry(&b, &a, "revived", Duration::from_secs(60));
+        // A unit enqueued after the restart is revived within two ticks (then its grace).
+        let bb = unit_entry("b", "demo-b.service");
+        let t0 = std::time::Instant::now();
+        b.wait_for("demo-b started", Duration::from_secs(15), |b| {
+            b.show("demo-b", "ActiveState") == "active"
+        });
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        wait_entry(&b, &bb, "revived", Duration::from_secs(20));
+        assert_no_children(&b);
+
+        // The bus gone for longer than the grace: DEGRADED (manager-unreachable), and back by
+        // itself. systemctl reaches systemd over its private socket meanwhile.
+        let bus = |verb: &str| {
+            let (code, _, err) = b.sh(&format!("systemctl {verb} dbus.socket dbus.service"));
+            assert_eq!(code, 0, "{verb}: {err}");
+        };
+        b.run(&[
+            "systemctl",
+            "mask",
+            "--runtime",
+            "dbus.socket",
+            "dbus.service",
+        ]);
+        bus("stop");
+        b.wait_for(
+            "STATUS to name manager-unreachable",
+            Duration::from_secs(60),
+            |b| {
+                let s = b.show("outlived", "StatusText");
+                s.starts_with("DEGRADED") && s.contains("manager-unreachable")
+            },
+        );
+        assert_eq!(
+            journal_json(&b, &["OUTLIVE_EVENT=manager-unreachable"]).len(),
+            1,
+            "one notice"
+        );
+        assert_no_children(&b);
+        b.run(&[
+            "systemctl",
+            "unmask",
+            "--runtime",
+            "dbus.socket",
+            "dbus.service",
+        ]);
+        bus("start");
+        b.wait_for("the agent back on the bus", Duration::from_secs(60), |b| {
+            ctl(b, &["status"]).0 == 0
+        });
+        b.wait_for("queue.resume on-confirmed", Duration::from_secs(60), |b| {
+            box_row(b, "queue.resume")["effective"] == "on-confirmed"
+        });
+        b.wait_for("STATUS not DEGRADED", Duration::from_secs(60), |b| {
+            !b.show("outlived", "StatusText").starts_with("DEGRADED")
+        });
+        assert_eq!(
+            journal_json(&b, &["OUTLIVE_EVENT=manager-reachable"]).len(),
+            1
+        );
+
+        // The bus unavailable while the agent starts: entries wait, queued, and are revived
+        // through systemd once it is back; nothing is spawned by the agent itself.
+        let (code, _, err) = ctl(&b, &["pause", "--kind", "maintenance", "--reason", "test"]);
+        assert_eq!(code, 0, "{err}");
+        let c = unit_entry("c", "demo-c.service");
+        let x = enqueue_in(
+            &b,
+            None,
+            &[
+                "--run-id",
+                "x",
+                "--cwd",
+                "/",
+                "--",
+                "/bin/sleep",
+                "infinity",
+            ],
+        );
+        b.run(&["systemctl", "stop", "outlived"]);
+        b.run(&[
+            "systemctl",
+            "mask",
+            "--runtime",
+            "dbus.socket",
+            "dbus.service",
+        ]);
+        bus("stop");
+        b.run(&["systemctl", "start", "--no-block", "outlived"]);
+        std::thread::sleep(Duration::from_secs(4));
+        b.run(&[
+            "systemctl",
+            "unmask",
+            "--runtime",
+            "dbus.socket",
+            "dbus.service",
+        ]);
+        bus("start");
+        b.wait_for("outlived active", Duration::from_secs(30), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        let (code, _, err) = ctl(&b, &["resume"]);
+        assert_eq!(code, 0, "{err}");
+        let ec = wait_entry(&b, &c, "revived", Duration::from_secs(30));
+        assert!(
+            !ec.to_string().contains("invalidated"),
+            "never invalidated: {ec}"
+        );
+        let ex = wait_entry(&b, &x, "revived", Duration::from_secs(30));
+        let unit = format!("outlive-revive-{x}-1.service");
+        assert_eq!(ex["attempt_unit"], unit.as_str(), "{ex}");
+        assert_eq!(b.show(&unit, "ActiveState"), "active");
+        assert_no_children(&b);
+        assert_state_host_local(&b);
+        b.halt();
+    });
+}

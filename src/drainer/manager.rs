@@ -3,6 +3,13 @@
 //! bounded by a timeout; a manager that does not answer is [`Undecided`], never a failure (an
 //! entry is not dropped because systemd was slow).
 //!
+//! The connection is never lost silently (§12 D-6): it is made when first needed and rebuilt,
+//! with backoff (1 s doubling to 30 s), after any I/O or disconnect error (a restart of the
+//! system bus closes it). While it is down every call is undecided, so entries stay queued
+//! and in-flight attempts wait for their verification; [`Systemd::down_for_ms`] tells the
+//! posture how long, and past max(2 × `drainer.interval_sec`, 30 s) `queue.resume` reads
+//! `off-runtime-divergent` (`manager-unreachable`).
+//!
 //! The success test of D-9 is the pure [`attempt_verdict`] over a unit's state.
 
 use std::collections::{BTreeMap, HashMap};
@@ -178,16 +185,40 @@ trait Systemd1Manager {
     >;
 }
 
-/// systemd over D-Bus.
+/// systemd over D-Bus. Cheap to clone: clones share one connection and its state.
 #[derive(Clone)]
 pub struct Systemd {
-    conn: Connection,
+    link: Arc<std::sync::Mutex<Link>>,
     /// A user manager (no `User=`/`Group=` on transient units).
     pub user: bool,
     /// The drainer loop's heartbeat: every call ends (answered or timed out) within
     /// [`CALL_TIMEOUT`] and beats it, so a tick waiting on a slow manager is progress and a
     /// tick that hangs is not.
     beat: Option<Arc<dyn super::Heartbeat>>,
+}
+
+/// The connection to the manager and how it fares.
+#[derive(Default)]
+struct Link {
+    conn: Option<Connection>,
+    /// CLOCK_BOOTTIME ms before which no new connection is tried.
+    next_try_ms: u64,
+    backoff_ms: u64,
+    /// Since when (CLOCK_BOOTTIME ms) no working connection exists; None while it works.
+    down_since_ms: Option<u64>,
+    last_error: String,
+}
+
+/// Reconnection backoff bounds.
+const BACKOFF_MIN_MS: u64 = 1_000;
+const BACKOFF_MAX_MS: u64 = 30_000;
+
+impl Link {
+    fn down(&mut self, now: u64, why: String) {
+        self.conn = None;
+        self.down_since_ms.get_or_insert(now);
+        self.last_error = why;
+    }
 }
 
 fn error_name(e: &zbus::Error) -> String {
@@ -209,17 +240,123 @@ fn answered(e: &zbus::Error) -> bool {
 }
 
 impl Systemd {
-    /// Connect to the system manager (or, `user`, the user's manager on the session bus).
-    pub async fn connect(
-        user: bool,
-        beat: Option<Arc<dyn super::Heartbeat>>,
-    ) -> zbus::Result<Systemd> {
-        let conn = if user {
-            Connection::session().await?
-        } else {
-            Connection::system().await?
-        };
-        Ok(Systemd { conn, user, beat })
+    /// The system manager (or, `user`, the user's manager on the session bus). Nothing is
+    /// connected yet: the first call connects.
+    pub fn new(user: bool, beat: Option<Arc<dyn super::Heartbeat>>) -> Systemd {
+        Systemd {
+            link: Arc::default(),
+            user,
+            beat,
+        }
+    }
+
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long the manager has been unreachable (ms); None while it answers.
+    pub fn down_for_ms(&self) -> Option<u64> {
+        self.link()
+            .down_since_ms
+            .map(|t| crate::clock::boottime_ms().saturating_sub(t))
+    }
+
+    /// Why the last connection attempt or call failed (for messages).
+    pub fn last_error(&self) -> String {
+        self.link().last_error.clone()
+    }
+
+    /// The live connection, connecting (bounded, at most once per backoff) if there is none.
+    async fn connection(&self) -> Result<Connection, Undecided> {
+        let now = crate::clock::boottime_ms();
+        {
+            let mut l = self.link();
+            match &l.conn {
+                Some(c) if !c.is_closed() => return Ok(c.clone()),
+                Some(_) => l.down(now, "the connection to the service manager closed".into()),
+                None => {}
+            }
+            if now < l.next_try_ms {
+                return Err(Undecided(format!(
+                    "the service manager is unreachable ({}); next try in {} s",
+                    l.last_error,
+                    (l.next_try_ms - now).div_ceil(1000)
+                )));
+            }
+        }
+        let made = tokio::time::timeout(CALL_TIMEOUT, async {
+            if self.user {
+                Connection::session().await
+            } else {
+                Connection::system().await
+            }
+        })
+        .await;
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
+        let now = crate::clock::boottime_ms();
+        let mut l = self.link();
+        match made {
+            Ok(Ok(c)) => {
+                if let Some(since) = l.down_since_ms.take() {
+                    tracing::info!(
+                        "reconnected to the service manager after {} ms",
+                        now.saturating_sub(since)
+                    );
+                }
+                l.conn = Some(c.clone());
+                l.backoff_ms = 0;
+                l.next_try_ms = 0;
+                l.last_error.clear();
+                Ok(c)
+            }
+            Ok(Err(e)) => Err(self.retry_later(&mut l, now, e.to_string())),
+            Err(_) => Err(self.retry_later(
+                &mut l,
+                now,
+                format!("no connection within {} s", CALL_TIMEOUT.as_secs()),
+            )),
+        }
+    }
+
+    fn retry_later(&self, l: &mut Link, now: u64, why: String) -> Undecided {
+        l.backoff_ms = (l.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        l.next_try_ms = now + l.backoff_ms;
+        let msg = format!("cannot reach the service manager: {why}");
+        if l.last_error != msg {
+            tracing::warn!("{msg}; retrying in {} s", l.backoff_ms / 1000);
+        }
+        l.down(now, msg.clone());
+        Undecided(msg)
+    }
+
+    /// How a call went, for the connection's state: an answer (even a refusal) means the
+    /// manager is reachable; no answer starts (or continues) a gap. A connection that is
+    /// gone (a bus restart, an I/O error) is dropped, so the next call rebuilds it; a slow
+    /// manager keeps its connection.
+    fn record<T>(&self, r: &Result<zbus::Result<T>, Undecided>) {
+        let now = crate::clock::boottime_ms();
+        let mut l = self.link();
+        match r {
+            Ok(Ok(_)) => l.down_since_ms = None,
+            Ok(Err(e)) if answered(e) => l.down_since_ms = None,
+            Ok(Err(e)) => {
+                let closed = l.conn.as_ref().is_none_or(|c| c.is_closed());
+                let io = matches!(e, zbus::Error::InputOutput(_))
+                    || matches!(e, zbus::Error::FDO(f) if matches!(**f, zbus::fdo::Error::Disconnected(_)));
+                if closed || io {
+                    l.down(now, e.to_string());
+                } else {
+                    l.down_since_ms.get_or_insert(now);
+                    l.last_error = e.to_string();
+                }
+            }
+            Err(u) => {
+                l.down_since_ms.get_or_insert(now);
+                l.last_error = u.0.clone();
+            }
+        }
     }
 
     /// One call, bounded by [`CALL_TIMEOUT`]; the loop's heartbeat beats when it ends.
@@ -236,7 +373,27 @@ impl Systemd {
         if let Some(b) = &self.beat {
             b.beat();
         }
+        self.record(&r);
         r
+    }
+
+    /// Ask the manager for a sign of life (`Peer.Ping`), connecting if needed: every tick does,
+    /// so a lost connection is found and rebuilt even while the queue is idle.
+    pub async fn ping(&self) -> Result<(), Undecided> {
+        let conn = self.connection().await?;
+        self.bounded(async {
+            conn.call_method(
+                Some("org.freedesktop.systemd1"),
+                "/org/freedesktop/systemd1",
+                Some("org.freedesktop.DBus.Peer"),
+                "Ping",
+                &(),
+            )
+            .await
+            .map(|_| ())
+        })
+        .await?
+        .map_err(|e| Undecided(format!("systemd Ping: {e}")))
     }
 
     /// Whether systemd runs as the service manager here (`/run/systemd/system`, sd_booted(3)).
@@ -244,21 +401,24 @@ impl Systemd {
         std::path::Path::new("/run/systemd/system").is_dir()
     }
 
-    async fn manager(&self) -> Result<Systemd1ManagerProxy<'_>, Undecided> {
-        Systemd1ManagerProxy::builder(&self.conn)
+    async fn manager(&self) -> Result<(Connection, Systemd1ManagerProxy<'static>), Undecided> {
+        let conn = self.connection().await?;
+        let proxy = Systemd1ManagerProxy::builder(&conn)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
-            .map_err(|e| Undecided(format!("systemd: {e}")))
+            .map_err(|e| Undecided(format!("systemd: {e}")))?;
+        Ok((conn, proxy))
     }
 
     /// All properties of one interface of a unit object (one call).
     async fn all(
         &self,
+        conn: &Connection,
         path: &OwnedObjectPath,
         iface: &'static str,
     ) -> Result<HashMap<String, OwnedVariant>, Undecided> {
-        let p = zbus::fdo::PropertiesProxy::builder(&self.conn)
+        let p = zbus::fdo::PropertiesProxy::builder(conn)
             .destination("org.freedesktop.systemd1")
             .path(path.as_ref())
             .cache_properties(zbus::proxy::CacheProperties::No)
@@ -281,13 +441,15 @@ fn get<T: TryFrom<OwnedVariant>>(props: &HashMap<String, OwnedVariant>, name: &s
 
 impl ServiceManager for Systemd {
     async fn unit_state(&self, unit: &str) -> Result<Option<UnitState>, Undecided> {
-        let m = self.manager().await?;
+        let (conn, m) = self.manager().await?;
         let path = match self.bounded(m.get_unit(unit)).await? {
             Ok(p) => p,
             Err(e) if answered(&e) => return Ok(None),
             Err(e) => return Err(Undecided(format!("systemd GetUnit {unit}: {e}"))),
         };
-        let u = self.all(&path, "org.freedesktop.systemd1.Unit").await?;
+        let u = self
+            .all(&conn, &path, "org.freedesktop.systemd1.Unit")
+            .await?;
         let Some(active_state) = get::<String>(&u, "ActiveState") else {
             return Err(Undecided(format!(
                 "systemd: cannot read the state of {unit}"
@@ -295,7 +457,8 @@ impl ServiceManager for Systemd {
         };
         // Only services have a Result, a main process and ExecMainStartTimestamp.
         let s = if unit.ends_with(".service") {
-            self.all(&path, "org.freedesktop.systemd1.Service").await?
+            self.all(&conn, &path, "org.freedesktop.systemd1.Service")
+                .await?
         } else {
             HashMap::new()
         };
@@ -310,10 +473,12 @@ impl ServiceManager for Systemd {
     }
 
     async fn load_state(&self, unit: &str) -> Result<String, Undecided> {
-        let m = self.manager().await?;
+        let (conn, m) = self.manager().await?;
         match self.bounded(m.load_unit(unit)).await? {
             Ok(path) => get(
-                &self.all(&path, "org.freedesktop.systemd1.Unit").await?,
+                &self
+                    .all(&conn, &path, "org.freedesktop.systemd1.Unit")
+                    .await?,
                 "LoadState",
             )
             .ok_or_else(|| Undecided(format!("systemd: cannot read LoadState of {unit}"))),
@@ -323,7 +488,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn start_unit(&self, unit: &str) -> Result<(), StartError> {
-        let m = self
+        let (_conn, m) = self
             .manager()
             .await
             .map_err(|u| StartError::Undecided(u.0))?;
@@ -339,7 +504,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn start_transient(&self, t: &Transient) -> Result<(), StartError> {
-        let m = self
+        let (_conn, m) = self
             .manager()
             .await
             .map_err(|u| StartError::Undecided(u.0))?;
@@ -370,7 +535,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn stop_unit(&self, unit: &str) -> Result<(), Undecided> {
-        let m = self.manager().await?;
+        let (_conn, m) = self.manager().await?;
         match self.bounded(m.stop_unit(unit, "replace")).await? {
             Ok(_) => Ok(()),
             // Not loaded any more: nothing to stop.
@@ -380,7 +545,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn reset_failed(&self, unit: &str) -> Result<(), Undecided> {
-        let m = self.manager().await?;
+        let (_conn, m) = self.manager().await?;
         match self.bounded(m.reset_failed_unit(unit)).await? {
             Ok(()) => Ok(()),
             Err(e) if answered(&e) => Ok(()),
@@ -392,7 +557,7 @@ impl ServiceManager for Systemd {
         if patterns.is_empty() {
             return Ok(vec![]);
         }
-        let m = self.manager().await?;
+        let (_conn, m) = self.manager().await?;
         let pats: Vec<&str> = patterns.iter().map(String::as_str).collect();
         match self
             .bounded(m.list_units_by_patterns(&["active", "activating", "reloading"], &pats))

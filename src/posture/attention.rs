@@ -85,6 +85,8 @@ pub enum Cause {
     QueueDisabled,
     PersistFailed,
     PausedWaiting,
+    /// The service manager unreachable past its grace (§12 D-6).
+    ManagerUnreachable,
 }
 
 /// Which persistent causes hold now (from the queue).
@@ -93,6 +95,7 @@ pub struct Causes {
     pub queue_disabled: bool,
     pub persist_failed: bool,
     pub paused_waiting: bool,
+    pub manager_unreachable: bool,
 }
 
 impl Causes {
@@ -101,6 +104,7 @@ impl Causes {
             Cause::QueueDisabled => self.queue_disabled,
             Cause::PersistFailed => self.persist_failed,
             Cause::PausedWaiting => self.paused_waiting,
+            Cause::ManagerUnreachable => self.manager_unreachable,
         }
     }
 }
@@ -125,6 +129,7 @@ pub fn stay_of(kind: &str) -> Stay {
         "queue-disabled" => Stay::While(Cause::QueueDisabled),
         "persist-failed" => Stay::While(Cause::PersistFailed),
         "paused-waiting" => Stay::While(Cause::PausedWaiting),
+        "manager-unreachable" => Stay::While(Cause::ManagerUnreachable),
         "state-salvaged" | "state-corrupt" => Stay::UntilAcked,
         _ => Stay::OneOff,
     }

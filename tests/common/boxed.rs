@@ -12,9 +12,7 @@
 //!   `/tmp` meanwhile is not the box, and a box that plants a file in the machine's `/tmp` or
 //!   removes one from `/run/lock` is caught, whatever the name;
 //! - a snapshot before and after of what fanotify cannot see: the mount table (superblock
-//!   options are shared), kernel settings, and `/dev`; and, on a filesystem fanotify cannot
-//!   watch, the trees themselves. `/tmp` and `/run/lock`, where other programs come and go,
-//!   are left to the watch.
+//!   options are shared), kernel settings, and the trees on a filesystem fanotify cannot watch.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -141,8 +139,9 @@ pub fn machine_changes(test: impl FnOnce()) -> Vec<String> {
         }
     }
     let _clear = Clear;
-    // Where other programs come and go, only the watch is asked (if it covers them).
-    let busy: Vec<&Path> = ["/tmp", "/run/lock"]
+    // The trees the watch covers are the watch's (it knows who did what, so other programs
+    // busy there meanwhile are never blamed); the snapshot keeps the rest.
+    let busy: Vec<&Path> = super::watch::WATCHED
         .iter()
         .map(Path::new)
         .filter(|p| watch.covers(p))

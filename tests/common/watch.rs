@@ -19,7 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The trees whose filesystems are watched.
-pub const WATCHED: [&str; 7] = ["/tmp", "/run/lock", "/run", "/etc", "/var", "/usr", "/home"];
+pub const WATCHED: [&str; 9] = [
+    "/tmp",
+    "/run/lock",
+    "/run",
+    "/etc",
+    "/var",
+    "/usr",
+    "/home",
+    "/dev",
+    "/dev/shm",
+];
 
 const EVENTS: u64 = libc::FAN_CREATE
     | libc::FAN_DELETE
@@ -234,8 +244,20 @@ impl MachineWatch {
                 .map(|(_, w)| *w)
                 .collect::<Vec<_>>()
                 .join(", ");
-                let dir = self
-                    .dir_of(fsid, handle)
+                let dir = self.dir_of(fsid, handle);
+                // Writing to a device node (the box's /dev binds /dev/null, /dev/loop*) is
+                // using it, not changing the machine.
+                let device = dir.as_ref().is_some_and(|d| {
+                    use std::os::unix::fs::FileTypeExt;
+                    std::fs::symlink_metadata(d.join(&name)).is_ok_and(|m| {
+                        m.file_type().is_char_device() || m.file_type().is_block_device()
+                    })
+                });
+                if device && mask & !(libc::FAN_MODIFY | libc::FAN_ONDIR) == 0 {
+                    off += event_len;
+                    continue;
+                }
+                let dir = dir
                     .map(|d| d.display().to_string())
                     .unwrap_or_else(|| "<a directory since removed>".into());
                 out.push(format!("box pid {pid} {what} {dir}/{name}"));

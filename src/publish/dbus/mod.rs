@@ -392,9 +392,17 @@ impl Bus {
                                 "reconnecting to D-Bus failed: {e}; next try in {}s",
                                 backoff.as_secs()
                             );
-                            tokio::select! {
-                                _ = tokio::time::sleep(backoff) => {}
-                                _ = shutdown.changed() => {}
+                            // Waiting out the backoff is the loop at work, not wedged: beat
+                            // within every period meanwhile (an outage of the bus longer than
+                            // the watchdog's window must not get the agent restarted).
+                            let until = tokio::time::Instant::now() + backoff;
+                            while tokio::time::Instant::now() < until && !*shutdown.borrow() {
+                                beat.beat();
+                                let slice = beat.period().min(until - tokio::time::Instant::now());
+                                tokio::select! {
+                                    _ = tokio::time::sleep(slice) => {}
+                                    _ = shutdown.changed() => {}
+                                }
                             }
                             backoff = (backoff * 2).min(BACKOFF_MAX);
                         }
