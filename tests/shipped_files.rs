@@ -407,6 +407,48 @@ fn s9_packaged_default_configuration_is_generated_from_the_key_table() {
     }
 }
 
+/// §12 G-6: the catalog entry of the disabled-queue alert names every reason code the queue
+/// can be disabled with, each with what to do; the generic notice names the new notices
+/// that need an operator.
+#[test]
+fn g6_the_catalog_lists_every_reason_a_queue_is_disabled_for() {
+    let text = std::fs::read_to_string(repo().join("systemd/outlive.catalog")).unwrap();
+    let entry = |id: &str| -> String {
+        text.split("\n-- ")
+            .find(|c| c.starts_with(id))
+            .unwrap_or_else(|| panic!("no entry {id}"))
+            .to_string()
+    };
+    let disabled = entry(outlive::audit::Alert::QueueDisabled.message_id());
+    let mut codes: Vec<&str> = outlive::queue::lock::LockReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    codes.push("persist-failed");
+    for c in codes {
+        assert!(
+            disabled.contains(&format!("- {c}:")),
+            "the queue-disabled entry does not explain {c}"
+        );
+        assert!(
+            outlive::posture::rows::REASON_CODES.contains(&c),
+            "{c} is not in the closed vocabulary"
+        );
+    }
+    let notice = entry(outlive::audit::Alert::QueueNotice.message_id());
+    for kind in [
+        "manager-unreachable",
+        "state-salvaged",
+        "state-corrupt",
+        "audit-write-failed",
+    ] {
+        assert!(
+            notice.contains(kind),
+            "the generic notice does not explain {kind}"
+        );
+    }
+}
+
 /// the catalog has an entry for every MESSAGE_ID, each with Subject, Defined-By, Support
 /// and a body saying what to do, and journalctl compiles it.
 #[test]

@@ -123,6 +123,18 @@ fn outlived_page() -> Page {
                 ),
             ],
         );
+        let reasons: Vec<(&str, &str)> = crate::posture::rows::REASON_CODES
+            .iter()
+            .map(|c| (*c, crate::posture::rows::reason_help(c).unwrap_or_default()))
+            .collect();
+        paragraph(
+            r,
+            "WHEN A GUARD IS OFF",
+            "A guard configured on that is not genuinely on reads off-runtime-divergent, with a reason \
+             code from this closed list; systemctl status then starts with DEGRADED: and the journal \
+             explains it (journalctl -x). outlivectl guards prints the same one line of what to do.",
+        );
+        items(r, "REASON CODES", &reasons);
         items(r, "FILES", FILES);
         items(
             r,

@@ -30,46 +30,10 @@ pub fn hint(row: &serde_json::Value) -> String {
         ),
         ("errored", _) => "its status could not be read: `outlivectl audit` and `journalctl -u outlived` tell why".into(),
         ("missing", _) => format!("{key} is configured on but nothing reports it: is its reporter running?"),
-        (
-            "off-runtime-divergent",
-            "foreign-host" | "would-auto-heal" | "live-holder" | "lost-race" | "acquisition-error",
-        ) => "the queue does not hold its lock: `outlivectl lock` explains the decision and the recovery".into(),
-        ("off-runtime-divergent", "lock-lost") => {
-            "the lock file was replaced or removed while held (another agent on this state directory?): \
-             `outlivectl lock` shows who holds it now; outlived retries every tick"
-                .into()
-        }
-        ("off-runtime-divergent", "state-dir-unsafe") => {
-            "the state directory is not outlived's or others may write in it: chown it to outlived's user and \
-             chmod 700 it; outlived retries every tick"
-                .into()
-        }
-        ("off-runtime-divergent", "manager-unreachable") => {
-            "systemd cannot be reached over D-Bus: check dbus.service (`systemctl status dbus`); outlived \
-             reconnects by itself and nothing is dropped meanwhile"
-                .into()
-        }
-        ("off-runtime-divergent", "metrics-dir-unsafe") => {
-            "the metrics directory must be root's and writable by root alone: fix it, or use \
-             metrics.textfile = \"/run/outlive/metrics/outlive.prom\""
-                .into()
-        }
-        ("off-runtime-divergent", "metrics-write-failed") => {
-            "the metrics file cannot be written: is its directory granted (`ReadWritePaths=` drop-in) and \
-             not full? `outlivectl audit` has the error"
-                .into()
-        }
-        ("off-runtime-divergent", "persist-failed") => {
-            "the queue state cannot be written: free space on the state directory or fix its permissions".into()
-        }
-        ("off-runtime-divergent", "no-linger") => {
-            "runs revived by a user manager stop at logout: `loginctl enable-linger` for this user".into()
-        }
-        ("off-runtime-divergent", "state-volatile") => {
-            "the state directory is on a volatile filesystem (lost at reboot): set state_dir to persistent local storage".into()
-        }
-        ("off-runtime-divergent", "state-not-host-local") => {
-            "the state directory is not host-local (shared or network): set state_dir to a local filesystem".into()
+        ("off-runtime-divergent", r) if crate::posture::rows::reason_help(r).is_some() => {
+            crate::posture::rows::reason_help(r)
+                .unwrap_or_default()
+                .to_string()
         }
         ("off-runtime-divergent", _) => match key {
             "watchdog" => "nothing restarts a wedged agent: set WatchdogSec= in the unit (the shipped unit has 30s)".into(),
@@ -356,7 +320,8 @@ mod tests {
         assert!(lines[1].starts_with("!  queue.resume"), "{t}");
         assert!(t.contains("off-runtime-divergent (foreign-host)"));
         assert!(
-            t.contains("queue.resume: the queue does not hold its lock: `outlivectl lock`"),
+            t.contains("queue.resume: the lock was left by another host")
+                && t.contains("`outlivectl lock`"),
             "{t}"
         );
         assert!(t.contains("watchdog: no progress"), "{t}");

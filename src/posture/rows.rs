@@ -98,6 +98,69 @@ pub const REASON_CODES: &[&str] = &[
     "metrics-write-failed",
 ];
 
+/// What each reason code means and what an operator does about it (one line each): the hint
+/// `outlivectl guards` prints, and the list in outlived(8).
+pub fn reason_help(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "foreign-host" => {
+            "the lock was left by another host, or this host's identity changed: `outlivectl lock` explains the \
+             decision; after verifying nothing else uses the state directory, `outlivectl lock clear`"
+        }
+        "would-auto-heal" => {
+            "auto_heal = \"observe\" would take a stale foreign lock over: set it to \"on\", or `outlivectl lock \
+             clear` after checking"
+        }
+        "live-holder" => {
+            "another outlived holds the lock on this state directory: stop it or give each agent its own \
+             (retried every tick)"
+        }
+        "lost-race" => "another agent won a takeover of the lock (retried every tick)",
+        "acquisition-error" => {
+            "the state directory cannot be used (unusable, not a regular lock file, or hung): `outlivectl lock` \
+             says which (retried every tick)"
+        }
+        "lock-lost" => {
+            "the lock file was replaced or removed while held (another agent?): `outlivectl lock` shows who holds \
+             it now; nothing was written since (retried every tick)"
+        }
+        "state-dir-unsafe" => {
+            "the state directory is not outlived's or others may write in it: chown it to outlived's user and \
+             chmod 700 it (retried every tick)"
+        }
+        "persist-failed" => {
+            "the queue state cannot be written: free space on the state directory or fix its permissions \
+             (retried every tick)"
+        }
+        "queue-off" => "queue.enabled is false in the configuration: nothing is queued or revived",
+        "no-linger" => {
+            "runs revived by a user manager stop at logout: `loginctl enable-linger` for this user"
+        }
+        "state-volatile" => {
+            "the state directory is on a volatile filesystem (lost at reboot): set state_dir to persistent \
+             local storage"
+        }
+        "state-not-host-local" => {
+            "the state directory is not host-local (shared or network): set state_dir to a local filesystem"
+        }
+        "config-unreadable" => {
+            "the configuration file no longer parses: `outlived --check-config` names the error"
+        }
+        "manager-unreachable" => {
+            "systemd does not answer over D-Bus: check dbus.service (`systemctl status dbus`); outlived \
+             reconnects by itself and drops nothing meanwhile"
+        }
+        "metrics-dir-unsafe" => {
+            "the metrics directory must be root's and writable by root alone: fix it, or use metrics.textfile = \
+             \"/run/outlive/metrics/outlive.prom\""
+        }
+        "metrics-write-failed" => {
+            "the metrics file cannot be written: grant its directory (a ReadWritePaths= drop-in) and check it is \
+             not full; `outlivectl audit` has the error"
+        }
+        _ => return None,
+    })
+}
+
 /// Whether `code` may leave the process as a reason code: the closed vocabulary, or (for
 /// external guards) a short lowercase slug of the reporter's.
 pub fn reason_code_ok(code: &str, external: bool) -> bool {
@@ -553,5 +616,9 @@ mod tests {
         for r in crate::queue::lock::LockReason::ALL {
             assert!(REASON_CODES.contains(&r.as_str()), "{r}");
         }
+        for c in REASON_CODES {
+            assert!(reason_help(c).is_some(), "{c} has no help");
+        }
+        assert!(reason_help("anything else").is_none());
     }
 }
