@@ -105,7 +105,7 @@ fn ours() -> Ours {
 
 struct Rig {
     _dir: tempfile::TempDir,
-    queue: Arc<Mutex<Queue>>,
+    queue: outlive::queue::SharedQueue,
     drainer: Drainer<InstantManager, WorkerPaths>,
     facts: Facts,
     ours: Ours,
@@ -160,7 +160,7 @@ impl Rig {
         );
         Rig {
             _dir: dir,
-            queue: Arc::new(Mutex::new(q)),
+            queue: outlive::queue::Shared::new(q),
             drainer,
             facts,
             ours,
@@ -191,14 +191,14 @@ impl Rig {
             root: true,
             may_mutate: true,
         };
-        let r = self.queue.lock().unwrap().enqueue(&root, Ok(req)).unwrap();
+        let r = self.queue.lock().enqueue(&root, Ok(req)).unwrap();
         assert!(r.admitted, "{r:?}");
         r.id
     }
 
     /// The agent's D-2 step 1 (the lock's heartbeat).
     fn heartbeat(&self) {
-        self.queue.lock().unwrap().heartbeat(&LockEnv {
+        self.queue.lock().heartbeat(&LockEnv {
             ours: self.ours.clone(),
             facts: self.facts.clone(),
             prober: std::sync::Arc::new(KernelProber),
@@ -281,7 +281,7 @@ fn decision(c: &mut Criterion) {
                         root: true,
                         may_mutate: true,
                     };
-                    r.queue.lock().unwrap().cancel(&root, &id).unwrap();
+                    r.queue.lock().cancel(&root, &id).unwrap();
                     rt.block_on(r.drainer.wake(&r.queue));
                 }
                 left = left.saturating_sub(PER_RIG);

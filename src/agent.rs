@@ -31,7 +31,7 @@ use crate::posture::attention::{Attention, Causes};
 use crate::posture::rows::{REASON_CODES, Runtime, RuntimeRead};
 use crate::posture::{NoticeGate, Posture, Published, QueueFacts, Settings as PostureSettings};
 use crate::publish::dbus::auth::AuthPolicy;
-use crate::publish::dbus::queue1::{DrainService, lock as lock_queue};
+use crate::publish::dbus::queue1::DrainService;
 use crate::publish::dbus::{
     Agent1, Bus, BusTarget, Guards1, HostState, Objects, Publisher, ResumeQueue1, SharedQueue,
     StartError,
@@ -220,7 +220,7 @@ pub fn main(opts: Options) -> i32 {
         audit,
         heartbeats,
         watchdog: wd,
-        queue: Arc::new(Mutex::new(queue)),
+        queue: crate::queue::Shared::new(queue),
         last_tick_at: Arc::new(AtomicU64::new(0)),
         host,
     };
@@ -301,7 +301,7 @@ fn status_line(
     bus: Option<&Bus>,
     no_bus: bool,
 ) -> String {
-    let s = lock_queue(queue).snapshot();
+    let s = queue.view().snapshot.clone();
     if posture.degraded {
         let head = posture
             .headline
@@ -479,7 +479,7 @@ impl Agent {
         };
 
         // L-3: the lock is decided before the bus name is requested.
-        lock_queue(&self.queue).evaluate_lock(&lock_env(&self.host), true);
+        self.queue.lock().evaluate_lock(&lock_env(&self.host), true);
 
         let no_bus = self.opts.no_bus;
         // The drainer's heartbeat exists before the loop does: the service manager and the
@@ -705,7 +705,7 @@ impl Agent {
             b.close().await;
         }
         // L-7: release the flock; the file stays for the next holder to reclaim.
-        lock_queue(&self.queue).release();
+        self.queue.lock().release();
         self.audit
             .record(&Event::new("stopped", "outlived stopped").priority(priority::INFO));
         0
@@ -733,7 +733,7 @@ impl Agent {
                 ));
                 let _ = timing_tx.send(self.timing());
                 {
-                    let mut q = lock_queue(&self.queue);
+                    let mut q = self.queue.lock();
                     q.set_settings(Settings::from_config(&self.config));
                     // L-3: a refusal that ticks do not retry is re-evaluated on reload.
                     q.evaluate_lock(&lock_env(&self.host), true);
@@ -816,7 +816,7 @@ impl Evaluator {
 
 /// What the posture needs of the queue for persistent causes and the dry-run soak.
 fn queue_facts(q: &SharedQueue) -> QueueFacts {
-    let s = lock_queue(q).snapshot();
+    let s = q.view().snapshot.clone();
     QueueFacts {
         causes: Causes {
             queue_disabled: !s.enabled,
@@ -878,7 +878,7 @@ impl Agent {
         p.register(
             "queue.resume",
             Box::new(move || {
-                let s = lock_queue(&q).snapshot();
+                let s = q.lock().snapshot();
                 if !s.enabled {
                     let code = if REASON_CODES.contains(&s.disabled_reason.as_str()) {
                         s.disabled_reason.as_str()
@@ -915,7 +915,7 @@ impl Agent {
         p.register(
             "queue.lock.auto_heal",
             Box::new(move || {
-                let a = lock_queue(&q).settings().auto_heal;
+                let a = q.lock().settings().auto_heal;
                 RuntimeRead::Status(Runtime {
                     enabled: a != crate::config::AutoHeal::Off,
                     dry_run: Some(a == crate::config::AutoHeal::Observe),
@@ -1060,8 +1060,10 @@ impl Agent {
         };
         // In the state directory while the lock is held (checked to still be ours), else in
         // the runtime directory (L-6).
-        if let Err(e) =
-            lock_queue(&self.queue).write_file(None, "posture-boot.json", text.as_bytes())
+        if let Err(e) = self
+            .queue
+            .lock()
+            .write_file(None, "posture-boot.json", text.as_bytes())
         {
             tracing::warn!("cannot write posture-boot.json: {e}");
         }
@@ -1113,7 +1115,7 @@ impl Runner {
                 .store(crate::clock::wall_ms(), Ordering::Relaxed);
             self.host.refresh_hostname();
         }
-        let mut q = lock_queue(&self.queue);
+        let mut q = self.queue.lock();
         q.heartbeat(&lock_env(&self.host));
         if tick {
             q.housekeeping();
@@ -1203,7 +1205,7 @@ impl Runner {
             return;
         };
         let (entries, paused) = {
-            let q = lock_queue(&self.queue);
+            let q = self.queue.lock();
             (q.state().entries.clone(), q.state().pause.is_some())
         };
         let d = self.handle.public();

@@ -12,7 +12,6 @@ use super::tick::{Drainer, Outcome, Report, Settings};
 use super::validate::{PathState, Paths};
 use crate::clock::Clock;
 use crate::clock::fake::FakeClock;
-use crate::queue::Queue;
 use crate::queue::entry::{Status, Target, glob_match};
 use crate::queue::rules::Request;
 use crate::queue::tests::{Fixture, admit, member, req, root, status};
@@ -279,7 +278,7 @@ type D = Drainer<Arc<FakeManager>, Arc<FakePaths>>;
 
 struct Rig {
     f: Fixture,
-    queue: Arc<Mutex<Queue>>,
+    queue: crate::queue::SharedQueue,
     manager: Arc<FakeManager>,
     paths: Arc<FakePaths>,
     gauge: Arc<Mutex<Sample>>,
@@ -292,7 +291,7 @@ impl Rig {
     }
 
     fn with(f: Fixture, settings: Settings) -> Rig {
-        let queue = Arc::new(Mutex::new(f.queue()));
+        let queue = crate::queue::Shared::new(f.queue());
         let manager = FakeManager::new(f.clock.clone());
         manager.behave("/bin/true", Behaviour::Runs);
         let paths = Arc::new(FakePaths::default());
@@ -338,9 +337,9 @@ impl Rig {
         } = self;
         let settings = d.settings.clone();
         drop(d);
-        queue.lock().unwrap().release();
+        queue.lock().release();
         drop(queue);
-        let queue = Arc::new(Mutex::new(f.queue()));
+        let queue = crate::queue::Shared::new(f.queue());
         let d = Self::drainer(&f, settings, &manager, &paths, &gauge);
         Rig {
             f,
@@ -352,8 +351,8 @@ impl Rig {
         }
     }
 
-    fn q(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap()
+    fn q(&self) -> crate::queue::Guard<'_> {
+        self.queue.lock()
     }
 
     fn clock(&self) -> &FakeClock {

@@ -25,12 +25,12 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::queue::entry::{Entry, Status, Target};
 use crate::queue::rules::{self, PauseKind};
-use crate::queue::{AttemptResult, Finished, Queue};
+use crate::queue::{AttemptResult, Finished};
 
-type SharedQueue = Arc<Mutex<Queue>>;
+use crate::queue::SharedQueue;
 
-fn q(queue: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
-    queue.lock().unwrap_or_else(|e| e.into_inner())
+fn q(queue: &SharedQueue) -> crate::queue::Guard<'_> {
+    queue.lock()
 }
 
 /// The drainer's settings (SPEC §9 `[drainer]`, and the queue's dry run and attempts).

@@ -170,6 +170,83 @@ pub struct Snapshot {
     pub dry_run_since: Option<u64>,
 }
 
+/// What the queue publishes for readers that must never wait on it (the bus dispatch thread):
+/// its snapshot and its entries, as of the last change made through [`Shared::lock`].
+#[derive(Debug, Clone)]
+pub struct View {
+    pub snapshot: Snapshot,
+    /// The entries (L-6: a disabled queue has none to show, and says why).
+    pub entries: Result<Arc<Vec<Entry>>, QueueError>,
+}
+
+/// The queue as the agent's loops and the bus share it: the queue behind a mutex, taken by
+/// those that may wait (the drainer, the blocking pool that applies the bus's mutations), and a
+/// published [`View`] for those that may not (the bus dispatch thread reads it and never
+/// touches the mutex). Every guard that changed the queue republishes the view when dropped.
+pub struct Shared {
+    inner: std::sync::Mutex<Queue>,
+    view: std::sync::RwLock<Arc<View>>,
+}
+
+/// The handle the agent's parts hold.
+pub type SharedQueue = Arc<Shared>;
+
+impl Shared {
+    /// Share `q`.
+    pub fn new(q: Queue) -> SharedQueue {
+        let view = std::sync::RwLock::new(Arc::new(q.view()));
+        Arc::new(Shared {
+            inner: std::sync::Mutex::new(q),
+            view,
+        })
+    }
+
+    /// Take the queue (a panic elsewhere does not make it unusable: its state only changes
+    /// through complete, persisted commits).
+    pub fn lock(&self) -> Guard<'_> {
+        Guard {
+            g: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            shared: self,
+            dirty: false,
+        }
+    }
+
+    /// The latest published view; never waits for the queue.
+    pub fn view(&self) -> Arc<View> {
+        Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The queue, taken. Mutable access marks it changed: the view is republished on drop.
+pub struct Guard<'a> {
+    g: std::sync::MutexGuard<'a, Queue>,
+    shared: &'a Shared,
+    dirty: bool,
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Queue;
+    fn deref(&self) -> &Queue {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Queue {
+        self.dirty = true;
+        &mut self.g
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if self.dirty {
+            let v = Arc::new(self.g.view());
+            *self.shared.view.write().unwrap_or_else(|e| e.into_inner()) = v;
+        }
+    }
+}
+
 /// The queue: the lock, the state and the rules.
 pub struct Queue {
     state_dir: PathBuf,
@@ -789,6 +866,16 @@ impl Queue {
     /// Everything persisted (for the drainer and tests).
     pub fn state(&self) -> &State {
         &self.state
+    }
+
+    /// What [`Shared`] publishes.
+    pub fn view(&self) -> View {
+        View {
+            snapshot: self.snapshot(),
+            entries: self
+                .require_enabled()
+                .map(|()| Arc::new(self.state.entries.clone())),
+        }
     }
 
     /// A snapshot for publication.

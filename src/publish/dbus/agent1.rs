@@ -263,7 +263,7 @@ impl Agent1 {
         caller.require_admin(&self.state.auth, "Reevaluate")?;
         {
             let env = self.state.lock_env();
-            super::queue1::lock(&self.queue).evaluate_lock(&env, true);
+            self.queue.lock().evaluate_lock(&env, true);
         }
         self.publisher.sync(conn).await;
         Ok(())

@@ -74,7 +74,7 @@ impl Publisher {
     ) {
         (
             self.host.props(),
-            queue1::QueueProps::of(&queue1::lock(&self.queue), &self.drainer.public()),
+            queue1::QueueProps::of(&self.queue.view(), &self.drainer.public()),
             guards1::GuardsProps::of(&self.posture.read().unwrap_or_else(|e| e.into_inner())),
         )
     }

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use zbus::message::Header;
 use zbus::wire::{OwnedVariant, Variant};
@@ -23,16 +23,9 @@ use super::variant::to_dict;
 use crate::drainer::tick::{Handle, Outcome, Public, Report};
 use crate::queue::entry::{Entry, Target, clamp_evidence};
 use crate::queue::rules::Request;
-use crate::queue::{Caller, Queue, QueueError};
+use crate::queue::{Caller, QueueError, View};
 
-/// The queue shared between the agent's loops and the bus.
-pub type SharedQueue = Arc<Mutex<Queue>>;
-
-/// Lock the shared queue (a panic elsewhere does not make the queue unusable: its state only
-/// changes through complete, persisted commits).
-pub fn lock(q: &SharedQueue) -> MutexGuard<'_, Queue> {
-    q.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use crate::queue::SharedQueue;
 
 impl From<QueueError> for OutliveError {
     fn from(e: QueueError) -> OutliveError {
@@ -71,9 +64,9 @@ pub struct QueueProps {
 }
 
 impl QueueProps {
-    /// From the queue and what the drainer publishes.
-    pub fn of(q: &Queue, d: &Public) -> QueueProps {
-        let s = q.snapshot();
+    /// From the queue's view and what the drainer publishes.
+    pub fn of(v: &View, d: &Public) -> QueueProps {
+        let s = v.snapshot.clone();
         QueueProps {
             enabled: s.enabled,
             disabled_reason: s.disabled_reason,
@@ -116,7 +109,7 @@ pub struct ResumeQueue1 {
 
 impl ResumeQueue1 {
     fn props(&self) -> QueueProps {
-        QueueProps::of(&lock(&self.queue), &self.drainer.public())
+        QueueProps::of(&self.queue.view(), &self.drainer.public())
     }
 
     async fn caller(&self, conn: &Connection, hdr: &Header<'_>) -> Result<Caller, OutliveError> {
@@ -448,7 +441,7 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<HashMap<String, OwnedVariant>>, OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
-        let q = lock(&self.queue);
+        let q = self.queue.lock();
         let entries = q.entries()?;
         Ok(entries
             .iter()
@@ -465,7 +458,7 @@ impl ResumeQueue1 {
     ) -> Result<(bool, String, String), OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
         let decoded = decode_enqueue(&request);
-        let reply = lock(&self.queue).enqueue(&caller, decoded)?;
+        let reply = self.queue.lock().enqueue(&caller, decoded)?;
         self.publisher.sync(conn).await;
         Ok((reply.admitted, reply.why, reply.id))
     }
@@ -478,7 +471,7 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
-        lock(&self.queue).cancel(&caller, &id)?;
+        self.queue.lock().cancel(&caller, &id)?;
         self.publisher.sync(conn).await;
         Ok(())
     }
@@ -491,7 +484,7 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
-        lock(&self.queue).requeue(&caller, &id)?;
+        self.queue.lock().requeue(&caller, &id)?;
         self.publisher.sync(conn).await;
         Ok(())
     }
@@ -505,7 +498,7 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
-        lock(&self.queue).pause(&caller, &kind, &reason)?;
+        self.queue.lock().pause(&caller, &kind, &reason)?;
         self.publisher.sync(conn).await;
         Ok(())
     }
@@ -517,7 +510,7 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<bool, OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
-        let was = lock(&self.queue).resume(&caller)?;
+        let was = self.queue.lock().resume(&caller)?;
         self.publisher.sync(conn).await;
         Ok(was)
     }
@@ -530,7 +523,7 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u32, OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
-        let n = lock(&self.queue).stop(&caller, &run_id)?;
+        let n = self.queue.lock().stop(&caller, &run_id)?;
         self.publisher.sync(conn).await;
         Ok(n)
     }
@@ -583,7 +576,7 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
         let caller = self.caller(conn, &hdr).await?;
-        lock(&self.queue).stop_all(&caller)?;
+        self.queue.lock().stop_all(&caller)?;
         self.publisher.sync(conn).await;
         Ok(())
     }
