@@ -31,6 +31,7 @@ use crate::posture::attention::{Attention, Causes};
 use crate::posture::rows::{REASON_CODES, Runtime, RuntimeRead};
 use crate::posture::{NoticeGate, Posture, Published, QueueFacts, Settings as PostureSettings};
 use crate::publish::dbus::auth::AuthPolicy;
+use crate::publish::dbus::gate::Gate;
 use crate::publish::dbus::queue1::DrainService;
 use crate::publish::dbus::{
     Agent1, Bus, BusTarget, Guards1, HostState, Objects, Publisher, ResumeQueue1, SharedQueue,
@@ -432,35 +433,6 @@ impl Agent {
         }
     }
 
-    async fn start_bus(&self, objects: Objects) -> Result<Arc<Bus>, (String, i32, i32)> {
-        let target = if self.mode == Mode::User {
-            BusTarget::Session
-        } else {
-            BusTarget::System
-        };
-        let deadline = tokio::time::Instant::now() + BUS_START_PATIENCE;
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            match Bus::start(target, objects.clone(), Arc::clone(&self.audit)).await {
-                Ok(b) => return Ok(b),
-                Err(e @ StartError::NameTaken) => {
-                    return Err((e.to_string(), libc::EADDRINUSE, exit::NAME_TAKEN));
-                }
-                Err(e @ StartError::NameDenied(_)) => {
-                    return Err((e.to_string(), libc::EACCES, exit::NO_PERMISSION));
-                }
-                Err(e @ StartError::Unreachable(_)) => {
-                    if tokio::time::Instant::now() + backoff > deadline {
-                        return Err((e.to_string(), libc::ECONNREFUSED, exit::UNAVAILABLE));
-                    }
-                    tracing::warn!("{e}; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(4));
-                }
-            }
-        }
-    }
-
     async fn run(mut self) -> i32 {
         let (mut sigterm, mut sigint, mut sighup) = match (
             signal(SignalKind::terminate()),
@@ -515,23 +487,27 @@ impl Agent {
             handle.clone(),
             Arc::clone(&published),
         ));
-        let auth = AuthPolicy {
+        let gate = Gate::new(AuthPolicy {
             user_mode: self.mode == Mode::User,
             agent_uid: nix::unistd::getuid().as_raw(),
-        };
+        });
         let objects = Objects {
             agent1: Agent1 {
                 state: Arc::clone(&self.host),
                 queue: Arc::clone(&self.queue),
                 publisher: Arc::clone(&publisher),
+                gate: Arc::clone(&gate),
             },
             queue1: ResumeQueue1 {
                 queue: Arc::clone(&self.queue),
-                auth,
+                gate: Arc::clone(&gate),
                 last_tick_at: Arc::clone(&self.last_tick_at),
                 publisher: Arc::clone(&publisher),
                 drainer: handle.clone(),
-                drain: Arc::clone(&runner) as Arc<dyn DrainService>,
+                drain: Arc::new(DrainOnMain {
+                    runner: Arc::clone(&runner),
+                    rt: tokio::runtime::Handle::current(),
+                }),
             },
             guards1: Guards1 {
                 published: Arc::clone(&published),
@@ -540,20 +516,59 @@ impl Agent {
                 attention: Arc::clone(&self.attention),
                 audit: Arc::clone(&self.audit),
                 poke: Arc::clone(&self.posture_poke),
-                auth,
+                gate: Arc::clone(&gate),
                 publisher: Arc::clone(&publisher),
             },
             publisher: Arc::clone(&publisher),
         };
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let bus = if no_bus {
             None
         } else {
-            match self.start_bus(objects).await {
-                Ok(b) => Some(b),
-                Err((msg, errno, status)) => return fatal(&self.notifier, &msg, errno, status),
+            // The bus dispatches on a thread of its own (publish::dbus::gate); its loop's
+            // heartbeat is excused while it waits for an unreachable bus at start.
+            let period = self
+                .watchdog
+                .map(|w| w / 2)
+                .unwrap_or(Duration::from_secs(10))
+                .min(Duration::from_secs(10));
+            let beat = self.heartbeats.register("bus", period);
+            beat.busy_for(BUS_START_PATIENCE + Duration::from_secs(10));
+            let target = if self.mode == Mode::User {
+                BusTarget::Session
+            } else {
+                BusTarget::System
+            };
+            let lp = crate::publish::dbus::Loop {
+                beat: Arc::clone(&beat),
+                shutdown: shutdown_rx.clone(),
+            };
+            match Bus::spawn(
+                target,
+                objects,
+                Arc::clone(&self.audit),
+                gate,
+                BUS_START_PATIENCE,
+                lp,
+            )
+            .await
+            {
+                Ok(t) => {
+                    beat.not_busy();
+                    Some(t)
+                }
+                Err(e) => {
+                    let (errno, status) = match &e {
+                        StartError::NameTaken => (libc::EADDRINUSE, exit::NAME_TAKEN),
+                        StartError::NameDenied(_) => (libc::EACCES, exit::NO_PERMISSION),
+                        StartError::Unreachable(_) => (libc::ECONNREFUSED, exit::UNAVAILABLE),
+                    };
+                    return fatal(&self.notifier, &e.to_string(), errno, status);
+                }
             }
         };
-        if let Some(b) = &bus {
+        if let Some(t) = &bus {
+            let b = &t.bus;
             let _ = out.bus.set(Arc::clone(b));
             // A lost or restored bus is a runtime change: publish.dbus shows the gap.
             let poke = Arc::clone(&self.posture_poke);
@@ -569,19 +584,9 @@ impl Agent {
         });
         evaluator.evaluate().await;
 
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (timing_tx, timing_rx) = watch::channel(self.timing());
         // The loop starts now: no busy window any more (see `runner`).
         drainer_beat.not_busy();
-        let bus_task = bus.as_ref().map(|b| {
-            let period = self
-                .watchdog
-                .map(|w| w / 2)
-                .unwrap_or(Duration::from_secs(10))
-                .min(Duration::from_secs(10));
-            let beat = self.heartbeats.register("bus", period);
-            tokio::spawn(Arc::clone(b).run(beat, shutdown_rx.clone()))
-        });
 
         let posture_task = {
             let beat = self
@@ -612,6 +617,7 @@ impl Agent {
 
         let line = out.line();
         self.host.set_status_text(&line);
+        out.flush().await;
         self.notifier.ready(&line);
         if self.config.queue.dry_run {
             // G-7: dry run is never silent (a journal entry, not an attention notice).
@@ -681,6 +687,7 @@ impl Agent {
                     evaluator.evaluate().await;
                     let line = out.line();
                     self.host.set_status_text(&line);
+                    out.flush().await;
                     self.notifier.ready(&line);
                 }
             }
@@ -698,11 +705,9 @@ impl Agent {
             );
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), posture_task).await;
-        if let Some(t) = bus_task {
-            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-        }
-        if let Some(b) = &bus {
-            b.close().await;
+        // The bus thread releases the name and ends.
+        if let Some(t) = bus {
+            t.join(Duration::from_secs(3)).await;
         }
         // L-7: release the flock; the file stays for the next holder to reclaim.
         self.queue.lock().release();
@@ -807,10 +812,9 @@ impl Evaluator {
             .unwrap_or_else(|e| e.into_inner()) = published;
         self.out.status();
         if let Some(b) = self.out.bus.get() {
-            b.posture_signals(&outcome.changed_rows, &outcome.raised)
-                .await;
+            b.posture_signals(&outcome.changed_rows, &outcome.raised);
         }
-        self.out.sync().await;
+        self.out.sync();
     }
 }
 
@@ -1188,7 +1192,7 @@ impl Runner {
             self.after_tick();
         }
         self.out.status();
-        self.out.sync().await;
+        self.out.sync();
         due
     }
 
@@ -1239,18 +1243,32 @@ impl Runner {
     }
 }
 
-impl DrainService for Runner {
+impl Runner {
+    /// A tick now (`Drain()`, D-1): `None` while a tick is running (`Busy`).
+    async fn drain(&self) -> Option<Report> {
+        let mut d = self.drainer.try_lock().ok()?;
+        self.step_one(true);
+        let r = d.tick(&self.queue, true).await;
+        drop(d);
+        self.after_tick();
+        self.out.status();
+        self.poke.notify_one();
+        Some(r)
+    }
+}
+
+/// `Drain()` as the bus thread asks for it: the tick runs on the agent's main runtime, where
+/// the drainer lives (it writes and fsyncs; the dispatch thread never does).
+struct DrainOnMain {
+    runner: Arc<Runner>,
+    rt: tokio::runtime::Handle,
+}
+
+impl DrainService for DrainOnMain {
     fn drain(&self) -> Pin<Box<dyn Future<Output = Option<Report>> + Send + '_>> {
-        Box::pin(async move {
-            let mut d = self.drainer.try_lock().ok()?;
-            self.step_one(true);
-            let r = d.tick(&self.queue, true).await;
-            drop(d);
-            self.after_tick();
-            self.out.status();
-            self.poke.notify_one();
-            Some(r)
-        })
+        let runner = Arc::clone(&self.runner);
+        let task = self.rt.spawn(async move { runner.drain().await });
+        Box::pin(async move { task.await.ok().flatten() })
     }
 }
 
@@ -1293,10 +1311,18 @@ impl Outputs {
         self.host.set_status_text(&line);
     }
 
-    /// PropertiesChanged for what changed.
-    async fn sync(&self) {
+    /// PropertiesChanged for what changed (emitted by the bus thread).
+    fn sync(&self) {
         if let Some(b) = self.bus.get() {
-            b.sync().await;
+            b.sync();
+        }
+    }
+
+    /// Everything changed so far signalled (before READY=1).
+    async fn flush(&self) {
+        if let Some(b) = self.bus.get() {
+            b.sync();
+            b.flush(Duration::from_secs(2)).await;
         }
     }
 }

@@ -229,9 +229,10 @@ async fn x1_classify_path_full_for_root_mount_table_only_for_others() {
     let (code, out, err) = call("/nonexistent/outlive");
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("mount-table-only"), "{out}");
-    // Rate-limited: 20 calls per 10 s per uid (two were made above).
+    // Rate-limited (§12 X-1 bounds): 20 calls a second per uid, 40 at once; two were made
+    // above, and each busctl call takes a few ms, refilling a little meanwhile.
     let mut refused = None;
-    for i in 0..25 {
+    for i in 0..200 {
         let (code, _, err) = call("/");
         if code != 0 {
             refused = Some((i, err));
@@ -239,9 +240,9 @@ async fn x1_classify_path_full_for_root_mount_table_only_for_others() {
         }
     }
     let (i, err) = refused.expect("unprivileged ClassifyPath is never rate-limited");
-    assert_eq!(i, 18, "refused after {i} more calls");
+    assert!((38..120).contains(&i), "refused after {i} more calls");
     assert!(
-        err.contains("org.outlive.Error.Busy") || err.contains("limited to 20 calls"),
+        err.contains("may make 20 calls per second (40 at once)"),
         "{err}"
     );
 }

@@ -13,17 +13,14 @@ use zbus::message::Header;
 use zbus::wire::OwnedVariant;
 use zbus::{Connection, interface};
 
-use super::auth::{self, AuthPolicy, RateLimiter};
+use super::auth::AuthPolicy;
 use super::errors::OutliveError;
+use super::gate::{Gate, Kind, blocking};
 use super::variant::to_dict;
 use crate::facts::{self, ClassifyError, Facts, Identity};
 
 /// Most bytes in a path argument (X-1 input limits).
 pub const MAX_PATH: usize = 4096;
-
-/// Requests by callers who may not touch paths: per uid, per window.
-const UNPRIVILEGED_CLASSIFY_LIMIT: u32 = 20;
-const UNPRIVILEGED_CLASSIFY_WINDOW_MS: u64 = 10_000;
 
 /// What the agent's main object shows.
 pub struct HostState {
@@ -34,7 +31,6 @@ pub struct HostState {
     pub status_text: RwLock<String>,
     pub degraded: AtomicBool,
     pub auth: AuthPolicy,
-    classify_limiter: RateLimiter,
 }
 
 impl HostState {
@@ -47,10 +43,6 @@ impl HostState {
             status_text: RwLock::new(String::new()),
             degraded: AtomicBool::new(false),
             auth,
-            classify_limiter: RateLimiter::new(
-                UNPRIVILEGED_CLASSIFY_LIMIT,
-                UNPRIVILEGED_CLASSIFY_WINDOW_MS,
-            ),
         }
     }
 
@@ -134,6 +126,7 @@ pub struct Agent1 {
     pub state: Arc<HostState>,
     pub queue: super::SharedQueue,
     pub publisher: Arc<super::Publisher>,
+    pub gate: Arc<Gate>,
 }
 
 /// Validate a path argument (X-1 input limits).
@@ -216,13 +209,23 @@ impl Agent1 {
     }
 
     /// Host facts (H-1, H-5) as a dictionary.
-    async fn get_host_facts(&self) -> HashMap<String, OwnedVariant> {
-        self.state.refresh_hostname();
-        to_dict(&facts::host_report(&self.state.identity()))
+    async fn get_host_facts(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, OwnedVariant>, OutliveError> {
+        let _pass = self.gate.enter(conn, &hdr, Kind::Read).await?;
+        // The report reads /proc and /etc: on the blocking pool.
+        let state = Arc::clone(&self.state);
+        blocking(move || {
+            state.refresh_hostname();
+            to_dict(&facts::host_report(&state.identity()))
+        })
+        .await
     }
 
     /// Classify a path (H-3). Callers who may not act on the queue get the mount-table
-    /// classification only (the path is not touched) and are rate-limited.
+    /// classification only (the path is not touched); the gate rate-limits them.
     async fn classify_path(
         &self,
         path: String,
@@ -230,25 +233,17 @@ impl Agent1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<HashMap<String, OwnedVariant>, OutliveError> {
         let p = check_path("path", &path)?;
-        let caller = auth::caller(conn, &hdr).await?;
-        let privileged = caller.may_mutate(&self.state.auth);
-        if !privileged && !self.state.classify_limiter.allow(caller.uid) {
-            return Err(OutliveError::Busy(format!(
-                "ClassifyPath is limited to {UNPRIVILEGED_CLASSIFY_LIMIT} calls per {} s for uid {}; try again shortly",
-                UNPRIVILEGED_CLASSIFY_WINDOW_MS / 1000,
-                caller.uid
-            )));
-        }
+        let caller = self.gate.enter(conn, &hdr, Kind::Read).await?.caller;
+        let privileged = caller.may_mutate(&self.gate.policy());
         let facts = self.state.facts.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        let result = blocking(move || {
             if privileged {
                 facts.classify_path(&p)
             } else {
                 facts.classify_untouched(&p)
             }
         })
-        .await
-        .map_err(|e| OutliveError::Busy(format!("classification failed: {e}")))?;
+        .await?;
         Ok(to_dict(&result.map_err(classify_error)?.to_json()))
     }
 
@@ -259,12 +254,12 @@ impl Agent1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let caller = auth::caller(conn, &hdr).await?;
-        caller.require_admin(&self.state.auth, "Reevaluate")?;
-        {
-            let env = self.state.lock_env();
-            self.queue.lock().evaluate_lock(&env, true);
-        }
+        let pass = self.gate.enter(conn, &hdr, Kind::Mutate).await?;
+        pass.caller
+            .require_admin(&self.gate.policy(), "Reevaluate")?;
+        // The lock decision reads and writes the state directory: on the blocking pool.
+        let (state, queue) = (Arc::clone(&self.state), Arc::clone(&self.queue));
+        blocking(move || queue.lock().evaluate_lock(&state.lock_env(), true)).await?;
         self.publisher.sync(conn).await;
         Ok(())
     }

@@ -6,15 +6,12 @@
 //! calling process are not trusted. The shipped bus policy filters first; the agent checks
 //! everything again.
 
-use std::collections::HashMap;
 use std::ffi::CString;
-use std::sync::Mutex;
 
 use zbus::Connection;
 use zbus::message::Header;
 
 use super::errors::OutliveError;
-use crate::clock::boottime_ms;
 
 /// The group whose members may act on the queue.
 pub const GROUP: &str = "outlive";
@@ -117,12 +114,6 @@ pub async fn caller_uid(conn: &Connection, hdr: &Header<'_>) -> Result<u32, Outl
     }
 }
 
-/// Identify the sender of `hdr`.
-pub async fn caller(conn: &Connection, hdr: &Header<'_>) -> Result<Caller, OutliveError> {
-    let uid = caller_uid(conn, hdr).await?;
-    Ok(identify(uid))
-}
-
 /// A caller by uid, with membership from the user database.
 pub fn identify(uid: u32) -> Caller {
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
@@ -149,45 +140,6 @@ pub fn is_member(user: &str, gid: u32, group: &str) -> bool {
     match nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)) {
         Ok(groups) => groups.contains(&g.gid),
         Err(_) => g.mem.iter().any(|m| m == user),
-    }
-}
-
-/// A per-uid fixed-window rate limiter (unprivileged `ClassifyPath`).
-pub struct RateLimiter {
-    limit: u32,
-    window_ms: u64,
-    seen: Mutex<HashMap<u32, (u64, u32)>>,
-}
-
-impl RateLimiter {
-    /// At most `limit` calls per `window_ms` per uid.
-    pub fn new(limit: u32, window_ms: u64) -> RateLimiter {
-        RateLimiter {
-            limit,
-            window_ms,
-            seen: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Count a call; false when over the limit.
-    pub fn allow(&self, uid: u32) -> bool {
-        self.allow_at(uid, boottime_ms())
-    }
-
-    fn allow_at(&self, uid: u32, now: u64) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() > 4096 {
-            seen.retain(|_, (start, _)| now.saturating_sub(*start) < self.window_ms);
-        }
-        let e = seen.entry(uid).or_insert((now, 0));
-        if now.saturating_sub(e.0) >= self.window_ms {
-            *e = (now, 0);
-        }
-        if e.1 >= self.limit {
-            return false;
-        }
-        e.1 += 1;
-        true
     }
 }
 
@@ -247,14 +199,5 @@ mod tests {
         // root's primary group is root: membership by primary gid counts.
         assert!(is_member("root", 0, "root"));
         assert!(!is_member("root", 0, "no-such-group-outlive-test"));
-    }
-
-    #[test]
-    fn rate_limiter_windows() {
-        let r = RateLimiter::new(2, 1000);
-        assert!(r.allow_at(5, 0) && r.allow_at(5, 10));
-        assert!(!r.allow_at(5, 20));
-        assert!(r.allow_at(6, 20), "per uid");
-        assert!(r.allow_at(5, 1000), "a new window");
     }
 }

@@ -15,8 +15,8 @@ use zbus::wire::OwnedVariant;
 use zbus::{Connection, interface};
 
 use super::Publisher;
-use super::auth::{self, AuthPolicy};
 use super::errors::OutliveError;
+use super::gate::{Gate, Kind, MAX_REPORT_OPTIONS_BYTES, blocking};
 use super::variant::to_dict;
 use crate::audit::AuditSink;
 use crate::posture::attention::Attention;
@@ -33,7 +33,7 @@ pub struct Guards1 {
     pub audit: Arc<dyn AuditSink>,
     /// Asks for an evaluation (a runtime change, G-8).
     pub poke: Arc<tokio::sync::Notify>,
-    pub auth: AuthPolicy,
+    pub gate: Arc<Gate>,
     pub publisher: Arc<Publisher>,
 }
 
@@ -170,14 +170,19 @@ impl Guards1 {
     }
 
     /// Every row (G-10).
-    async fn get_guards(&self) -> RowsReply {
-        RowsReply(Arc::clone(
+    async fn get_guards(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<RowsReply, OutliveError> {
+        let _pass = self.gate.enter(conn, &hdr, Kind::Read).await?;
+        Ok(RowsReply(Arc::clone(
             &self.rows.read().unwrap_or_else(|e| e.into_inner()),
-        ))
+        )))
     }
 
     /// An external guard's runtime status (G-2, G-3). `options`: `verdict_unknown` (b),
-    /// `reason_code` (s).
+    /// `reason_code` (s). Only an accepted report asks for an evaluation (§12 X-1).
     #[allow(clippy::too_many_arguments)]
     async fn report_guard(
         &self,
@@ -189,12 +194,22 @@ impl Guards1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let caller = auth::caller(conn, &hdr).await?;
+        // Sizes first, before anything is done for the call (§12 X-1 bounds).
         if key.len() > 64 {
             return Err(OutliveError::InvalidArgument(
                 "key: at most 64 bytes".into(),
             ));
         }
+        let size: usize = options
+            .iter()
+            .map(|(k, v)| k.len() + super::variant::approx_bytes(v))
+            .sum();
+        if options.len() > 8 || size > MAX_REPORT_OPTIONS_BYTES {
+            return Err(OutliveError::InvalidArgument(format!(
+                "options: at most 8 entries and {MAX_REPORT_OPTIONS_BYTES} bytes (verdict_unknown, reason_code)"
+            )));
+        }
+        let caller = self.gate.enter(conn, &hdr, Kind::Read).await?.caller;
         let mut r = GuardReport {
             enabled,
             dry_run,
@@ -226,9 +241,9 @@ impl Guards1 {
                 }
             }
         }
-        let res = self.book.report(caller.uid, &key, r);
+        self.book.report(caller.uid, &key, r)?;
         self.poke.notify_one();
-        Ok(res?)
+        Ok(())
     }
 
     /// One-off notices leave the attention item now (G-9).
@@ -237,20 +252,21 @@ impl Guards1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let c = auth::caller(conn, &hdr).await?;
-        if !c.may_mutate(&self.auth) {
+        let pass = self.gate.enter(conn, &hdr, Kind::Mutate).await?;
+        if !pass.caller.may_mutate(&self.gate.policy()) {
             return Err(OutliveError::AccessDenied(
                 "AckAttention needs root or membership in the outlive group".into(),
             ));
         }
-        let (_, events) = self
-            .attention
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ack();
-        for e in &events {
-            self.audit.record(e);
-        }
+        // The restored entry, if the item closes, is audited: on the blocking pool.
+        let (attention, audit) = (Arc::clone(&self.attention), Arc::clone(&self.audit));
+        blocking(move || {
+            let (_, events) = attention.lock().unwrap_or_else(|e| e.into_inner()).ack();
+            for e in &events {
+                audit.record(e);
+            }
+        })
+        .await?;
         self.poke.notify_one();
         Ok(())
     }

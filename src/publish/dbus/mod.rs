@@ -1,16 +1,21 @@
 //! D-Bus publication (SPEC X-1): the well-known name `org.outlive.Agent1`, its objects, and the
 //! connection's life.
 //!
-//! The name is requested without queueing after the startup decisions; if another connection
-//! owns it, start fails (exit 75, `ERRNO=EADDRINUSE`). While running, the bus loop pings its own
-//! object through the bus daemon; each answered ping is a heartbeat, so a dispatcher that
-//! stops answering is seen by the watchdog. If the connection drops, the loop rebuilds it with
-//! backoff, re-serves every object and re-requests the name; the gap is recorded for the
-//! posture (`publish.dbus` reads `off-runtime-divergent` meanwhile).
+//! The connection lives on a thread and a runtime of its own, which only dispatches calls and
+//! never blocks ([`gate`] describes how calls are bounded and what runs where); the rest of the
+//! agent asks it for PropertiesChanged and posture signals through a channel ([`Bus::sync`],
+//! [`Bus::posture_signals`]). The name is requested without queueing after the startup
+//! decisions; if another connection owns it, start fails (exit 75, `ERRNO=EADDRINUSE`). While
+//! running, the bus loop's heartbeat follows dispatch progress: it beats while calls
+//! complete, and otherwise on an answered ping of its own object. If the connection drops, the
+//! loop rebuilds it with backoff (beating meanwhile: waiting is not wedged), re-serves every
+//! object and re-requests the name; the gap is recorded for the posture (`publish.dbus` reads
+//! `off-runtime-divergent` meanwhile).
 
 pub mod agent1;
 pub mod auth;
 pub mod errors;
+pub mod gate;
 pub mod guards1;
 pub mod queue1;
 pub mod variant;
@@ -228,11 +233,22 @@ pub struct Objects {
     pub publisher: Arc<Publisher>,
 }
 
+/// What the rest of the agent asks of the bus thread.
+enum Out {
+    /// Emit PropertiesChanged for what changed.
+    Sync,
+    /// `PostureChanged(changed_rows)` and `AttentionRaised(kind, detail)`.
+    Posture(Vec<crate::posture::rows::Row>, Vec<(String, String)>),
+    /// Everything asked before has been emitted.
+    Flushed(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The agent's bus connection and its publication state.
 pub struct Bus {
     target: BusTarget,
     objects: Objects,
     audit: Arc<dyn AuditSink>,
+    gate: Arc<gate::Gate>,
     conn: Mutex<Option<Connection>>,
     up: AtomicBool,
     /// Boottime when the current gap began (0: none).
@@ -241,27 +257,172 @@ pub struct Bus {
     /// Called when the connection is lost and when it is back (the posture re-evaluates, so
     /// `publish.dbus` shows the gap).
     on_change: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    outbox: tokio::sync::mpsc::UnboundedSender<Out>,
+    inbox: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Out>>>,
+}
+
+/// The bus thread, once its connection owns the name.
+pub struct BusThread {
+    pub bus: Arc<Bus>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BusThread {
+    /// Wait (at most `patience`) for the thread to release the name and end; it does once the
+    /// shutdown it was given is signalled.
+    pub async fn join(self, patience: Duration) {
+        let t = self.thread;
+        let _ = tokio::time::timeout(patience, tokio::task::spawn_blocking(move || t.join())).await;
+    }
+}
+
+/// Where a bus thread reports its heartbeat and learns to stop.
+pub struct Loop {
+    pub beat: Arc<LoopBeat>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Bus {
+    /// Start the bus thread: connect (retrying an unreachable bus for `patience`), serve the
+    /// objects and own the name there; then run the bus loop on that thread until shutdown.
+    /// Returns once the name is owned, or with why it cannot be.
+    pub async fn spawn(
+        target: BusTarget,
+        objects: Objects,
+        audit: Arc<dyn AuditSink>,
+        gate: Arc<gate::Gate>,
+        patience: Duration,
+        lp: Loop,
+    ) -> Result<BusThread, StartError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("outlive-bus".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .max_blocking_threads(gate::BLOCKING_THREADS)
+                    .thread_keep_alive(Duration::from_secs(600))
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(StartError::Unreachable(zbus::Error::InputOutput(
+                            Arc::new(e),
+                        ))));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let bus =
+                        match Bus::start_patiently(target, objects, audit, gate, patience).await {
+                            Ok(b) => b,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        };
+                    if tx.send(Ok(Arc::clone(&bus))).is_err() {
+                        return;
+                    }
+                    let outbox = tokio::spawn(Arc::clone(&bus).outbox(lp.shutdown.clone()));
+                    Arc::clone(&bus).run(lp.beat, lp.shutdown).await;
+                    outbox.abort();
+                    bus.close().await;
+                });
+            })
+            .map_err(|e| StartError::Unreachable(zbus::Error::InputOutput(Arc::new(e))))?;
+        match rx.await {
+            Ok(Ok(bus)) => Ok(BusThread { bus, thread }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(StartError::Unreachable(zbus::Error::Failure(
+                    "the bus thread ended".into(),
+                )))
+            }
+        }
+    }
+
+    /// Connect, retrying an unreachable bus with backoff for `patience`.
+    async fn start_patiently(
+        target: BusTarget,
+        objects: Objects,
+        audit: Arc<dyn AuditSink>,
+        gate: Arc<gate::Gate>,
+        patience: Duration,
+    ) -> Result<Arc<Bus>, StartError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match Bus::start(
+                target,
+                objects.clone(),
+                Arc::clone(&audit),
+                Arc::clone(&gate),
+            )
+            .await
+            {
+                Err(e @ StartError::Unreachable(_))
+                    if tokio::time::Instant::now() + backoff <= deadline =>
+                {
+                    tracing::warn!("{e}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(4));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Connect, serve the objects and own the name.
     pub async fn start(
         target: BusTarget,
         objects: Objects,
         audit: Arc<dyn AuditSink>,
+        gate: Arc<gate::Gate>,
     ) -> Result<Arc<Bus>, StartError> {
         let conn = connect(target, &objects).await?;
         objects.publisher.reset().await;
-        Ok(Arc::new(Bus {
+        let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
+        let bus = Arc::new(Bus {
             target,
             objects,
             audit,
-            conn: Mutex::new(Some(conn)),
+            gate,
+            conn: Mutex::new(Some(conn.clone())),
             up: AtomicBool::new(true),
             gap_since_ms: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             on_change: Mutex::new(None),
-        }))
+            outbox,
+            inbox: Mutex::new(Some(inbox)),
+        });
+        bus.watch_names(&conn);
+        Ok(bus)
+    }
+
+    /// Forget the identity of every unique name that leaves the bus (the gate's cache).
+    fn watch_names(&self, conn: &Connection) {
+        let (gate, conn) = (Arc::clone(&self.gate), conn.clone());
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let Ok(proxy) = zbus::fdo::DBusProxy::new(&conn).await else {
+                return;
+            };
+            let Ok(mut changes) = proxy.receive_name_owner_changed().await else {
+                return;
+            };
+            while let Some(sig) = changes.next().await {
+                if let Ok(a) = sig.args()
+                    && a.new_owner().is_none()
+                {
+                    gate.forget(a.name());
+                }
+            }
+        });
     }
 
     /// Call `f` whenever the connection is lost or restored.
@@ -303,10 +464,61 @@ impl Bus {
         self.gaps.load(Ordering::Relaxed)
     }
 
-    /// Emit PropertiesChanged for what changed since the last call (see [`Publisher`]).
-    pub async fn sync(&self) {
-        if let Some(conn) = self.connection() {
-            self.objects.publisher.sync(&conn).await;
+    /// Ask the bus thread to emit PropertiesChanged for what changed since it last did (see
+    /// [`Publisher`]); returns at once.
+    pub fn sync(&self) {
+        let _ = self.outbox.send(Out::Sync);
+    }
+
+    /// Ask the bus thread to emit `PostureChanged(changed_rows)` and `AttentionRaised(kind,
+    /// detail)` (G-10, G-9); returns at once.
+    pub fn posture_signals(
+        &self,
+        changed: &[crate::posture::rows::Row],
+        raised: &[(String, String)],
+    ) {
+        if !changed.is_empty() || !raised.is_empty() {
+            let _ = self
+                .outbox
+                .send(Out::Posture(changed.to_vec(), raised.to_vec()));
+        }
+    }
+
+    /// Wait (at most `patience`) until the bus thread has emitted what was asked before (the
+    /// agent says READY=1 only then, so no change made before it is signalled after it).
+    pub async fn flush(&self, patience: Duration) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.outbox.send(Out::Flushed(tx)).is_ok() {
+            let _ = tokio::time::timeout(patience, rx).await;
+        }
+    }
+
+    /// The bus thread's side of [`Bus::sync`] and [`Bus::posture_signals`].
+    async fn outbox(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let Some(mut inbox) = self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        loop {
+            let out = tokio::select! {
+                o = inbox.recv() => o,
+                _ = shutdown.changed() => return,
+            };
+            let Some(out) = out else { return };
+            if let Out::Flushed(done) = out {
+                let _ = done.send(());
+                continue;
+            }
+            let Some(conn) = self.connection() else {
+                continue;
+            };
+            match out {
+                Out::Flushed(_) => {}
+                Out::Sync => self.objects.publisher.sync(&conn).await,
+                Out::Posture(changed, raised) => {
+                    emit_posture(&conn, &changed, &raised).await;
+                    self.objects.publisher.sync(&conn).await;
+                }
+            }
         }
     }
 
@@ -332,14 +544,15 @@ impl Bus {
         }
     }
 
-    /// The bus loop: self-ping as heartbeat, reconnect when the connection is lost. Returns
-    /// when `shutdown` flips to true.
+    /// The bus loop (on the bus thread): the dispatch heartbeat, and reconnection when the
+    /// connection is lost. Returns when `shutdown` flips to true.
     pub async fn run(
         self: Arc<Self>,
         beat: Arc<LoopBeat>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut backoff = BACKOFF_MIN;
+        let mut last_done = self.gate.completed();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -350,11 +563,20 @@ impl Bus {
                     tokio::select! {
                         _ = conn.closed() => self.lost("the bus closed the connection"),
                         _ = tokio::time::sleep(period) => {
-                            match tokio::time::timeout(PING_TIMEOUT, self_ping(&conn)).await {
-                                Ok(Ok(())) => beat.beat(),
-                                Ok(Err(e)) if conn.is_closed() => self.lost(&e.to_string()),
-                                Ok(Err(e)) => tracing::warn!("the bus did not return our own ping: {e}"),
-                                Err(_) => tracing::warn!("our own ping through the bus timed out"),
+                            // Dispatch progress: calls completed since the last look. Without
+                            // any (idle, or one slow call), a ping of our own object through
+                            // the dispatcher shows it still answers.
+                            let done = self.gate.completed();
+                            if done != last_done {
+                                last_done = done;
+                                beat.beat();
+                            } else {
+                                match tokio::time::timeout(PING_TIMEOUT, self_ping(&conn)).await {
+                                    Ok(Ok(())) => beat.beat(),
+                                    Ok(Err(e)) if conn.is_closed() => self.lost(&e.to_string()),
+                                    Ok(Err(e)) => tracing::warn!("the bus did not return our own ping: {e}"),
+                                    Err(_) => tracing::warn!("our own ping through the bus timed out"),
+                                }
                             }
                         }
                         _ = shutdown.changed() => {}
@@ -365,6 +587,9 @@ impl Bus {
                     beat.beat();
                     match connect(self.target, &self.objects).await {
                         Ok(c) => {
+                            // Unique names are the old daemon's: forget every identity.
+                            self.gate.forget_all();
+                            self.watch_names(&c);
                             self.set_conn(Some(c));
                             self.up.store(true, Ordering::Relaxed);
                             let gap_ms = self
@@ -412,41 +637,38 @@ impl Bus {
         }
     }
 
-    /// Emit `PostureChanged(changed_rows)` and `AttentionRaised(kind, detail)` (G-10, G-9).
-    pub async fn posture_signals(
-        &self,
-        changed: &[crate::posture::rows::Row],
-        raised: &[(String, String)],
-    ) {
-        let Some(conn) = self.connection() else {
-            return;
-        };
-        let Ok(iref) = conn
-            .object_server()
-            .interface::<_, Guards1>(GUARDS_PATH)
-            .await
-        else {
-            return;
-        };
-        let em = iref.signal_emitter();
-        if !changed.is_empty()
-            && let Err(e) = Guards1::posture_changed(em, guards1::rows_wire(changed)).await
-        {
-            tracing::warn!("cannot emit PostureChanged: {e}");
-        }
-        for (kind, detail) in raised {
-            if let Err(e) = Guards1::attention_raised(em, kind, detail).await {
-                tracing::warn!("cannot emit AttentionRaised: {e}");
-            }
-        }
-    }
-
     /// Release the name and close the connection (orderly stop).
     pub async fn close(&self) {
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(c) = c {
             let _ = c.release_name(NAME).await;
             let _ = c.close().await;
+        }
+    }
+}
+
+/// Emit `PostureChanged(changed_rows)` and `AttentionRaised(kind, detail)` on `conn`.
+async fn emit_posture(
+    conn: &Connection,
+    changed: &[crate::posture::rows::Row],
+    raised: &[(String, String)],
+) {
+    let Ok(iref) = conn
+        .object_server()
+        .interface::<_, Guards1>(GUARDS_PATH)
+        .await
+    else {
+        return;
+    };
+    let em = iref.signal_emitter();
+    if !changed.is_empty()
+        && let Err(e) = Guards1::posture_changed(em, guards1::rows_wire(changed)).await
+    {
+        tracing::warn!("cannot emit PostureChanged: {e}");
+    }
+    for (kind, detail) in raised {
+        if let Err(e) = Guards1::attention_raised(em, kind, detail).await {
+            tracing::warn!("cannot emit AttentionRaised: {e}");
         }
     }
 }

@@ -17,8 +17,8 @@ use zbus::wire::{OwnedVariant, Variant};
 use zbus::{Connection, interface};
 
 use super::Publisher;
-use super::auth::{self, AuthPolicy};
 use super::errors::OutliveError;
+use super::gate::{Gate, Kind, Pass, blocking};
 use super::variant::to_dict;
 use crate::drainer::tick::{Handle, Outcome, Public, Report};
 use crate::queue::entry::{Entry, Target, clamp_evidence};
@@ -100,7 +100,7 @@ pub trait DrainService: Send + Sync {
 #[derive(Clone)]
 pub struct ResumeQueue1 {
     pub queue: SharedQueue,
-    pub auth: AuthPolicy,
+    pub gate: Arc<Gate>,
     pub last_tick_at: Arc<AtomicU64>,
     pub publisher: Arc<Publisher>,
     pub drainer: Handle,
@@ -112,14 +112,35 @@ impl ResumeQueue1 {
         QueueProps::of(&self.queue.view(), &self.drainer.public())
     }
 
-    async fn caller(&self, conn: &Connection, hdr: &Header<'_>) -> Result<Caller, OutliveError> {
-        let c = auth::caller(conn, hdr).await?;
-        Ok(Caller {
+    /// Admit a call (the gate) and say who calls, as the queue sees it.
+    async fn enter(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        kind: Kind,
+    ) -> Result<(Pass, Caller), OutliveError> {
+        let pass = self.gate.enter(conn, hdr, kind).await?;
+        let c = pass.caller;
+        let caller = Caller {
             uid: c.uid,
             gid: c.gid.unwrap_or(c.uid),
             root: c.is_root(),
-            may_mutate: c.may_mutate(&self.auth),
-        })
+            may_mutate: c.may_mutate(&self.gate.policy()),
+        };
+        Ok((pass, caller))
+    }
+
+    /// A queue operation, which may write and fsync the state: on the blocking pool, never on
+    /// the dispatch thread; then PropertiesChanged for what changed.
+    async fn mutate<T: Send + 'static>(
+        &self,
+        conn: &Connection,
+        f: impl FnOnce(&mut crate::queue::Queue) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, OutliveError> {
+        let q = Arc::clone(&self.queue);
+        let r = blocking(move || f(&mut q.lock())).await?;
+        self.publisher.sync(conn).await;
+        Ok(r?)
     }
 }
 
@@ -440,9 +461,9 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<Vec<HashMap<String, OwnedVariant>>, OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
-        let q = self.queue.lock();
-        let entries = q.entries()?;
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Read).await?;
+        let view = self.queue.view();
+        let entries = view.entries.clone()?;
         Ok(entries
             .iter()
             .map(|e| to_dict(&list_row(e, caller.may_mutate || caller.uid == e.uid)))
@@ -456,10 +477,12 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(bool, String, String), OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
         let decoded = decode_enqueue(&request);
-        let reply = self.queue.lock().enqueue(&caller, decoded)?;
-        self.publisher.sync(conn).await;
+        drop(request);
+        let reply = self
+            .mutate(conn, move |q| q.enqueue(&caller, decoded))
+            .await?;
         Ok((reply.admitted, reply.why, reply.id))
     }
 
@@ -470,10 +493,8 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
-        self.queue.lock().cancel(&caller, &id)?;
-        self.publisher.sync(conn).await;
-        Ok(())
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
+        self.mutate(conn, move |q| q.cancel(&caller, &id)).await
     }
 
     /// Requeue a gave-up entry.
@@ -483,10 +504,8 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
-        self.queue.lock().requeue(&caller, &id)?;
-        self.publisher.sync(conn).await;
-        Ok(())
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
+        self.mutate(conn, move |q| q.requeue(&caller, &id)).await
     }
 
     /// Pause revival (P-1): `emergency` or `maintenance`.
@@ -497,10 +516,9 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
-        self.queue.lock().pause(&caller, &kind, &reason)?;
-        self.publisher.sync(conn).await;
-        Ok(())
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
+        self.mutate(conn, move |q| q.pause(&caller, &kind, &reason).map(|_| ()))
+            .await
     }
 
     /// Clear any pause; whether there was one (P-2).
@@ -509,10 +527,8 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<bool, OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
-        let was = self.queue.lock().resume(&caller)?;
-        self.publisher.sync(conn).await;
-        Ok(was)
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
+        self.mutate(conn, move |q| q.resume(&caller)).await
     }
 
     /// Stop a run: cancel its open entries and record the stop. Returns how many.
@@ -522,10 +538,8 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u32, OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
-        let n = self.queue.lock().stop(&caller, &run_id)?;
-        self.publisher.sync(conn).await;
-        Ok(n)
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
+        self.mutate(conn, move |q| q.stop(&caller, &run_id)).await
     }
 
     /// Run a tick now (D-1), skipping the calm gate (D-5). Replies `outcome` (a D-3 word) and
@@ -535,7 +549,7 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<HashMap<String, OwnedVariant>, OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
         if !caller.may_mutate {
             return Err(OutliveError::AccessDenied(
                 "Drain needs root or membership in the outlive group".into(),
@@ -557,14 +571,15 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
         if !caller.may_mutate {
             return Err(OutliveError::AccessDenied(
                 "ReportQuota needs root or membership in the outlive group".into(),
             ));
         }
-        self.drainer
-            .report_quota(can_spawn, u64::from(valid_for_sec) * 1000);
+        // The report is audited (the journal and audit.jsonl): on the blocking pool.
+        let d = self.drainer.clone();
+        blocking(move || d.report_quota(can_spawn, u64::from(valid_for_sec) * 1000)).await?;
         self.publisher.sync(conn).await;
         Ok(())
     }
@@ -575,10 +590,8 @@ impl ResumeQueue1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), OutliveError> {
-        let caller = self.caller(conn, &hdr).await?;
-        self.queue.lock().stop_all(&caller)?;
-        self.publisher.sync(conn).await;
-        Ok(())
+        let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
+        self.mutate(conn, move |q| q.stop_all(&caller)).await
     }
 }
 

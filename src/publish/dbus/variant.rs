@@ -58,6 +58,26 @@ pub fn to_dict(v: &serde_json::Value) -> HashMap<String, OwnedVariant> {
 
 /// A variant as JSON (for `outlivectl --json`): dictionaries become objects, arrays arrays,
 /// numbers numbers, strings strings.
+/// About how many bytes `v` takes (strings by their length, every other scalar 8): the size
+/// caps of X-1 for values whose type a caller chooses.
+pub fn approx_bytes(v: &Variant<'_>) -> usize {
+    match v {
+        Variant::Str(s) => s.len(),
+        Variant::Signature(s) => s.to_string().len(),
+        Variant::ObjectPath(p) => p.as_str().len(),
+        Variant::Variant(inner) => approx_bytes(inner),
+        Variant::Array(a) => a.iter().map(approx_bytes).sum::<usize>() + 8,
+        Variant::Dict(d) => {
+            d.iter()
+                .map(|(k, v)| approx_bytes(k) + approx_bytes(v))
+                .sum::<usize>()
+                + 8
+        }
+        Variant::Structure(s) => s.fields().iter().map(approx_bytes).sum::<usize>() + 8,
+        _ => 8,
+    }
+}
+
 pub fn to_json(v: &Variant<'_>) -> serde_json::Value {
     use serde_json::Value as J;
     match v {
