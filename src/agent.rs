@@ -178,6 +178,8 @@ pub fn main(opts: Options) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_keep_alive(Duration::from_secs(600))
+        // Bounded, like every thread of the agent (the unit's TasksMax=).
+        .max_blocking_threads(4)
         .build()
     {
         Ok(rt) => rt,

@@ -1444,3 +1444,281 @@ fn box_d6_the_service_manager_is_never_silently_lost() {
         b.halt();
     });
 }
+
+/// Issue 12, 2 (security review finding 10): the shipped unit grants what the agent needs and
+/// nothing more, as the running agent sees it: the memory and task limits are set, its
+/// capabilities hold neither CAP_KILL nor CAP_FOWNER, it cannot write /run (only its runtime
+/// directory), no metrics path is writable unless configured, and `systemd-analyze security`
+/// scores the unit at most 2.0.
+#[test]
+fn box_the_shipped_unit_grants_only_what_the_agent_needs() {
+    if !box_available() {
+        return;
+    }
+    unchanged_machine(|| {
+        let stage = Stage::new("sandbox");
+        stage.state_image(64);
+        stage.want("outlived.service");
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        assert_eq!(b.show("outlived", "MemoryMax"), (64u64 << 20).to_string());
+        let tasks: u64 = b.show("outlived", "TasksMax").parse().unwrap();
+        assert!((32..=256).contains(&tasks), "TasksMax={tasks}");
+        let pid = b.show("outlived", "MainPID");
+        let (_, status, _) = b.run(&["cat", &format!("/proc/{pid}/status")]);
+        let cap = |name: &str| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim();
+            u64::from_str_radix(hex, 16).unwrap()
+        };
+        let eff = cap("CapEff:");
+        const CAP_FOWNER: u64 = 1 << 3;
+        const CAP_KILL: u64 = 1 << 5;
+        assert_eq!(eff & (CAP_FOWNER | CAP_KILL), 0, "CapEff {eff:x}");
+        assert_eq!(cap("CapBnd:") & (CAP_FOWNER | CAP_KILL), 0);
+        // /run is read-only for it; its runtime directory is not.
+        let in_ns = |cmd: &str| b.run(&["nsenter", "-t", &pid, "-m", "sh", "-c", cmd]);
+        let (code, _, _) = in_ns("touch /run/outlive-probe");
+        assert_ne!(code, 0, "/run is writable in outlived's namespace");
+        let (code, _, err) = in_ns("touch /run/outlive/probe && rm /run/outlive/probe");
+        assert_eq!(code, 0, "the runtime directory: {err}");
+        let (code, _, _) = in_ns(
+            "mkdir -p /var/lib/prometheus/node-exporter 2>/dev/null; touch /var/lib/prometheus/node-exporter/x",
+        );
+        assert_ne!(
+            code, 0,
+            "a metrics path is writable without being configured"
+        );
+        let (code, out, err) = b.run(&[
+            "systemd-analyze",
+            "security",
+            "--no-pager",
+            "outlived.service",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let score: f64 = out
+            .lines()
+            .find_map(|l| {
+                l.split("Overall exposure level for outlived.service: ")
+                    .nth(1)
+            })
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(score <= 2.0, "exposure {score}:\n{out}");
+        b.halt();
+    });
+}
+
+// ---- hostile callers (SPEC X-1 bounds, §12) --------------------------------------------------
+
+/// The flood the box test runs as an unprivileged user: not a test of its own (ignored), but
+/// this test binary run again inside the box (`--exact flood_client --ignored`), so that the
+/// client is the project's own code. `OUTLIVE_FLOOD` is `<kind>:<connections>,…` with kinds
+/// `list` (List), `report` (ReportGuard with 1 MiB of options) and `classify` (ClassifyPath);
+/// every connection sends as fast as the bus takes them, without waiting for replies, for
+/// `OUTLIVE_FLOOD_SECS`. Prints one JSON line: the calls sent per kind and the seconds.
+#[tokio::test]
+#[ignore = "run inside the box by box_hostile_callers_neither_wedge_nor_grow_the_agent"]
+async fn flood_client() {
+    use zbus::message::{Flags, Message};
+    let plan = std::env::var("OUTLIVE_FLOOD").expect("OUTLIVE_FLOOD");
+    let secs: u64 = std::env::var("OUTLIVE_FLOOD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let big: std::collections::HashMap<&str, zbus::wire::Variant<'_>> =
+        std::collections::HashMap::from([("reason_code", "x".repeat(1 << 20).into())]);
+    let mut tasks = Vec::new();
+    for part in plan.split(',') {
+        let (kind, n) = part.split_once(':').unwrap();
+        for _ in 0..n.parse::<usize>().unwrap() {
+            let kind = kind.to_string();
+            let big = big.clone();
+            tasks.push(tokio::spawn(async move {
+                let conn = zbus::Connection::system().await.expect("the system bus");
+                let mut sent = 0u64;
+                while std::time::Instant::now() < until {
+                    let base = |path: &'static str, iface: &'static str, member: &'static str| {
+                        Message::method_call(path, member)
+                            .destination("org.outlive.Agent1")
+                            .interface(iface)
+                            .with_flags(Flags::NO_REPLY_EXPECTED)
+                    };
+                    let msg = match kind.as_str() {
+                        "list" => base(
+                            "/org/outlive/Agent1/ResumeQueue",
+                            "org.outlive.ResumeQueue1",
+                            "List",
+                        )
+                        .build(&()),
+                        "report" => base(
+                            "/org/outlive/Agent1/Guards",
+                            "org.outlive.Guards1",
+                            "ReportGuard",
+                        )
+                        .build(&("no.such.guard", true, false, 0u64, &big)),
+                        _ => base("/org/outlive/Agent1", "org.outlive.Agent1", "ClassifyPath")
+                            .build(&("/",)),
+                    }
+                    .unwrap();
+                    if conn.send(&msg).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                (kind, sent)
+            }));
+        }
+    }
+    let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+    for t in tasks {
+        let (k, n) = t.await.unwrap();
+        *totals.entry(k).or_default() += n;
+    }
+    println!(
+        "FLOOD {}",
+        serde_json::json!({"sent": totals, "secs": secs})
+    );
+}
+
+/// The peak memory of a unit's cgroup since `reset_peak`: cgroup v1's memory.max_usage_in_bytes
+/// (reset by writing to it) or v2's memory.peak, read in the box.
+fn memory_file(b: &SystemdBox, unit: &str) -> String {
+    let pid = b.show(unit, "MainPID");
+    let (_, cg, _) = b.run(&["cat", &format!("/proc/{pid}/cgroup")]);
+    if let Some(p) = cg.lines().find_map(|l| l.strip_prefix("0::"))
+        && b.run(&[
+            "test",
+            "-e",
+            &format!("/sys/fs/cgroup/unified{p}/memory.peak"),
+        ])
+        .0 == 0
+    {
+        return format!("/sys/fs/cgroup/unified{p}/memory.peak");
+    }
+    if let Some(p) = cg
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p))
+    {
+        return format!("/sys/fs/cgroup/memory{p}/memory.max_usage_in_bytes");
+    }
+    let p = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("");
+    format!("/sys/fs/cgroup{p}/memory.peak")
+}
+
+/// Issue 12, 1 (security review finding 1): as an unprivileged user, for 60 s, List calls sent
+/// without waiting for replies over 8 connections, ReportGuard with 1 MiB of options, and
+/// ClassifyPath, each connection as fast as the bus takes them, at once. Throughout, the agent
+/// is not restarted and no watchdog fires; its cgroup's peak memory stays at or under 32 MiB;
+/// a root `outlivectl status` sent during the flood answers within 1 s. The figures are printed
+/// for BENCHMARKS.md.
+#[test]
+fn box_hostile_callers_neither_wedge_nor_grow_the_agent() {
+    if !box_available() {
+        return;
+    }
+    unchanged_machine(|| {
+        let stage = Stage::new_release("flood");
+        stage.state_image(64);
+        stage.want("outlived.service");
+        let helper = stage.root.join("usr/local/libexec/outlive-tests/flood");
+        std::fs::create_dir_all(helper.parent().unwrap()).unwrap();
+        std::fs::copy(std::env::current_exe().unwrap(), &helper).unwrap();
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        let (code, _, err) = b.run(&["useradd", "--no-create-home", "bob"]);
+        assert_eq!(code, 0, "{err}");
+        let status_ms = |b: &SystemdBox| {
+            let t = std::time::Instant::now();
+            let (code, _, err) = ctl(b, &["status"]);
+            assert_eq!(code, 0, "outlivectl status: {err}");
+            t.elapsed().as_millis() as u64
+        };
+        let mut idle: Vec<u64> = (0..5).map(|_| status_ms(&b)).collect();
+        idle.sort();
+        let mem = memory_file(&b, "outlived");
+        if mem.ends_with("max_usage_in_bytes") {
+            let (code, _, err) = b.sh(&format!("echo 0 > {mem}"));
+            assert_eq!(code, 0, "resetting {mem}: {err}");
+        }
+        let secs = std::env::var("OUTLIVE_FLOOD_SECS").unwrap_or_else(|_| "60".into());
+        let flood = std::thread::scope(|s| {
+            let runner = s.spawn(|| {
+                b.run(&[
+                    "setpriv",
+                    "--reuid",
+                    "bob",
+                    "--regid",
+                    "bob",
+                    "--init-groups",
+                    "env",
+                    "OUTLIVE_FLOOD=list:8,report:4,classify:4",
+                    &format!("OUTLIVE_FLOOD_SECS={secs}"),
+                    "/usr/local/libexec/outlive-tests/flood",
+                    "--exact",
+                    "flood_client",
+                    "--ignored",
+                    "--nocapture",
+                ])
+            });
+            std::thread::sleep(Duration::from_secs(3));
+            let mut during = vec![];
+            while !runner.is_finished() {
+                during.push(status_ms(&b));
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            (runner.join().unwrap(), during)
+        });
+        let ((code, out, err), mut during) = flood;
+        assert_eq!(code, 0, "the flood client: {out}{err}");
+        let report: serde_json::Value = out
+            .lines()
+            .find_map(|l| l.strip_prefix("FLOOD "))
+            .map(|j| serde_json::from_str(j).unwrap())
+            .unwrap_or_else(|| panic!("{out}{err}"));
+        let secs: f64 = report["secs"].as_f64().unwrap();
+        let total: u64 = report["sent"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        let rate = total as f64 / secs;
+        let (_, peak, _) = b.run(&["cat", &mem]);
+        let peak: u64 = peak
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{mem}: {peak}"));
+        during.sort();
+        eprintln!(
+            "flood figures: sent {} in {secs} s = {rate:.0} calls/s; peak memory {:.1} MiB ({mem}); \
+             root `outlivectl status` idle median {} ms (max {}), under the flood median {} ms (max {}, {} samples)",
+            report["sent"],
+            peak as f64 / (1 << 20) as f64,
+            idle[idle.len() / 2],
+            idle[idle.len() - 1],
+            during[during.len() / 2],
+            during[during.len() - 1],
+            during.len()
+        );
+        assert!(rate >= 2000.0, "only {rate:.0} calls/s reached the bus");
+        assert!(
+            during.iter().all(|&ms| ms < 1000),
+            "root status latencies under the flood: {during:?}"
+        );
+        assert!(peak <= 32 << 20, "peak memory {peak} bytes");
+        assert_eq!(b.show("outlived", "NRestarts"), "0");
+        assert_eq!(b.show("outlived", "ActiveState"), "active");
+        assert!(journal_json(&b, &["OUTLIVE_EVENT=watchdog-trigger"]).is_empty());
+        b.halt();
+    });
+}
