@@ -1201,15 +1201,22 @@ impl Runner {
     /// After every tick: the metrics textfile and a posture evaluation (G-8).
     fn after_tick(&self) {
         self.posture_poke.notify_one();
-        let Some(path) = self
-            .applied
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .metrics_textfile
-            .clone()
-        else {
+        let (path, runtime_dir) = {
+            let c = self.applied.read().unwrap_or_else(|e| e.into_inner());
+            (c.metrics_textfile.clone(), c.runtime_dir.clone())
+        };
+        let Some(path) = path else {
             return;
         };
+        // The one metrics directory the agent owns: `<runtime_dir>/metrics`, root 0755, for
+        // node_exporter's --collector.textfile.directory (writable under the shipped unit).
+        if path.parent() == Some(runtime_dir.join("metrics").as_path()) {
+            let made = crate::files::Dir::create(&runtime_dir, 0o755)
+                .and_then(|d| d.subdir("metrics", 0o755));
+            if let Err(e) = made {
+                tracing::warn!("cannot create {}/metrics: {e}", runtime_dir.display());
+            }
+        }
         let (entries, paused) = {
             let q = self.queue.lock();
             (q.state().entries.clone(), q.state().pause.is_some())

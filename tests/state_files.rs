@@ -437,3 +437,99 @@ fn l8_outlivectl_lock_never_panics_and_never_blocks_on_a_fifo() {
         );
     }
 }
+
+/// §12 and issue 12, 4 (security review finding 3): the metrics textfile. In the directory the
+/// agent owns (`<runtime_dir>/metrics`, created root 0755) it is written every tick; a link
+/// planted at the file or at the temporary names an older agent used, and a FIFO there, are
+/// never followed and never block the agent; the queue's state is untouched. A directory others
+/// may write in is refused (`metrics-dir-unsafe`), in the journal and the posture.
+#[test]
+fn x5_the_metrics_file_never_follows_or_blocks_on_what_is_planted() {
+    let d = common::open_tempdir();
+    let state = private_state(d.path());
+    let run = d.path().join("run");
+    let prom = run.join("metrics/outlive.prom");
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let mut a = Agent::start(AgentSpec {
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        state_dir: Some(state.clone()),
+        runtime_dir: Some(run.clone()),
+        toml: format!(
+            "[drainer]\ninterval_sec = 1\n[metrics]\ntextfile = {:?}\n",
+            prom.display().to_string()
+        ),
+        ..AgentSpec::default()
+    });
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    let end = Instant::now() + T;
+    while !prom.exists() {
+        assert!(Instant::now() < end, "no metrics file: {}", a.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let m = std::fs::metadata(run.join("metrics")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o755);
+    let before = std::fs::read(state.join("resume-queue.json")).unwrap();
+    let pid = a.pid();
+    for name in [
+        format!(".outlive.prom.{pid}.tmp"),
+        ".outlive.prom.1.tmp".into(),
+    ] {
+        std::os::unix::fs::symlink(
+            state.join("resume-queue.json"),
+            run.join("metrics").join(name),
+        )
+        .unwrap();
+    }
+    nix::unistd::mkfifo(
+        &run.join(format!("metrics/.outlive.prom.{}.tmp", pid + 1)),
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+    )
+    .unwrap();
+    std::fs::remove_file(&prom).unwrap();
+    std::os::unix::fs::symlink(state.join("resume-queue.json"), &prom).unwrap();
+    // A few ticks: written again as a regular file, nothing followed, the agent not wedged.
+    let end = Instant::now() + T;
+    while !std::fs::symlink_metadata(&prom).unwrap().is_file() {
+        assert!(Instant::now() < end, "the metrics file stays a link");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        std::fs::read(state.join("resume-queue.json")).unwrap(),
+        before,
+        "the queue state was written through a planted link"
+    );
+    assert!(
+        std::fs::read_to_string(&prom)
+            .unwrap()
+            .contains("outlive_info")
+    );
+    assert_eq!(a.wait_exit(Duration::from_millis(10)), None);
+    drop(a);
+
+    // A directory others may write in: refused, said so.
+    let open = d.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let j2 = TestSocket::journal();
+    let n2 = TestSocket::notify();
+    let _b = Agent::start(AgentSpec {
+        notify: Some(n2.path.clone()),
+        journal: Some(j2.path.clone()),
+        state_dir: Some(state.clone()),
+        toml: format!(
+            "[drainer]\ninterval_sec = 1\n[metrics]\ntextfile = {:?}\n",
+            open.join("outlive.prom").display().to_string()
+        ),
+        ..AgentSpec::default()
+    });
+    let ev = j2.wait_for("metrics-write-failed", T, |d| {
+        d.has("OUTLIVE_EVENT", "metrics-write-failed")
+    });
+    assert_eq!(
+        ev.get("OUTLIVE_REASON"),
+        Some("metrics-dir-unsafe"),
+        "{ev:?}"
+    );
+    assert!(!open.join("outlive.prom").exists());
+}
