@@ -191,7 +191,7 @@ impl Rig {
             root: true,
             may_mutate: true,
         };
-        let r = self.queue.lock().enqueue(&root, Ok(req)).unwrap();
+        let r = self.queue.lock().enqueue(&root, Ok(req), None).unwrap();
         assert!(r.admitted, "{r:?}");
         r.id
     }

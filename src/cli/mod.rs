@@ -241,10 +241,11 @@ pub struct EnqueueFlags {
     /// When the run was reaped (ms since the epoch, or RFC 3339) [default: now].
     #[arg(long)]
     reaped_at: Option<String>,
-    /// Run as this uid (root only).
+    /// Run as this uid (root only; it must exist in the user database).
     #[arg(long)]
     as_uid: Option<u32>,
-    /// Run as this gid (root only).
+    /// Run with this gid (root only). Default: the primary group of --as-uid's user (gid 0 for
+    /// a non-root user only when given here), else the caller's.
     #[arg(long)]
     as_gid: Option<u32>,
     /// The command to revive, after `--` (argv[0] must be absolute).

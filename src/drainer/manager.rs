@@ -121,6 +121,33 @@ pub struct Transient {
     pub env: BTreeMap<String, String>,
 }
 
+impl Transient {
+    /// The unit's properties for `StartTransientUnit` (D-9, SPEC §12 Q-1): the run as its user
+    /// and group, and never more privileged than they are (`NoNewPrivileges=`: no setuid or
+    /// file-capability gain at exec; `RestrictSUIDSGID=`: it cannot leave a setuid or setgid
+    /// file behind).
+    pub fn properties(&self) -> Vec<(&'static str, Variant<'static>)> {
+        let exec: Vec<(String, Vec<String>, bool)> =
+            vec![(self.argv[0].clone(), self.argv.clone(), false)];
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut props: Vec<(&str, Variant<'_>)> = vec![
+            ("Description", Variant::from(self.description.clone())),
+            ("Type", Variant::from("exec")),
+            ("RemainAfterExit", Variant::from(true)),
+            ("ExecStart", Variant::from(exec)),
+            ("WorkingDirectory", Variant::from(self.cwd.clone())),
+            ("Environment", Variant::from(env)),
+            ("NoNewPrivileges", Variant::from(true)),
+            ("RestrictSUIDSGID", Variant::from(true)),
+        ];
+        if let Some((uid, gid)) = self.user {
+            props.push(("User", Variant::from(uid.to_string())));
+            props.push(("Group", Variant::from(gid.to_string())));
+        }
+        props
+    }
+}
+
 /// What the drainer asks of the service manager. Implemented by [`Systemd`] and by tests.
 pub trait ServiceManager: Send + Sync {
     /// The unit's state; `None` when the manager has no such unit loaded.
@@ -508,21 +535,7 @@ impl ServiceManager for Systemd {
             .manager()
             .await
             .map_err(|u| StartError::Undecided(u.0))?;
-        let exec: Vec<(String, Vec<String>, bool)> =
-            vec![(t.argv[0].clone(), t.argv.clone(), false)];
-        let env: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let mut props: Vec<(&str, Variant<'_>)> = vec![
-            ("Description", Variant::from(t.description.clone())),
-            ("Type", Variant::from("exec")),
-            ("RemainAfterExit", Variant::from(true)),
-            ("ExecStart", Variant::from(exec)),
-            ("WorkingDirectory", Variant::from(t.cwd.clone())),
-            ("Environment", Variant::from(env)),
-        ];
-        if let Some((uid, gid)) = t.user {
-            props.push(("User", Variant::from(uid.to_string())));
-            props.push(("Group", Variant::from(gid.to_string())));
-        }
+        let props = t.properties();
         match self
             .bounded(m.start_transient_unit(&t.name, "fail", &props, &[]))
             .await
@@ -620,5 +633,32 @@ mod tests {
         assert!(
             matches!(attempt_verdict(&st("failed", "failed", "exit-code", 0, after), began), Verdict::Failed(w) if w.contains("exit-code"))
         );
+    }
+
+    /// SPEC §12 Q-1 (security review finding 2, defence in depth): a transient revival unit
+    /// runs as its user and group and can gain no privilege (no setuid gain at exec, no setuid
+    /// or setgid file left behind).
+    #[test]
+    fn q1_transient_units_carry_no_new_privileges_and_restrict_suid_sgid() {
+        let t = Transient {
+            name: "outlive-revive-rq-a-1-1.service".into(),
+            description: "d".into(),
+            argv: vec!["/bin/true".into()],
+            cwd: "/".into(),
+            user: Some((1001, 1001)),
+            env: BTreeMap::new(),
+        };
+        let props: BTreeMap<&str, String> = t
+            .properties()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect();
+        assert_eq!(props["NoNewPrivileges"], "true");
+        assert_eq!(props["RestrictSUIDSGID"], "true");
+        assert_eq!(props["User"], "\"1001\"");
+        assert_eq!(props["Group"], "\"1001\"");
+        let user_manager = Transient { user: None, ..t };
+        let props: Vec<&str> = user_manager.properties().iter().map(|(k, _)| *k).collect();
+        assert!(props.contains(&"NoNewPrivileges") && !props.contains(&"User"));
     }
 }

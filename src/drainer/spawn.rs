@@ -1,7 +1,7 @@
 //! Revival without a service manager (SPEC D-9): where there is no systemd (macOS, containers),
 //! an exec target is spawned detached: a new session (setsid), stdio to
-//! `<runtime_dir>/runs/<id>.log`, the entry's uid and gid with that user's groups, the entry's
-//! cwd and environment. It is tracked by pid and start time; the agent keeps the child handle to
+//! `<runtime_dir>/runs/<id>.log`, the entry's uid and gid with that user's groups, then the
+//! entry's cwd (entered as that user) and environment. It is tracked by pid and start time; the agent keeps the child handle to
 //! reap it and to learn its exit status.
 
 use std::collections::BTreeMap;
@@ -21,20 +21,13 @@ pub struct SpawnSpec {
     pub env: BTreeMap<String, String>,
 }
 
-/// The groups of `uid` in the user database (its primary group first), as a login would set.
+/// The groups of `uid` in the user database with `gid` as the primary group, as a login would
+/// set them; only `gid` for a uid the database does not know.
 fn groups_of(uid: u32, gid: u32) -> Vec<libc::gid_t> {
-    let mut out = vec![gid];
-    if let Ok(Some(u)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        && let Ok(name) = CString::new(u.name)
-        && let Ok(gs) = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
-    {
-        for g in gs {
-            if !out.contains(&g.as_raw()) {
-                out.push(g.as_raw());
-            }
-        }
+    match crate::facts::users::account(uid) {
+        crate::facts::users::Lookup::Found(a) => crate::facts::users::login_groups(&a, gid),
+        _ => vec![gid],
     }
-    out
 }
 
 /// The log file of a spawned run.
@@ -48,9 +41,13 @@ pub fn spawn(spec: &SpawnSpec, runtime_dir: &Path) -> std::io::Result<(Child, i6
     let (log, _) = runs.open_append(&format!("{}.log", spec.id))?;
     let groups = groups_of(spec.uid, spec.gid);
     let (uid, gid) = (spec.uid, spec.gid);
+    // The directory is entered in the child after the switch to the run's user (not by
+    // Command::current_dir, which would enter it as root, before pre_exec): a run never starts
+    // in a directory its user could not enter.
+    let cwd = CString::new(spec.cwd.as_str())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "cwd contains NUL"))?;
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
-        .current_dir(&spec.cwd)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .envs(&spec.env)
@@ -69,6 +66,9 @@ pub fn spawn(spec: &SpawnSpec, runtime_dir: &Path) -> std::io::Result<(Child, i6
                     || libc::setgid(gid) != 0
                     || libc::setuid(uid) != 0)
             {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

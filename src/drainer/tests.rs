@@ -634,7 +634,7 @@ fn d9_a_transient_unit_as_the_enqueuer_with_cwd_env_and_continuation() {
     });
     x.cwd = Some("/home/u/proj".into());
     x.worktree = Some("/home/u/proj/wt".into());
-    let id = r.q().enqueue(&member(), Ok(x)).unwrap().id;
+    let id = r.q().enqueue(&member(), Ok(x), None).unwrap().id;
     r.manager.behave("/usr/bin/agent", Behaviour::Runs);
     r.outcomes(2);
     assert_eq!(r.tick().outcome, Outcome::Revived);

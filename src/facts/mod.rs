@@ -6,7 +6,8 @@
 //! - `process`: liveness and start time, the "same process" test (H-1, H-2);
 //! - `mountinfo`: the mount table parser (H-3 step 1);
 //! - `classify`: the classification tables and decision (H-3, H-4), pure;
-//! - `probe`: the facts worker thread that runs canonicalisation and statfs under a timeout.
+//! - `probe`: the facts worker thread that runs canonicalisation and statfs under a timeout;
+//! - `users`: the user database, and filesystem checks made with a user's credentials.
 
 pub mod classify;
 pub mod identity;
@@ -15,6 +16,7 @@ pub mod macos;
 pub mod mountinfo;
 pub mod probe;
 pub mod process;
+pub mod users;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

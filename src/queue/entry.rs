@@ -193,6 +193,11 @@ pub struct Entry {
     pub target: Target,
     pub uid: u32,
     pub gid: u32,
+    /// The uid of the caller that queued it (D-6 check 2 re-checks a non-root enqueuer's
+    /// authority at the attempt). Absent in entries written before it was recorded: the
+    /// entry's uid stands for it then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueued_by: Option<u32>,
     pub cwd: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worktree: Option<String>,

@@ -911,10 +911,13 @@ impl Queue {
 
     /// Q-4 Enqueue. `req` is the decoded dictionary or the decoding error (`field`, why); the
     /// checks run in the SPEC's order, so a disabled queue answers `QueueDisabled` first.
+    /// `named` is what the user database says of the request's `user`, looked up before the
+    /// queue was locked (None when it names none).
     pub fn enqueue(
         &mut self,
         caller: &Caller,
         req: Result<Request, (String, String)>,
+        named: Option<crate::facts::users::Lookup>,
     ) -> Result<Reply, QueueError> {
         self.require_enabled()?;
         if !self.settings.enabled {
@@ -939,6 +942,16 @@ impl Queue {
                 "only root may enqueue a run as another user (user, group)".into(),
             ));
         }
+        let (uid, gid) = rules::run_as(
+            (caller.uid, caller.gid),
+            req.user,
+            req.group,
+            named.as_ref(),
+        )
+        .map_err(|(field, why)| QueueError::Invalid {
+            field: field.into(),
+            why,
+        })?;
         if let Some(Target::Unit { unit }) = &req.target
             && !caller.root
             && !self
@@ -1012,14 +1025,11 @@ impl Queue {
                 id: String::new(),
             });
         }
-        let (uid, gid) = (
-            req.user.unwrap_or(caller.uid),
-            req.group.unwrap_or(caller.gid),
-        );
         let by = format!("enqueue by uid {}", caller.uid);
+        let enqueued_by = caller.uid;
         self.commit(move |s, ctx| {
             let id = rules::next_id(&mut s.last_id_ms, &mut s.id_seq, ctx.wall);
-            let mut e = new_entry(&id, &req, uid, gid, ctx);
+            let mut e = new_entry(&id, &req, (uid, gid), enqueued_by, ctx);
             let mut events = vec![];
             if capped {
                 let status = Status::GaveUp("resurrection-cap".into());
@@ -1792,7 +1802,8 @@ fn advance(entries: &mut [Entry], now: u64, calm: bool) {
     }
 }
 
-fn new_entry(id: &str, req: &Request, uid: u32, gid: u32, ctx: &Ctx) -> Entry {
+/// A new queued entry for `req`, run as `(uid, gid)`, queued by the caller `by`.
+fn new_entry(id: &str, req: &Request, (uid, gid): (u32, u32), by: u32, ctx: &Ctx) -> Entry {
     Entry {
         id: id.to_string(),
         run_id: req.run_id.clone(),
@@ -1801,6 +1812,7 @@ fn new_entry(id: &str, req: &Request, uid: u32, gid: u32, ctx: &Ctx) -> Entry {
         target: req.target.clone().expect("validated"),
         uid,
         gid,
+        enqueued_by: Some(by),
         cwd: req.cwd.clone().expect("validated"),
         worktree: req.worktree.clone(),
         class: req.class(),

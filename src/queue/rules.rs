@@ -198,6 +198,54 @@ pub fn eligibility(r: &Request, include_operator_kills: bool) -> Result<(), &'st
     Ok(())
 }
 
+/// Q-1 as amended (SPEC §12): the uid and gid a run is queued as. The caller's own when it
+/// names neither; a root caller naming `user` gets that user's primary group from the user
+/// database (`named`, looked up before the queue is locked) unless it names `group` too. An
+/// unknown uid is refused, and so is gid 0 for a non-zero uid unless `group` was named: a run
+/// never borrows the enqueuer's group. Errors are `(field, why)`.
+pub fn run_as(
+    caller: (u32, u32),
+    user: Option<u32>,
+    group: Option<u32>,
+    named: Option<&crate::facts::users::Lookup>,
+) -> Result<(u32, u32), (&'static str, String)> {
+    use crate::facts::users::Lookup;
+    let Some(uid) = user else {
+        return Ok((caller.0, group.unwrap_or(caller.1)));
+    };
+    let primary = match named {
+        Some(Lookup::Found(a)) if a.uid == uid => a.gid,
+        Some(Lookup::Unknown) => {
+            return Err((
+                "user",
+                format!(
+                    "uid {uid} is not in the user database: a run must run as a user that exists"
+                ),
+            ));
+        }
+        Some(Lookup::Failed(why)) => {
+            return Err(("user", format!("{why}; try again when it answers")));
+        }
+        Some(Lookup::Found(_)) | None => {
+            return Err((
+                "user",
+                format!("uid {uid} was not looked up in the user database"),
+            ));
+        }
+    };
+    match group {
+        Some(gid) => Ok((uid, gid)),
+        None if primary == 0 && uid != 0 => Err((
+            "group",
+            format!(
+                "the primary group of uid {uid} is gid 0 (root): name the group explicitly \
+                 (`group`; outlivectl enqueue --as-gid 0) to run it with group root"
+            ),
+        )),
+        None => Ok((uid, primary)),
+    }
+}
+
 /// Q-7: what to do with a newcomer when the queue may be full.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bound {
@@ -623,6 +671,7 @@ mod tests {
             },
             uid: 0,
             gid: 0,
+            enqueued_by: None,
             cwd: "/".into(),
             worktree: None,
             class,

@@ -10,6 +10,7 @@ use super::*;
 use crate::audit::{AuditLog, MemorySink};
 use crate::clock::fake::FakeClock;
 use crate::facts::process::KernelProber;
+use crate::facts::users::{Account, Lookup};
 
 const H: u64 = 3600 * 1000;
 
@@ -137,7 +138,7 @@ pub(crate) fn req(run_id: &str) -> Request {
 }
 
 pub(crate) fn admit(q: &mut Queue, r: Request) -> String {
-    let reply = q.enqueue(&root(), Ok(r)).unwrap();
+    let reply = q.enqueue(&root(), Ok(r), None).unwrap();
     assert!(reply.admitted && reply.why.is_empty(), "{reply:?}");
     reply.id
 }
@@ -182,25 +183,25 @@ fn q4_order_of_checks_and_refusal_words() {
     let mut bad = req("x");
     bad.cwd = Some("relative".into());
     assert!(matches!(
-        q.enqueue(&stranger(), Ok(bad.clone())),
+        q.enqueue(&stranger(), Ok(bad.clone()), None),
         Err(QueueError::AccessDenied(_))
     ));
     // Input limits ⇒ InvalidArgument naming the field.
     assert_eq!(
-        q.enqueue(&root(), Ok(bad)).unwrap_err(),
+        q.enqueue(&root(), Ok(bad), None).unwrap_err(),
         QueueError::Invalid {
             field: "cwd".into(),
             why: "\"relative\" is not absolute".into()
         }
     );
     assert!(
-        matches!(q.enqueue(&root(), Err(("reaped_at".into(), "expected t".into()))), Err(QueueError::Invalid { field, .. }) if field == "reaped_at")
+        matches!(q.enqueue(&root(), Err(("reaped_at".into(), "expected t".into())), None), Err(QueueError::Invalid { field, .. }) if field == "reaped_at")
     );
     // Eligibility refusals are answers, audited.
     let mut r = req("b");
     r.disposition = "recovery-bounce".into();
     assert_eq!(
-        q.enqueue(&root(), Ok(r)).unwrap(),
+        q.enqueue(&root(), Ok(r), None).unwrap(),
         Reply {
             admitted: false,
             why: "not-terminal".into(),
@@ -214,7 +215,7 @@ fn q4_order_of_checks_and_refusal_words() {
     // Duplicate key.
     admit(&mut q, req("c"));
     assert_eq!(
-        q.enqueue(&root(), Ok(req("c"))).unwrap().why,
+        q.enqueue(&root(), Ok(req("c")), None).unwrap().why,
         "duplicate-open-entry"
     );
     // Nothing refused was written.
@@ -226,7 +227,7 @@ fn q4_queue_off_and_disabled_come_first() {
     let mut f = Fixture::new();
     f.settings.enabled = false;
     let mut q = f.queue();
-    let e = q.enqueue(&stranger(), Ok(req("a"))).unwrap_err();
+    let e = q.enqueue(&stranger(), Ok(req("a")), None).unwrap_err();
     assert_eq!(
         e,
         QueueError::Disabled {
@@ -246,28 +247,28 @@ fn d9_unit_targets_by_non_root_only_from_allowed_units_and_users_only_by_root() 
         unit: "other.service".into(),
     });
     assert!(
-        matches!(q.enqueue(&member(), Ok(r.clone())), Err(QueueError::AccessDenied(m)) if m.contains("queue.allowed_units"))
+        matches!(q.enqueue(&member(), Ok(r.clone()), None), Err(QueueError::AccessDenied(m)) if m.contains("queue.allowed_units"))
     );
     r.target = Some(Target::Unit {
         unit: "allowed-7.service".into(),
     });
-    assert!(q.enqueue(&member(), Ok(r.clone())).unwrap().admitted);
+    assert!(q.enqueue(&member(), Ok(r.clone()), None).unwrap().admitted);
     let mut r = req("v");
     r.target = Some(Target::Unit {
         unit: "other.service".into(),
     });
     assert!(
-        q.enqueue(&root(), Ok(r)).unwrap().admitted,
+        q.enqueue(&root(), Ok(r), None).unwrap().admitted,
         "root may enqueue any unit"
     );
     // The enqueuer's uid/gid; only root may set others.
     let mut r = req("w");
     r.user = Some(0);
     assert!(matches!(
-        q.enqueue(&member(), Ok(r.clone())),
+        q.enqueue(&member(), Ok(r.clone()), None),
         Err(QueueError::AccessDenied(_))
     ));
-    let id = q.enqueue(&member(), Ok(req("w2"))).unwrap().id;
+    let id = q.enqueue(&member(), Ok(req("w2")), None).unwrap().id;
     let e = q
         .entries()
         .unwrap()
@@ -278,7 +279,10 @@ fn d9_unit_targets_by_non_root_only_from_allowed_units_and_users_only_by_root() 
     assert_eq!((e.uid, e.gid), (1000, 1000));
     r.user = Some(1234);
     r.group = Some(1235);
-    let id = q.enqueue(&root(), Ok(r)).unwrap().id;
+    let id = q
+        .enqueue(&root(), Ok(r), Some(found(1234, 1234)))
+        .unwrap()
+        .id;
     let e = q
         .entries()
         .unwrap()
@@ -287,6 +291,102 @@ fn d9_unit_targets_by_non_root_only_from_allowed_units_and_users_only_by_root() 
         .unwrap()
         .clone();
     assert_eq!((e.uid, e.gid), (1234, 1235));
+    assert_eq!(e.enqueued_by, Some(0), "who queued it is recorded");
+}
+
+fn found(uid: u32, gid: u32) -> Lookup {
+    Lookup::Found(Account {
+        uid,
+        name: format!("user{uid}"),
+        gid,
+    })
+}
+
+/// Q-1 as amended (security review finding 2): root naming only the user gets that user's
+/// primary group, never root's own; an unknown uid is refused; gid 0 for a non-zero uid only
+/// when the group is named.
+#[test]
+fn q1_a_root_caller_naming_only_the_user_gets_that_users_primary_group() {
+    let f = Fixture::new();
+    let mut q = f.queue();
+    let entry = |q: &Queue, id: &str| {
+        let e = q
+            .entries()
+            .unwrap()
+            .iter()
+            .find(|e| e.id == id)
+            .unwrap()
+            .clone();
+        (e.uid, e.gid)
+    };
+    let as_user = |run: &str, user: u32, group: Option<u32>| {
+        let mut r = req(run);
+        r.user = Some(user);
+        r.group = group;
+        r
+    };
+    let id = q
+        .enqueue(
+            &root(),
+            Ok(as_user("a", 1001, None)),
+            Some(found(1001, 1001)),
+        )
+        .unwrap()
+        .id;
+    assert_eq!(entry(&q, &id), (1001, 1001), "the reviewer's gid 0");
+    for lookup in [Lookup::Unknown, Lookup::Failed("sssd is down".into())] {
+        let e = q
+            .enqueue(&root(), Ok(as_user("b", 4242, None)), Some(lookup.clone()))
+            .unwrap_err();
+        assert!(
+            matches!(&e, QueueError::Invalid { field, why } if field == "user" && (why.contains("4242") || why.contains("sssd"))),
+            "{lookup:?}: {e:?}"
+        );
+    }
+    let e = q
+        .enqueue(
+            &root(),
+            Ok(as_user("b", 4242, Some(5))),
+            Some(Lookup::Unknown),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&e, QueueError::Invalid { field, .. } if field == "user"),
+        "{e:?}"
+    );
+    // Not looked up at all: refused, never guessed.
+    let e = q
+        .enqueue(&root(), Ok(as_user("b", 1001, None)), None)
+        .unwrap_err();
+    assert!(
+        matches!(&e, QueueError::Invalid { field, .. } if field == "user"),
+        "{e:?}"
+    );
+    // A user whose primary group is root's.
+    let e = q
+        .enqueue(&root(), Ok(as_user("c", 1002, None)), Some(found(1002, 0)))
+        .unwrap_err();
+    assert!(
+        matches!(&e, QueueError::Invalid { field, why } if field == "group" && why.contains("--as-gid 0")),
+        "{e:?}"
+    );
+    let id = q
+        .enqueue(
+            &root(),
+            Ok(as_user("c", 1002, Some(0))),
+            Some(found(1002, 0)),
+        )
+        .unwrap()
+        .id;
+    assert_eq!(entry(&q, &id), (1002, 0), "gid 0 when named");
+    // Root as root: gid 0 is root's own.
+    let id = q
+        .enqueue(&root(), Ok(as_user("d", 0, None)), Some(found(0, 0)))
+        .unwrap()
+        .id;
+    assert_eq!(entry(&q, &id), (0, 0));
+    // Nothing was written for the refusals.
+    assert_eq!(q.entries().unwrap().len(), 3);
 }
 
 #[test]
@@ -296,7 +396,7 @@ fn q6_resurrection_cap_records_a_gave_up_entry_requeueable_once() {
     let now = f.clock.wall_ms();
     q.state.ledger.record("run:loop", now - 2 * H);
     q.state.ledger.record("run:loop", now - H);
-    let reply = q.enqueue(&root(), Ok(req("loop"))).unwrap();
+    let reply = q.enqueue(&root(), Ok(req("loop")), None).unwrap();
     assert_eq!(
         (reply.admitted, reply.why.as_str()),
         (true, "resurrection-cap")
@@ -320,7 +420,7 @@ fn q6_resurrection_cap_records_a_gave_up_entry_requeueable_once() {
     // The window slides: 23 h later only one revival is recent (and the cap is 2).
     q.cancel(&root(), &reply.id).unwrap();
     f.clock.pass(23 * H);
-    assert_eq!(q.enqueue(&root(), Ok(req("loop"))).unwrap().why, "");
+    assert_eq!(q.enqueue(&root(), Ok(req("loop")), None).unwrap().why, "");
 }
 
 #[test]
@@ -337,7 +437,7 @@ fn q7_full_queue_evicts_the_oldest_of_the_lowest_class_or_refuses() {
     job.job = Some("nightly".into());
     job.resume_on_reap = true;
     assert_eq!(
-        q.enqueue(&root(), Ok(job)).unwrap(),
+        q.enqueue(&root(), Ok(job), None).unwrap(),
         Reply {
             admitted: false,
             why: "overflow".into(),
@@ -609,7 +709,7 @@ fn q14_persist_failure_refuses_rolls_back_is_loud_and_recovers() {
         crate::files::faults::Fault::Rename,
     );
     assert!(matches!(
-        q.enqueue(&root(), Ok(req("b"))),
+        q.enqueue(&root(), Ok(req("b")), None),
         Err(QueueError::PersistFailed(_))
     ));
     assert_eq!(q.entries().unwrap().len(), 1, "rolled back");
@@ -759,7 +859,7 @@ fn l6_disabled_queue_writes_nothing_under_the_state_directory() {
     assert!(!snap.enabled && !snap.lock_held);
     assert_eq!(snap.disabled_reason, "foreign-host");
     for r in [
-        q.enqueue(&root(), Ok(req("a"))).map(|_| ()),
+        q.enqueue(&root(), Ok(req("a")), None).map(|_| ()),
         q.cancel(&root(), "rq-a-1"),
         q.requeue(&root(), "rq-a-1"),
         q.pause(&root(), "maintenance", "x").map(|_| ()),
@@ -843,7 +943,7 @@ fn q14_a_refusal_after_the_rename_is_never_contradicted_by_a_restart() {
     admit(&mut q, req("kept"));
     plan(&[(store::STATE_FILE, Fault::DirSync)]);
     assert!(matches!(
-        q.enqueue(&root(), Ok(req("refused"))),
+        q.enqueue(&root(), Ok(req("refused")), None),
         Err(QueueError::PersistFailed(_))
     ));
     let on_disk = |f: &Fixture| -> Vec<String> {

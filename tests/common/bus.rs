@@ -3,8 +3,8 @@
 //! AccessDenied is asserted against the shipped policy, not assumed (DESIGN §4.2).
 //!
 //! With test users ([`PrivateBus::with_users`]) the daemon runs in a mount namespace where
-//! `/etc/passwd` and `/etc/group` are the machine's plus a member of group `outlive` and a
-//! stranger; agents that must resolve those groups are started in the same namespace
+//! `/etc/passwd` and `/etc/group` are the machine's plus a member of group `outlive`, a
+//! stranger and a user whose primary group is gid 0; agents that must resolve those groups are started in the same namespace
 //! ([`PrivateBus::agent_wrapper`]). The machine's own files are never touched.
 
 use std::io::{BufRead, BufReader};
@@ -17,6 +17,9 @@ use super::{open_tempdir, repo, run};
 pub const MEMBER: (u32, u32) = (60001, 60001);
 /// A user in no special group.
 pub const STRANGER: (u32, u32) = (60002, 60002);
+/// A user whose primary group is root's (gid 0): a run as this uid gets gid 0 only when the
+/// enqueuer names the group explicitly (SPEC §12 Q-1).
+pub const ROOT_GROUP_USER: (u32, u32) = (60003, 0);
 /// The gid of `outlive` inside the test namespace.
 pub const OUTLIVE_GID: u32 = 60000;
 
@@ -79,8 +82,9 @@ pub const PERMISSIVE_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedeskto
 fn user_files(dir: &Path) {
     let mut passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     passwd.push_str(&format!(
-        "outlive-member:x:{}:{}::/nonexistent:/usr/sbin/nologin\noutlive-stranger:x:{}:{}::/nonexistent:/usr/sbin/nologin\n",
-        MEMBER.0, MEMBER.1, STRANGER.0, STRANGER.1
+        "outlive-member:x:{}:{}::/nonexistent:/usr/sbin/nologin\noutlive-stranger:x:{}:{}::/nonexistent:/usr/sbin/nologin\n\
+         outlive-rootgroup:x:{}:{}::/nonexistent:/usr/sbin/nologin\n",
+        MEMBER.0, MEMBER.1, STRANGER.0, STRANGER.1, ROOT_GROUP_USER.0, ROOT_GROUP_USER.1
     ));
     let mut group: String = std::fs::read_to_string("/etc/group")
         .unwrap_or_default()

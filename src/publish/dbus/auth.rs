@@ -6,15 +6,12 @@
 //! calling process are not trusted. The shipped bus policy filters first; the agent checks
 //! everything again.
 
-use std::ffi::CString;
-
 use zbus::Connection;
 use zbus::message::Header;
 
 use super::errors::OutliveError;
 
-/// The group whose members may act on the queue.
-pub const GROUP: &str = "outlive";
+pub use crate::facts::users::{GROUP, is_member};
 
 /// Who may do what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,30 +113,17 @@ pub async fn caller_uid(conn: &Connection, hdr: &Header<'_>) -> Result<u32, Outl
 
 /// A caller by uid, with membership from the user database.
 pub fn identify(uid: u32) -> Caller {
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten();
-    let gid = user.as_ref().map(|u| u.gid.as_raw());
-    let member = user
-        .as_ref()
-        .is_some_and(|u| is_member(&u.name, u.gid.as_raw(), GROUP));
-    Caller { uid, gid, member }
-}
-
-/// Whether `user` (with primary group `gid`) is in `group` by the user database.
-pub fn is_member(user: &str, gid: u32, group: &str) -> bool {
-    let Ok(Some(g)) = nix::unistd::Group::from_name(group) else {
-        return false;
-    };
-    if g.gid.as_raw() == gid {
-        return true;
-    }
-    let Ok(name) = CString::new(user) else {
-        return false;
-    };
-    match nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)) {
-        Ok(groups) => groups.contains(&g.gid),
-        Err(_) => g.mem.iter().any(|m| m == user),
+    match crate::facts::users::account(uid) {
+        crate::facts::users::Lookup::Found(a) => Caller {
+            uid,
+            gid: Some(a.gid),
+            member: is_member(&a.name, a.gid, GROUP),
+        },
+        _ => Caller {
+            uid,
+            gid: None,
+            member: false,
+        },
     }
 }
 

@@ -480,8 +480,17 @@ impl ResumeQueue1 {
         let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
         let decoded = decode_enqueue(&request);
         drop(request);
+        // the user a root caller names is looked up in the user database (NSS, which may
+        // block) on the blocking pool, before the queue is locked.
+        let named = match &decoded {
+            Ok(r) if caller.root => match r.user {
+                Some(uid) => Some(blocking(move || crate::facts::users::account(uid)).await?),
+                None => None,
+            },
+            _ => None,
+        };
         let reply = self
-            .mutate(conn, move |q| q.enqueue(&caller, decoded))
+            .mutate(conn, move |q| q.enqueue(&caller, decoded, named))
             .await?;
         Ok((reply.admitted, reply.why, reply.id))
     }

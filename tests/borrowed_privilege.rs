@@ -1,0 +1,254 @@
+//! No borrowed privilege (SPEC §12 Q-1, D-6 check 2, paths of members' runs; security review
+//! findings 2, 7 and 9), against the agent on a private bus with the shipped policy and test
+//! users, where there is no systemd: revival is a detached spawn (D-9), so what the revived run
+//! gets (uid, gid, groups, working directory) is read from its own output. The same rules under
+//! systemd (the transient unit's `User=`, `Group=`, `NoNewPrivileges=`, `RestrictSUIDSGID=`) are
+//! shown in `box_e2e.rs`.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::bus::{MEMBER, OUTLIVE_GID, PrivateBus, ROOT_GROUP_USER, STRANGER};
+use common::{Agent, TestSocket, bus_agent, require_root, require_tools};
+
+const T: Duration = Duration::from_secs(15);
+const ROOT: (u32, u32) = (0, 0);
+/// Live, a long interval (only the first tick and manual drains), a 1 s grace.
+const CONFIG: &str = "[queue]\ndry_run = false\n[drainer]\ninterval_sec = 240\ngrace_sec = 1\n";
+
+fn ready() -> bool {
+    require_root("owning the bus name, test users in a mount namespace")
+        && require_tools(&["dbus-daemon", "busctl", "unshare", "nsenter"])
+}
+
+struct Setup {
+    bus: PrivateBus,
+    agent: Agent,
+    _n: TestSocket,
+    _j: TestSocket,
+}
+
+fn setup(toml: &str) -> Setup {
+    let bus = PrivateBus::with_users();
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let agent = bus_agent(&bus, &n, &j, toml);
+    n.wait_for("READY=1", T, |d| d.has("READY", "1"));
+    Setup {
+        bus,
+        agent,
+        _n: n,
+        _j: j,
+    }
+}
+
+fn json(s: &Setup, who: (u32, u32), args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let (code, out, err) = s.bus.outlivectl_as(who, &a);
+    assert_eq!(code, 0, "outlivectl {args:?}: {out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `outlivectl enqueue` of an exec run: `opts` before `--`, `argv` after. The exit code and
+/// output.
+fn enqueue(
+    s: &Setup,
+    who: (u32, u32),
+    run: &str,
+    opts: &[&str],
+    argv: &[&str],
+) -> (i32, String, String) {
+    let mut a = vec![
+        "--json",
+        "enqueue",
+        "--run-id",
+        run,
+        "--evidence",
+        "active-subagent",
+    ];
+    if !opts.contains(&"--cwd") {
+        a.extend_from_slice(&["--cwd", "/"]);
+    }
+    a.extend_from_slice(opts);
+    a.push("--");
+    a.extend_from_slice(argv);
+    s.bus.outlivectl_as(who, &a)
+}
+
+fn admitted(r: (i32, String, String)) -> String {
+    let (code, out, err) = r;
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+fn entry(s: &Setup, id: &str) -> serde_json::Value {
+    let v = json(s, ROOT, &["queue"]);
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {id} in {v}"))
+}
+
+/// `outlivectl drain --json`, retried while a scheduled tick is running (`Busy`).
+fn drain(s: &Setup) -> serde_json::Value {
+    let end = Instant::now() + T;
+    loop {
+        let (code, out, err) = s.bus.outlivectl_as(ROOT, &["--json", "drain"]);
+        if code == 0 {
+            return serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        }
+        assert!(
+            err.contains("org.outlive.Error.Busy") && Instant::now() < end,
+            "drain: {code} {out}{err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The output of a spawned run, once it has written a line.
+fn run_log(s: &Setup, id: &str) -> String {
+    let path = s.agent.runtime_dir.join(format!("runs/{id}.log"));
+    let end = Instant::now() + T;
+    loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.contains('\n') {
+            return log;
+        }
+        assert!(Instant::now() < end, "{} stayed empty", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const WHO_AM_I: &str = "echo uid=$(id -u) gid=$(id -g) groups=$(id -G | tr ' ' ,) cwd=$(pwd)";
+
+/// Security review finding 2 (High), the reviewer's reproduction: root queues a user's run
+/// naming only the user (`--as-uid`), and the revived run got gid 0 and group root. Now it gets
+/// that user's primary group and the groups of its login; an unknown uid is refused; gid 0 for
+/// a non-zero uid only when the group is named.
+#[test]
+fn q1_a_root_caller_naming_only_the_user_gets_that_users_primary_group() {
+    if !ready() {
+        return;
+    }
+    let s = setup(CONFIG);
+    let member = MEMBER.0.to_string();
+    let id = admitted(enqueue(
+        &s,
+        ROOT,
+        "as-member",
+        &["--as-uid", &member],
+        &["/bin/sh", "-c", WHO_AM_I],
+    ));
+    let e = entry(&s, &id);
+    assert_eq!(
+        (e["uid"].as_u64(), e["gid"].as_u64()),
+        (Some(u64::from(MEMBER.0)), Some(u64::from(MEMBER.1))),
+        "the entry: {e}"
+    );
+    let r = drain(&s);
+    assert_eq!(r["outcome"], "revived", "{r}");
+    let log = run_log(&s, &id);
+    assert!(
+        log.starts_with(&format!(
+            "uid={} gid={} groups={},{OUTLIVE_GID} ",
+            MEMBER.0, MEMBER.1, MEMBER.1
+        )),
+        "the revived run: {log}"
+    );
+
+    // An unknown uid is refused, with or without a group, naming the field.
+    for extra in [&[][..], &["--as-gid", "60002"][..]] {
+        let mut opts = vec!["--as-uid", "4242"];
+        opts.extend_from_slice(extra);
+        let (code, out, err) = enqueue(&s, ROOT, "as-nobody", &opts, &["/bin/true"]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(
+            err.contains("org.outlive.Error.InvalidArgument")
+                && err.contains("user")
+                && err.contains("4242"),
+            "{err}"
+        );
+    }
+
+    // A user whose primary group is 0: refused unless the group is named.
+    let rg = ROOT_GROUP_USER.0.to_string();
+    let (code, out, err) = enqueue(&s, ROOT, "as-rg", &["--as-uid", &rg], &["/bin/true"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("org.outlive.Error.InvalidArgument")
+            && err.contains("group")
+            && err.contains("--as-gid"),
+        "{err}"
+    );
+    let id = admitted(enqueue(
+        &s,
+        ROOT,
+        "as-rg",
+        &["--as-uid", &rg, "--as-gid", "0"],
+        &["/bin/true"],
+    ));
+    assert_eq!(entry(&s, &id)["gid"], 0);
+
+    // A named group is kept.
+    let stranger_gid = STRANGER.1.to_string();
+    let id = admitted(enqueue(
+        &s,
+        ROOT,
+        "as-member-2",
+        &["--as-uid", &member, "--as-gid", &stranger_gid],
+        &["/bin/true"],
+    ));
+    assert_eq!(entry(&s, &id)["gid"].as_u64(), Some(u64::from(STRANGER.1)));
+
+    // Root's own run stays root's.
+    let id = admitted(enqueue(&s, ROOT, "as-root", &[], &["/bin/true"]));
+    let e = entry(&s, &id);
+    assert_eq!((e["uid"].as_u64(), e["gid"].as_u64()), (Some(0), Some(0)));
+}
+
+/// Security review, spawn path: the working directory was entered as root (with
+/// CAP_DAC_READ_SEARCH) before the switch to the run's user, so a run could start inside a
+/// directory its user cannot enter. The directory is now changed after the switch: a member's
+/// run whose cwd is a root-only directory is not started there.
+#[test]
+fn d9_the_spawn_path_changes_directory_after_switching_user() {
+    if !ready() {
+        return;
+    }
+    let s = setup(CONFIG);
+    let base = common::open_tempdir();
+    // The member may look at the directory (its parent is open), not enter it.
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = base.path().join("root-only");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let cwd = secret.to_str().unwrap();
+    let id = admitted(enqueue(
+        &s,
+        MEMBER,
+        "into-root-only",
+        &["--cwd", cwd],
+        &["/bin/sh", "-c", WHO_AM_I],
+    ));
+    let r = drain(&s);
+    assert_ne!(r["outcome"], "revived", "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = std::fs::read_to_string(s.agent.runtime_dir.join(format!("runs/{id}.log")))
+        .unwrap_or_default();
+    assert!(
+        !log.contains("uid="),
+        "the member's run started in a directory it cannot enter: {log}"
+    );
+    let e = entry(&s, &id);
+    assert_ne!(e["status"], "revived", "{e}");
+    assert_ne!(e["status"], "starting", "{e}");
+}
