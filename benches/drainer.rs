@@ -19,7 +19,9 @@ use criterion::{Criterion, criterion_group};
 use outlive::audit::{AuditLog, Auditor};
 use outlive::clock::SystemClock;
 use outlive::drainer::gauge::HostGauge;
-use outlive::drainer::manager::{ServiceManager, StartError, Transient, Undecided, UnitState};
+use outlive::drainer::manager::{
+    ServiceManager, StartError, Transient, Undecided, UnitState, UnitUser,
+};
 use outlive::drainer::tick::{Drainer, Outcome, Settings};
 use outlive::drainer::validate::WorkerPaths;
 use outlive::facts::Facts;
@@ -61,6 +63,9 @@ impl ServiceManager for InstantManager {
         // The session cap and the already-running check each ask; nothing else runs.
         Ok(vec![])
     }
+    async fn unit_user(&self, _unit: &str) -> Result<Option<UnitUser>, Undecided> {
+        Ok(Some(UnitUser::default()))
+    }
 }
 
 fn running() -> UnitState {
@@ -88,6 +93,7 @@ fn settings() -> Settings {
         calm_gate: false,
         pressure_held_notice_ms: 20 * 60_000,
         user_mode: false,
+        allowed_units: vec![],
     }
 }
 

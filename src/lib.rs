@@ -18,3 +18,20 @@ pub mod files;
 pub mod posture;
 pub mod publish;
 pub mod queue;
+
+/// Helpers for the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Whether the test runs as root; a test that needs root and does not have it skips with
+    /// a message, except under CI, which must run every test.
+    pub fn root(why: &str) -> bool {
+        let root = nix::unistd::geteuid().is_root();
+        if !root {
+            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+                panic!("required for this test and missing in CI: root ({why})");
+            }
+            eprintln!("SKIPPED: root ({why})");
+        }
+        root
+    }
+}

@@ -252,3 +252,206 @@ fn d9_the_spawn_path_changes_directory_after_switching_user() {
     assert_ne!(e["status"], "revived", "{e}");
     assert_ne!(e["status"], "starting", "{e}");
 }
+
+/// Rewrite the test namespace's `/etc/group` in place (it is bind-mounted by inode): `outlive`
+/// without the member.
+fn remove_member_from_outlive(s: &Setup) {
+    let path = s.bus.dir.path().join("group");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("outlive:") {
+                format!("outlive:x:{OUTLIVE_GID}:\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert_ne!(text, edited);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, edited.as_bytes()).unwrap();
+}
+
+/// SPEC D-6 check 2 (security review finding 11): authorization was checked only at enqueue,
+/// so a member removed from `outlive` still got their queued runs started. Now it is checked
+/// again at the attempt: the run is `invalidated:not-authorized` and never started.
+#[test]
+fn d6_a_member_removed_from_the_group_has_queued_runs_invalidated() {
+    if !ready() {
+        return;
+    }
+    let s = setup(CONFIG);
+    let id = admitted(enqueue(
+        &s,
+        MEMBER,
+        "leaver",
+        &[],
+        &["/bin/sh", "-c", WHO_AM_I],
+    ));
+    remove_member_from_outlive(&s);
+    let r = drain(&s);
+    assert_eq!(r["outcome"], "invalidated", "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no longer a member of group `outlive`"),
+        "{r}"
+    );
+    assert_eq!(entry(&s, &id)["status"], "invalidated:not-authorized");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !s.agent.runtime_dir.join(format!("runs/{id}.log")).exists(),
+        "the run was started"
+    );
+}
+
+/// Security review finding 7: a member's `ClassifyPath` and the D-6 checks of a member's run
+/// were made with root's credentials (CAP_DAC_READ_SEARCH), so a member could learn what exists
+/// inside directories closed to them. Now both use the member's own: inside a directory the
+/// member cannot enter, an existing path and a missing one get the same answer (AccessDenied;
+/// undecided), while root still sees the difference.
+#[test]
+fn x1_members_paths_are_checked_with_their_own_credentials() {
+    if !ready() {
+        return;
+    }
+    let s = setup(CONFIG);
+    let base = common::open_tempdir();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = base.path().join("closed");
+    std::fs::create_dir_all(closed.join("inside")).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let open = base.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    let inside = closed.join("inside").to_str().unwrap().to_string();
+    let missing = closed.join("missing").to_str().unwrap().to_string();
+    let classify = |who: (u32, u32), path: &str| {
+        s.bus.busctl_as(
+            who,
+            &[
+                "call",
+                "org.outlive.Agent1",
+                "/org/outlive/Agent1",
+                "org.outlive.Agent1",
+                "ClassifyPath",
+                "s",
+                path,
+            ],
+        )
+    };
+    // Root tells them apart.
+    let (code, out, err) = classify(ROOT, &inside);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = classify(ROOT, &missing);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("NotFound") || err.contains("no such file"),
+        "{err}"
+    );
+    // The member does not.
+    for p in [&inside, &missing] {
+        let (code, out, err) = classify(MEMBER, p);
+        assert_eq!(code, 1, "{p}: {out}");
+        assert!(err.contains("Permission denied"), "{p}: {err}");
+    }
+    // What the member can reach, it may classify fully.
+    let (code, out, err) = classify(MEMBER, open.to_str().unwrap());
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("mount-table-only"), "{out}");
+
+    // A member's runs: cwd inside the closed directory is undecided whether it exists or not
+    // (root's view would have revived one and invalidated the other as cwd-missing).
+    let a = admitted(enqueue(
+        &s,
+        MEMBER,
+        "inside",
+        &["--cwd", &inside],
+        &["/bin/true"],
+    ));
+    let b = admitted(enqueue(
+        &s,
+        MEMBER,
+        "missing",
+        &["--cwd", &missing],
+        &["/bin/true"],
+    ));
+    let r = drain(&s);
+    assert_eq!(r["outcome"], "empty", "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("could not be checked"),
+        "{r}"
+    );
+    for id in [&a, &b] {
+        assert_eq!(entry(&s, id)["status"], "queued");
+    }
+    // Root's run in the same place is checked as root.
+    let c = admitted(enqueue(
+        &s,
+        ROOT,
+        "root-missing",
+        &["--cwd", &missing],
+        &["/bin/true"],
+    ));
+    let r = drain(&s);
+    assert_eq!(r["outcome"], "invalidated", "{r}");
+    assert_eq!(entry(&s, &c)["status"], "invalidated:cwd-missing");
+}
+
+/// Security review finding 11: `allowed_units` was one glob over the whole name, so
+/// `agent@*.service` admitted an escaped instance (`%I` = /etc/shadow), and a pattern whose
+/// last dot is not a unit suffix (`app.v2-*`) any unit type. The name and suffix now match
+/// apart (no unit suffix in the pattern means `.service`), and an instance must be a plain
+/// name.
+#[test]
+fn x1_allowed_units_match_name_and_suffix_apart() {
+    if !ready() {
+        return;
+    }
+    let s = setup(
+        "[queue]\ndry_run = false\nallowed_units = [\"agent@*.service\", \"app.v2-*\"]\n\
+         [drainer]\ninterval_sec = 240\n",
+    );
+    let n = std::cell::Cell::new(0);
+    let unit = |name: &str| {
+        n.set(n.get() + 1);
+        s.bus.outlivectl_as(
+            MEMBER,
+            &[
+                "enqueue",
+                "--run-id",
+                &format!("unit-{}", n.get()),
+                "--evidence",
+                "active-subagent",
+                "--cwd",
+                "/",
+                "--unit",
+                name,
+            ],
+        )
+    };
+    for refused in [
+        "agent@\\x2fetc\\x2fshadow.service",
+        "app.v2-x.mount",
+        "app.v2-x.socket",
+    ] {
+        let (code, out, err) = unit(refused);
+        assert_eq!(code, 1, "{refused} admitted: {out}");
+        assert!(
+            err.contains("AccessDenied") && err.contains("queue.allowed_units"),
+            "{refused}: {err}"
+        );
+    }
+    for admitted in ["agent@build-7.service", "app.v2-x.service"] {
+        let (code, out, err) = unit(admitted);
+        assert_eq!(code, 0, "{admitted}: {out}{err}");
+    }
+}

@@ -1515,6 +1515,189 @@ fn box_the_shipped_unit_grants_only_what_the_agent_needs() {
     });
 }
 
+// ---- no borrowed privilege (SPEC §12 Q-1, D-6, paths of members' runs) ---------------------
+
+/// Security review findings 2, 7, 11 and 12 under systemd with the shipped unit: root naming
+/// only the user gets that user's group (the reviewer's reproduction gave gid 0); the transient
+/// unit cannot gain privilege (`NoNewPrivileges=`, `RestrictSUIDSGID=`); a unit's continuation
+/// copy is 0400 and its `User=`'s; a member's paths are checked as the member (a directory
+/// closed to them is undecided and `ClassifyPath` denied, where root's view would answer), which
+/// the shipped unit allows (CAP_SETUID, CAP_SETGID); a member removed from `outlive` has their
+/// queued run invalidated as `not-authorized`.
+#[test]
+fn box_no_borrowed_privilege_under_systemd() {
+    if !box_available() {
+        return;
+    }
+    unchanged_machine(|| {
+        let stage = Stage::new("privilege");
+        stage.state_image(64);
+        stage.file("/etc/outlive/outlive.toml", DRAIN_CONFIG);
+        stage.file(
+            "/etc/systemd/system/as-carol.service",
+            "[Service]\nUser=carol\nExecStart=/bin/sleep infinity\n",
+        );
+        stage.want("outlived.service");
+        let b = SystemdBox::boot(&stage);
+        b.wait_for("outlived active", Duration::from_secs(20), |b| {
+            b.show("outlived", "ActiveState") == "active"
+        });
+        let (code, _, err) = b.sh(
+            "useradd --create-home --user-group --groups outlive member && \
+             useradd --create-home --user-group carol && chmod 0700 /home/carol && \
+             setpriv --reuid carol --regid carol --init-groups mkdir /home/carol/proj",
+        );
+        assert_eq!(code, 0, "{err}");
+        let id_of = |who: &str, flag: &str| b.run(&["id", flag, who]).1.trim().to_string();
+        let (carol_uid, carol_gid) = (id_of("carol", "-u"), id_of("carol", "-g"));
+
+        // Root names only carol: carol's group, never root's; the unit gains nothing.
+        let run = enqueue_in(
+            &b,
+            None,
+            &[
+                "--run-id",
+                "as-carol",
+                "--as-uid",
+                &carol_uid,
+                "--cwd",
+                "/home/carol/proj",
+                "--",
+                "/bin/sh",
+                "-c",
+                "id -g > gid.txt; id -G > groups.txt; exec sleep infinity",
+            ],
+        );
+        let e = wait_entry(&b, &run, "revived", Duration::from_secs(20));
+        assert_eq!(
+            e["gid"].as_u64().map(|g| g.to_string()),
+            Some(carol_gid.clone())
+        );
+        let unit = format!("outlive-revive-{run}-1.service");
+        assert_eq!(b.show(&unit, "Group"), carol_gid);
+        assert_eq!(b.show(&unit, "NoNewPrivileges"), "yes");
+        assert_eq!(b.show(&unit, "RestrictSUIDSGID"), "yes");
+        let (_, gid, _) = b.run(&["cat", "/home/carol/proj/gid.txt"]);
+        assert_eq!(gid.trim(), carol_gid, "the revived run's gid");
+        let (_, groups, _) = b.run(&["cat", "/home/carol/proj/groups.txt"]);
+        assert!(
+            !groups.split_whitespace().any(|g| g == "0"),
+            "group root: {groups}"
+        );
+
+        // A unit target that runs as carol: its continuation copy is carol's alone.
+        let unit_run = enqueue_in(
+            &b,
+            None,
+            &[
+                "--run-id",
+                "carol-unit",
+                "--unit",
+                "as-carol.service",
+                "--cwd",
+                "/",
+            ],
+        );
+        wait_entry(&b, &unit_run, "revived", Duration::from_secs(20));
+        let (_, st, _) = b.run(&[
+            "stat",
+            "-c",
+            "%a %U",
+            "/run/outlive/continuations/unit/as-carol.service.txt",
+        ]);
+        assert_eq!(st.trim(), "400 carol");
+
+        // The member: carol's closed home is neither classified nor checked for them.
+        let classify = |who: &str| {
+            let mut a = vec![];
+            if who != "root" {
+                a.extend(["setpriv", "--reuid", who, "--regid", who, "--init-groups"]);
+            }
+            a.extend([
+                "busctl",
+                "call",
+                "org.outlive.Agent1",
+                "/org/outlive/Agent1",
+                "org.outlive.Agent1",
+                "ClassifyPath",
+                "s",
+                "/home/carol/proj",
+            ]);
+            b.run(&a)
+        };
+        let (code, out, err) = classify("member");
+        assert_ne!(code, 0, "{out}");
+        assert!(err.contains("Permission denied"), "{err}");
+        let (code, _, err) = classify("root");
+        assert_eq!(code, 0, "root classifies it: {err}");
+        let peek = enqueue_in(
+            &b,
+            Some("member"),
+            &[
+                "--run-id",
+                "peek",
+                "--cwd",
+                "/home/carol/proj",
+                "--",
+                "/bin/true",
+            ],
+        );
+        b.wait_for(
+            "the member's check undecided",
+            Duration::from_secs(20),
+            |b| {
+                journal_json(b, &["OUTLIVE_EVENT=check-undecided"])
+                    .iter()
+                    .any(|j| j["OUTLIVE_ENTRY_ID"] == peek.as_str())
+            },
+        );
+        assert_eq!(box_entry(&b, &peek)["status"], "queued");
+        // In their own 0700 home, the member's run is checked and revived (as the member).
+        let (code, _, err) = b.sh(
+            "chmod 0700 /home/member && setpriv --reuid member --regid member --init-groups \
+             mkdir /home/member/proj",
+        );
+        assert_eq!(code, 0, "{err}");
+        let own = enqueue_in(
+            &b,
+            Some("member"),
+            &[
+                "--run-id",
+                "own",
+                "--cwd",
+                "/home/member/proj",
+                "--",
+                "/bin/sleep",
+                "infinity",
+            ],
+        );
+        wait_entry(&b, &own, "revived", Duration::from_secs(20));
+
+        // Removed from the group while their run waits: not authorized at the attempt.
+        let (code, _, err) = ctl(
+            &b,
+            &["pause", "--kind", "maintenance", "--reason", "membership"],
+        );
+        assert_eq!(code, 0, "{err}");
+        let leaver = enqueue_in(
+            &b,
+            Some("member"),
+            &["--run-id", "leaver", "--cwd", "/", "--", "/bin/true"],
+        );
+        b.run(&["gpasswd", "-d", "member", "outlive"]);
+        let (code, _, err) = ctl(&b, &["resume"]);
+        assert_eq!(code, 0, "{err}");
+        wait_entry(
+            &b,
+            &leaver,
+            "invalidated:not-authorized",
+            Duration::from_secs(20),
+        );
+        assert_eq!(b.show("outlived", "NRestarts"), "0");
+        b.halt();
+    });
+}
+
 // ---- hostile callers (SPEC X-1 bounds, §12) --------------------------------------------------
 
 /// The flood the box test runs as an unprivileged user: not a test of its own (ignored), but

@@ -64,8 +64,16 @@ pub fn record_name(e: &Entry) -> String {
 }
 
 /// Write the run's copy of `text` under the runtime directory; returns its path (for
-/// `OUTLIVE_CONTINUATION`).
-pub fn write_copy(runtime_dir: &Path, e: &Entry, text: &str) -> std::io::Result<PathBuf> {
+/// `OUTLIVE_CONTINUATION`). Every copy is 0400, handed to whom the run runs as through its
+/// descriptor before it is renamed into place: an exec target's user, a unit target's `User=`
+/// and `Group=` (`unit_owner`; None: the agent's own, as for a unit that runs as root or
+/// whose user cannot be known before it starts, `DynamicUser=`).
+pub fn write_copy(
+    runtime_dir: &Path,
+    e: &Entry,
+    text: &str,
+    unit_owner: Option<(u32, u32)>,
+) -> std::io::Result<PathBuf> {
     let run = Dir::create(runtime_dir, 0o755)?;
     let copies = run.subdir("continuations", 0o711)?;
     match &e.target {
@@ -84,8 +92,8 @@ pub fn write_copy(runtime_dir: &Path, e: &Entry, text: &str) -> std::io::Result<
             let units = copies.subdir("unit", 0o711)?;
             let name = format!("{unit}.txt");
             let how = Replace {
-                mode: 0o444,
-                owner: None,
+                mode: 0o400,
+                owner: unit_owner,
                 durable: false,
                 exclusive: false,
             };
@@ -141,13 +149,13 @@ mod tests {
 
     #[test]
     fn d11_copy_with_its_modes_and_owner() {
-        if !nix::unistd::geteuid().is_root() {
+        if !crate::testing::root("handing a copy to another user") {
             return;
         }
         let d = tempfile::tempdir().unwrap();
         let run = d.path().join("run");
         let e = entry();
-        let copy = write_copy(&run, &e, &text(&e)).unwrap();
+        let copy = write_copy(&run, &e, &text(&e), Some((1, 1))).unwrap();
         assert_eq!(copy, run.join("continuations/rq-a-1.txt"));
         let m = std::fs::metadata(&copy).unwrap();
         assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o400, 65534, 65534));
@@ -159,16 +167,22 @@ mod tests {
         u.target = Target::Unit {
             unit: "demo.service".into(),
         };
-        let copy = write_copy(&run, &u, &text(&u)).unwrap();
+        // Security review finding 12: a unit's copy was 0444, readable by everyone. Now it
+        // is 0400 and its unit's user's, or root's when that cannot be known.
+        let copy = write_copy(&run, &u, &text(&u), Some((65534, 65533))).unwrap();
         assert_eq!(copy, run.join("continuations/unit/demo.service.txt"));
-        assert_eq!(std::fs::metadata(&copy).unwrap().mode() & 0o777, 0o444);
+        let m = std::fs::metadata(&copy).unwrap();
+        assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o400, 65534, 65533));
+        let copy = write_copy(&run, &u, &text(&u), None).unwrap();
+        let m = std::fs::metadata(&copy).unwrap();
+        assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o400, 0, 0));
     }
 
     /// §12 Q-14 (security review finding 12): a link planted where the copy goes is replaced,
     /// never followed, and a `continuations` directory that is not the agent's is refused.
     #[test]
     fn d11_copies_never_follow_links_or_adopt_foreign_directories() {
-        if !nix::unistd::geteuid().is_root() {
+        if !crate::testing::root("a directory owned by another user") {
             return;
         }
         let d = tempfile::tempdir().unwrap();
@@ -178,11 +192,11 @@ mod tests {
         std::fs::write(&victim, b"precious").unwrap();
         std::os::unix::fs::symlink(&victim, run.join("continuations/rq-a-1.txt")).unwrap();
         let e = entry();
-        write_copy(&run, &e, &text(&e)).unwrap();
+        write_copy(&run, &e, &text(&e), None).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         let foreign = d.path().join("run2");
         std::fs::create_dir_all(foreign.join("continuations")).unwrap();
         std::os::unix::fs::chown(foreign.join("continuations"), Some(65534), Some(65534)).unwrap();
-        assert!(write_copy(&foreign, &e, &text(&e)).is_err());
+        assert!(write_copy(&foreign, &e, &text(&e), None).is_err());
     }
 }

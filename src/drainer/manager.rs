@@ -171,6 +171,22 @@ pub trait ServiceManager: Send + Sync {
         &self,
         patterns: &[String],
     ) -> impl Future<Output = Result<Vec<String>, Undecided>> + Send;
+    /// Whom a service runs as (`User=`, `Group=`, `DynamicUser=`); None when it cannot be
+    /// loaded.
+    fn unit_user(
+        &self,
+        unit: &str,
+    ) -> impl Future<Output = Result<Option<UnitUser>, Undecided>> + Send;
+}
+
+/// Whom a service unit runs as, as its manager reports it: names or numbers as written, empty
+/// when not set (root under the system manager).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitUser {
+    pub user: String,
+    pub group: String,
+    /// `DynamicUser=yes`: the uid exists only while the unit runs.
+    pub dynamic: bool,
 }
 
 #[zbus::proxy(
@@ -564,6 +580,29 @@ impl ServiceManager for Systemd {
             Err(e) if answered(&e) => Ok(()),
             Err(e) => Err(Undecided(e.to_string())),
         }
+    }
+
+    async fn unit_user(&self, unit: &str) -> Result<Option<UnitUser>, Undecided> {
+        let (conn, m) = self.manager().await?;
+        // LoadUnit, not GetUnit: a unit loaded for validation may have been unloaded since
+        // (nothing references it until it starts), and systemd loads a unit again when its
+        // object is asked for.
+        let path = match self.bounded(m.load_unit(unit)).await? {
+            Ok(p) => p,
+            Err(e) if answered(&e) => return Ok(None),
+            Err(e) => return Err(Undecided(format!("systemd LoadUnit {unit}: {e}"))),
+        };
+        if !unit.ends_with(".service") {
+            return Ok(Some(UnitUser::default()));
+        }
+        let s = self
+            .all(&conn, &path, "org.freedesktop.systemd1.Service")
+            .await?;
+        Ok(Some(UnitUser {
+            user: get(&s, "User").unwrap_or_default(),
+            group: get(&s, "Group").unwrap_or_default(),
+            dynamic: get(&s, "DynamicUser").unwrap_or(false),
+        }))
     }
 
     async fn alive_units(&self, patterns: &[String]) -> Result<Vec<String>, Undecided> {

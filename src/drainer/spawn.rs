@@ -1,8 +1,8 @@
 //! Revival without a service manager (SPEC D-9): where there is no systemd (macOS, containers),
 //! an exec target is spawned detached: a new session (setsid), stdio to
 //! `<runtime_dir>/runs/<id>.log`, the entry's uid and gid with that user's groups, then the
-//! entry's cwd (entered as that user) and environment. It is tracked by pid and start time; the agent keeps the child handle to
-//! reap it and to learn its exit status.
+//! entry's cwd (entered as that user) and environment. It is tracked by pid and start time;
+//! the agent keeps the child handle to reap it and to learn its exit status.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;

@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::gauge::{Gauge, Sample};
-use super::manager::{ServiceManager, StartError, Transient, Undecided, UnitState};
+use super::manager::{ServiceManager, StartError, Transient, Undecided, UnitState, UnitUser};
 use super::tick::{Drainer, Outcome, Report, Settings};
-use super::validate::{PathState, Paths};
+use super::validate::{Check, Context, Owner, PathState, Paths, validate};
 use crate::clock::Clock;
 use crate::clock::fake::FakeClock;
+use crate::facts::users::Creds;
 use crate::queue::entry::{Status, Target, glob_match};
 use crate::queue::rules::Request;
 use crate::queue::tests::{Fixture, admit, member, req, root, status};
@@ -41,6 +42,8 @@ struct ManagerState {
     behaviour: HashMap<String, Behaviour>,
     calls: Vec<String>,
     transients: Vec<Transient>,
+    /// `User=`/`Group=` of units (default: neither).
+    unit_users: HashMap<String, UnitUser>,
 }
 
 /// A service manager in memory, with systemd's states.
@@ -203,6 +206,12 @@ impl ServiceManager for Arc<FakeManager> {
             .map(|(n, _)| n.clone())
             .collect())
     }
+    async fn unit_user(&self, unit: &str) -> Result<Option<UnitUser>, Undecided> {
+        self.check()?;
+        let s = self.s();
+        Ok((s.units.contains_key(unit) || s.loadable.contains(unit))
+            .then(|| s.unit_users.get(unit).cloned().unwrap_or_default()))
+    }
 }
 
 /// Path checks: everything exists except what is listed.
@@ -210,10 +219,18 @@ impl ServiceManager for Arc<FakeManager> {
 struct FakePaths {
     missing: Mutex<HashSet<String>>,
     undecided: Mutex<HashSet<String>>,
+    /// What the user database says, by uid (default: a member, with the entry's gid).
+    owners: Mutex<HashMap<u32, Owner>>,
+    /// Every path checked, with the uid it was checked as (None: the agent's own).
+    checked: Mutex<Vec<(String, Option<u32>)>>,
 }
 
 impl Paths for Arc<FakePaths> {
-    async fn check(&self, path: &str, _dir: bool) -> PathState {
+    async fn check(&self, path: &str, _dir: bool, creds: Option<&Creds>) -> PathState {
+        self.checked
+            .lock()
+            .unwrap()
+            .push((path.to_string(), creds.map(|c| c.uid)));
         if self.undecided.lock().unwrap().contains(path) {
             PathState::Undecided(format!("{path}: Permission denied (os error 13)"))
         } else if self.missing.lock().unwrap().contains(path) {
@@ -221,6 +238,31 @@ impl Paths for Arc<FakePaths> {
         } else {
             PathState::Exists
         }
+    }
+
+    async fn resolve(&self, user: &str, group: &str) -> Option<(u32, u32)> {
+        let n = |s: &str| s.parse::<u32>().ok();
+        match (user, group) {
+            ("", "") => Some((0, 0)),
+            (u, "") => n(u).map(|u| (u, u)),
+            (u, g) => Some((n(u)?, n(g)?)),
+        }
+    }
+
+    async fn owner(&self, uid: u32, gid: u32) -> Owner {
+        self.owners
+            .lock()
+            .unwrap()
+            .get(&uid)
+            .cloned()
+            .unwrap_or(Owner::User {
+                creds: Creds {
+                    uid,
+                    gid,
+                    groups: vec![gid],
+                },
+                member: true,
+            })
     }
 }
 
@@ -271,6 +313,7 @@ fn dsettings() -> Settings {
         calm_gate: true,
         pressure_held_notice_ms: 20 * MIN,
         user_mode: false,
+        allowed_units: vec!["allowed-*.service".into()],
     }
 }
 
@@ -750,6 +793,46 @@ fn d9_unit_targets_use_start_unit_and_a_missing_unit_is_invalidated() {
     assert_eq!(r.status(&id), Status::Revived);
 }
 
+/// Security review finding 12: a unit's continuation copy was 0444. It is 0400 and belongs to
+/// the unit's `User=`/`Group=`; root's for a `DynamicUser=` unit (no uid before it starts).
+#[test]
+fn d11_a_units_continuation_copy_is_its_users_alone() {
+    if !crate::testing::root("handing the copy to the unit's user") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let mut r = Rig::new();
+    r.manager.loadable("as-user.service", Behaviour::Runs);
+    r.manager.loadable("dynamic.service", Behaviour::Runs);
+    r.manager.s().unit_users.insert(
+        "as-user.service".into(),
+        UnitUser {
+            user: "65534".into(),
+            group: "65533".into(),
+            dynamic: false,
+        },
+    );
+    r.manager.s().unit_users.insert(
+        "dynamic.service".into(),
+        UnitUser {
+            user: "worker".into(),
+            group: String::new(),
+            dynamic: true,
+        },
+    );
+    r.admit(unit("a", "as-user.service"));
+    r.outcomes(2);
+    assert_eq!(r.tick().outcome, Outcome::Revived);
+    r.admit(unit("b", "dynamic.service"));
+    r.f.clock.pass(600 * S);
+    assert_eq!(r.tick().outcome, Outcome::Revived);
+    let dir = r.f.dir.path().join("run/continuations/unit");
+    let m = std::fs::metadata(dir.join("as-user.service.txt")).unwrap();
+    assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o400, 65534, 65533));
+    let m = std::fs::metadata(dir.join("dynamic.service.txt")).unwrap();
+    assert_eq!((m.mode() & 0o777, m.uid(), m.gid()), (0o400, 0, 0));
+}
+
 #[test]
 fn q2_a_cancel_during_starting_stands_and_stops_what_the_attempt_started() {
     let mut r = Rig::new();
@@ -917,6 +1000,173 @@ fn d8_invalidations_and_undecided_checks_do_not_count() {
 }
 
 // ---- D-6 validation -------------------------------------------------------------------------
+
+fn user(uid: u32, member: bool) -> Owner {
+    Owner::User {
+        creds: Creds {
+            uid,
+            gid: uid,
+            groups: vec![uid],
+        },
+        member,
+    }
+}
+
+/// D-6 check 2 (security review finding 11): a member's queued run is authorized again at
+/// the attempt. A member who left `outlive`, a user who no longer exists, and a unit target
+/// that `queue.allowed_units` no longer admits are `not-authorized`; a user database that does
+/// not answer leaves the entry queued. Root's choice of user is not re-checked for membership.
+#[test]
+fn d6_not_authorized_is_checked_again_at_the_attempt() {
+    let by_member = |r: &mut Rig, x: Request| r.q().enqueue(&member(), Ok(x), None).unwrap().id;
+    // Left the group.
+    let mut r = Rig::new();
+    r.outcomes(2);
+    let a = by_member(&mut r, exec("a", "/bin/true"));
+    r.paths
+        .owners
+        .lock()
+        .unwrap()
+        .insert(1000, user(1000, false));
+    let rep = r.tick();
+    assert_eq!(rep.outcome, Outcome::Invalidated, "{rep:?}");
+    assert_eq!(r.status(&a), Status::Invalidated("not-authorized".into()));
+    assert!(
+        rep.detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no longer a member of group `outlive`"),
+        "{rep:?}"
+    );
+    assert!(r.manager.starts().is_empty());
+    // No longer in the user database.
+    r.paths.owners.lock().unwrap().insert(1000, Owner::Gone);
+    let b = by_member(&mut r, exec("b", "/bin/true"));
+    r.tick();
+    assert_eq!(r.status(&b), Status::Invalidated("not-authorized".into()));
+    // The database does not answer: decided later.
+    r.paths
+        .owners
+        .lock()
+        .unwrap()
+        .insert(1000, Owner::Undecided("sssd is down".into()));
+    let c = by_member(&mut r, exec("c", "/bin/true"));
+    let rep = r.tick();
+    assert_eq!(rep.outcome, Outcome::Empty, "{rep:?}");
+    assert!(
+        rep.detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("sssd is down"),
+        "{rep:?}"
+    );
+    assert_eq!(r.status(&c), Status::Queued);
+    // A member again: it revives, its paths checked as the member.
+    r.paths
+        .owners
+        .lock()
+        .unwrap()
+        .insert(1000, user(1000, true));
+    r.f.clock.pass(600 * S);
+    assert_eq!(r.tick().outcome, Outcome::Revived);
+    let checked = r.paths.checked.lock().unwrap().clone();
+    assert!(
+        checked
+            .iter()
+            .any(|(p, uid)| p == "/tmp" && *uid == Some(1000)),
+        "{checked:?}"
+    );
+    assert!(
+        checked.iter().all(|(_, uid)| *uid == Some(1000)),
+        "{checked:?}"
+    );
+
+    // A unit target that queue.allowed_units no longer admits.
+    let mut narrowed = dsettings();
+    narrowed.allowed_units = vec!["other-*".into()];
+    let mut r = Rig::with(Fixture::new(), narrowed);
+    r.outcomes(2);
+    r.manager.loadable("allowed-7.service", Behaviour::Runs);
+    let d = by_member(&mut r, unit("d", "allowed-7.service"));
+    let rep = r.tick();
+    assert_eq!(r.status(&d), Status::Invalidated("not-authorized".into()));
+    assert!(
+        rep.detail
+            .as_deref()
+            .unwrap_or_default()
+            .contains("queue.allowed_units"),
+        "{rep:?}"
+    );
+
+    // Root queued a run as a user outside the group: root's choice, not re-checked; its paths
+    // are still checked as that user, and root's own run as the agent.
+    let mut r = Rig::new();
+    r.outcomes(2);
+    r.paths
+        .owners
+        .lock()
+        .unwrap()
+        .insert(1000, user(1000, false));
+    let mut x = exec("e", "/bin/true");
+    x.user = Some(1000);
+    x.group = Some(1000);
+    let found = crate::facts::users::Lookup::Found(crate::facts::users::Account {
+        uid: 1000,
+        name: "u".into(),
+        gid: 1000,
+    });
+    let e = r.q().enqueue(&root(), Ok(x), Some(found)).unwrap().id;
+    assert_eq!(r.tick().outcome, Outcome::Revived);
+    assert_eq!(r.status(&e), Status::Starting);
+    let checked = r.paths.checked.lock().unwrap().clone();
+    assert!(
+        checked.iter().all(|(_, uid)| *uid == Some(1000)),
+        "{checked:?}"
+    );
+    let mut r = Rig::new();
+    r.outcomes(2);
+    r.admit(exec("f", "/bin/true"));
+    assert_eq!(r.tick().outcome, Outcome::Revived);
+    let checked = r.paths.checked.lock().unwrap().clone();
+    assert!(
+        !checked.is_empty() && checked.iter().all(|(_, uid)| uid.is_none()),
+        "{checked:?}"
+    );
+
+    // An entry written before enqueued_by was recorded: its uid stands for the enqueuer.
+    let mut r = Rig::new();
+    let g = by_member(&mut r, exec("g", "/bin/true"));
+    let mut old = r.entry(&g);
+    old.enqueued_by = None;
+    let owner = user(1000, false);
+    let cx = Context::<Arc<FakeManager>> {
+        owner: &owner,
+        allowed_units: &[],
+        stops: &[],
+        global_stop: None,
+        manager: None,
+        tracked_alive: false,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let got = rt.block_on(validate(&old, &cx, &r.paths));
+    assert!(
+        matches!(got, Check::Invalid("not-authorized", _)),
+        "{got:?}"
+    );
+    old.uid = 0;
+    old.gid = 0;
+    let got = rt.block_on(validate(
+        &old,
+        &Context {
+            owner: &Owner::Agent,
+            ..cx
+        },
+        &r.paths,
+    ));
+    assert_eq!(got, Check::Pass);
+}
 
 #[test]
 fn d6_validation_order_and_words() {

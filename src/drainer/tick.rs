@@ -19,7 +19,7 @@ use super::manager::{
     CALL_TIMEOUT, ServiceManager, StartError, Transient, Verdict, attempt_verdict,
 };
 use super::spawn::{self, SpawnSpec};
-use super::validate::{Check, Context, Paths, validate};
+use super::validate::{Check, Context, Owner, Paths, validate};
 use crate::audit::{Alert, AuditSink, Event, priority};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -49,6 +49,8 @@ pub struct Settings {
     pub pressure_held_notice_ms: u64,
     /// A user manager: transient units carry no `User=`/`Group=`.
     pub user_mode: bool,
+    /// `queue.allowed_units`, checked again at the attempt (D-6 check 2).
+    pub allowed_units: Vec<String>,
 }
 
 impl Settings {
@@ -67,6 +69,7 @@ impl Settings {
             calm_gate: d.calm_gate,
             pressure_held_notice_ms: d.pressure_held_notice_min as u64 * 60_000,
             user_mode,
+            allowed_units: c.queue.allowed_units.clone(),
         }
     }
 
@@ -583,7 +586,15 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             .collect();
         for e in unseen {
             let tracked_alive = self.tracked_alive(&e.key());
+            // The agent's own runs are checked as the agent; anyone else's as them.
+            let owner = if e.uid == nix::unistd::geteuid().as_raw() {
+                Owner::Agent
+            } else {
+                self.paths.owner(e.uid, e.gid).await
+            };
             let cx = Context {
+                owner: &owner,
+                allowed_units: &self.settings.allowed_units,
                 stops: &stops,
                 global_stop,
                 manager: self.manager.as_ref(),
@@ -747,13 +758,23 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         // The record under the state directory goes through the queue (written only while its
         // lock is ours); the run's copy under the runtime directory.
         let text = continuation::text(&e);
+        // A unit's copy is handed to whom the unit runs as (root's when that cannot be known).
+        let unit_owner = match (&e.target, &self.manager) {
+            (Target::Unit { unit }, Some(m)) if !self.settings.user_mode => {
+                match m.unit_user(unit).await {
+                    Ok(Some(u)) if !u.dynamic => self.paths.resolve(&u.user, &u.group).await,
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
         let cont = q(queue)
             .write_file(
                 Some("continuations"),
                 &continuation::record_name(&e),
                 text.as_bytes(),
             )
-            .and_then(|_| continuation::write_copy(&self.runtime_dir, &e, &text));
+            .and_then(|_| continuation::write_copy(&self.runtime_dir, &e, &text, unit_owner));
         let started_boot = self.clock.boot_ms();
         let started_wall = e.last_attempt_at.unwrap_or_else(|| self.clock.wall_ms());
         let cont = match cont {

@@ -1,12 +1,16 @@
 //! Validation before an attempt (SPEC D-6), in this order; the first failure wins and becomes
 //! `invalidated:<why>`:
 //!
-//! 1. `corrupt-entry`; 2. `already-running`; 3. `operator-stop`; 4. `ran-since`;
-//! 5. `target-missing`; 6. `cwd-missing`, `worktree-missing`; 7. `run-finished`.
+//! 1. `corrupt-entry`; 2. `not-authorized`; 3. `already-running`; 4. `operator-stop`;
+//! 5. `ran-since`; 6. `target-missing`; 7. `cwd-missing`, `worktree-missing`; 8. `run-finished`.
 //!
-//! A check that cannot decide (EACCES, a timeout, a service manager that does not answer)
-//! neither invalidates nor attempts: [`Check::Undecided`]. Paths are checked through the facts
-//! worker under its timeout, off the runtime's thread, so a hung mount cannot stall the agent.
+//! A check that cannot decide (EACCES, a timeout, a service manager that does not answer, a
+//! user database that does not answer) neither invalidates nor attempts: [`Check::Undecided`].
+//! Paths are checked through the facts worker under its timeout, off the runtime's thread, so
+//! a hung mount cannot stall the agent, and with the credentials of the user the run would run
+//! as ([`Owner`], SPEC §12 "paths of members' runs"), never with root's: what a run's owner
+//! cannot reach is undecided, so nobody learns through the agent what exists where they cannot
+//! look.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,7 +18,8 @@ use std::sync::Arc;
 use super::manager::{ServiceManager, Undecided};
 use crate::facts::Facts;
 use crate::facts::probe::Run;
-use crate::queue::entry::{Entry, Target, corrupt_reason};
+use crate::facts::users::{self, Creds, Lookup};
+use crate::queue::entry::{Entry, Target, corrupt_reason, unit_allowed};
 use crate::queue::store::RunStop;
 
 /// The result of validation.
@@ -35,10 +40,36 @@ pub enum PathState {
     Undecided(String),
 }
 
-/// Path checks (the real one goes through the facts worker; tests substitute).
+/// Who a run would run as, from the user database at the attempt: D-6 check 2, and the
+/// credentials its paths are checked with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// The agent's own credentials: root's runs, or every run of a user-mode agent.
+    Agent,
+    /// Another user: a login's credentials with the entry's gid, and whether the user is a
+    /// member of group `outlive`.
+    User { creds: Creds, member: bool },
+    /// The uid is no longer in the user database.
+    Gone,
+    /// The user database did not answer.
+    Undecided(String),
+}
+
+/// Host checks (the real ones go through the facts worker; tests substitute).
 pub trait Paths: Send + Sync {
-    /// Whether `path` exists (`dir`: as a directory).
-    fn check(&self, path: &str, dir: bool) -> impl Future<Output = PathState> + Send;
+    /// Whether `path` exists (`dir`: as a directory), as seen with `creds` (None: the agent's
+    /// own).
+    fn check(
+        &self,
+        path: &str,
+        dir: bool,
+        creds: Option<&Creds>,
+    ) -> impl Future<Output = PathState> + Send;
+    /// Who `uid` is, running with group `gid`.
+    fn owner(&self, uid: u32, gid: u32) -> impl Future<Output = Owner> + Send;
+    /// The uid and gid a unit's `User=` and `Group=` stand for ([`users::resolve`]); None when
+    /// unknown or when the user database does not answer in time.
+    fn resolve(&self, user: &str, group: &str) -> impl Future<Output = Option<(u32, u32)>> + Send;
 }
 
 /// Path checks on the facts worker, under `facts.statfs_timeout_ms`. Each check ends within
@@ -50,8 +81,57 @@ pub struct WorkerPaths {
 }
 
 impl Paths for WorkerPaths {
-    async fn check(&self, path: &str, dir: bool) -> PathState {
-        let r = self.check_inner(path, dir).await;
+    async fn check(&self, path: &str, dir: bool, creds: Option<&Creds>) -> PathState {
+        let r = self.check_inner(path, dir, creds.cloned()).await;
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
+        r
+    }
+
+    async fn owner(&self, uid: u32, gid: u32) -> Owner {
+        let facts = self.facts.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let timeout = facts.timeout();
+            match facts
+                .worker()
+                .run(timeout, move || match users::account(uid) {
+                    Lookup::Found(a) => Owner::User {
+                        member: users::is_member(&a.name, a.gid, users::GROUP),
+                        creds: Creds::of(&a, gid),
+                    },
+                    Lookup::Unknown => Owner::Gone,
+                    Lookup::Failed(why) => Owner::Undecided(why),
+                }) {
+                Run::Done(o) => o,
+                Run::Timeout => Owner::Undecided(format!(
+                    "the user database did not answer for uid {uid} within the statfs timeout"
+                )),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Owner::Undecided(e.to_string()));
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
+        r
+    }
+
+    async fn resolve(&self, user: &str, group: &str) -> Option<(u32, u32)> {
+        let facts = self.facts.clone();
+        let (user, group) = (user.to_string(), group.to_string());
+        let r = tokio::task::spawn_blocking(move || {
+            match facts
+                .worker()
+                .run(facts.timeout(), move || users::resolve(&user, &group))
+            {
+                Run::Done(r) => r,
+                Run::Timeout => None,
+            }
+        })
+        .await
+        .ok()
+        .flatten();
         if let Some(b) = &self.beat {
             b.beat();
         }
@@ -60,13 +140,19 @@ impl Paths for WorkerPaths {
 }
 
 impl WorkerPaths {
-    async fn check_inner(&self, path: &str, dir: bool) -> PathState {
+    async fn check_inner(&self, path: &str, dir: bool, creds: Option<Creds>) -> PathState {
         let facts = self.facts.clone();
         let p = std::path::PathBuf::from(path);
         let r = tokio::task::spawn_blocking(move || {
             let timeout = facts.timeout();
             let q = p.clone();
-            match facts.worker().run(timeout, move || std::fs::metadata(&q)) {
+            let stat = move || match &creds {
+                // A user's view: on a thread with their credentials. Cannot take them: the
+                // error (PermissionDenied) reads undecided below.
+                Some(c) => users::as_user(c, || std::fs::metadata(&q)).and_then(|r| r),
+                None => std::fs::metadata(&q),
+            };
+            match facts.worker().run(timeout, stat) {
                 // Missing here, but perhaps only hidden from the agent (H-5): undecided then.
                 Run::Done(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     match facts.hidden_from_agent(&p) {
@@ -105,6 +191,10 @@ impl WorkerPaths {
 
 /// What validation needs besides the entry.
 pub struct Context<'a, M> {
+    /// Who the run would run as (check 2, and the paths' credentials).
+    pub owner: &'a Owner,
+    /// `queue.allowed_units` now.
+    pub allowed_units: &'a [String],
     pub stops: &'a [RunStop],
     pub global_stop: Option<u64>,
     /// None where there is no service manager (units cannot be started).
@@ -127,8 +217,46 @@ pub async fn validate<M: ServiceManager, P: Paths>(
     if let Some(why) = corrupt_reason(e) {
         return Check::Invalid("corrupt-entry", why);
     }
-    let anchor = e.ttl_anchor();
     // 2.
+    let creds = match cx.owner {
+        Owner::Agent => None,
+        Owner::Undecided(why) => return Check::Undecided(why.clone()),
+        Owner::Gone => {
+            return Check::Invalid(
+                "not-authorized",
+                format!("uid {} is no longer in the user database", e.uid),
+            );
+        }
+        Owner::User { creds, member } => {
+            // A member's authority is checked again; root's choice of user is its own.
+            if e.enqueued_by.unwrap_or(e.uid) != 0 {
+                if !member {
+                    return Check::Invalid(
+                        "not-authorized",
+                        format!(
+                            "uid {} is no longer a member of group `{}`",
+                            e.uid,
+                            users::GROUP
+                        ),
+                    );
+                }
+                if let Target::Unit { unit } = &e.target
+                    && !cx.allowed_units.iter().any(|g| unit_allowed(g, unit))
+                {
+                    return Check::Invalid(
+                        "not-authorized",
+                        format!(
+                            "{unit} no longer matches queue.allowed_units {:?}",
+                            cx.allowed_units
+                        ),
+                    );
+                }
+            }
+            Some(creds)
+        }
+    };
+    let anchor = e.ttl_anchor();
+    // 3.
     if cx.tracked_alive {
         return Check::Invalid(
             "already-running",
@@ -163,7 +291,7 @@ pub async fn validate<M: ServiceManager, P: Paths>(
             Ok(_) => {}
         }
     }
-    // 3. A stop in the same millisecond as the enqueue counts: the stop was recorded after it
+    // 4. A stop in the same millisecond as the enqueue counts: the stop was recorded after it
     // (mutations are serialised), and a safety stop errs on the side of stopping.
     if let Some(run) = &e.run_id
         && let Some(s) = cx
@@ -191,7 +319,7 @@ pub async fn validate<M: ServiceManager, P: Paths>(
             ),
         );
     }
-    // 4. and 5.
+    // 5. and 6.
     match &e.target {
         Target::Unit { unit } => {
             let Some(m) = cx.manager else {
@@ -222,7 +350,7 @@ pub async fn validate<M: ServiceManager, P: Paths>(
                 }
             }
         }
-        Target::Exec { exec, .. } => match paths.check(&exec[0], false).await {
+        Target::Exec { exec, .. } => match paths.check(&exec[0], false, creds).await {
             PathState::Exists => {}
             PathState::Missing => {
                 return Check::Invalid("target-missing", format!("{} does not exist", exec[0]));
@@ -230,8 +358,8 @@ pub async fn validate<M: ServiceManager, P: Paths>(
             PathState::Undecided(w) => return Check::Undecided(w),
         },
     }
-    // 6.
-    match paths.check(&e.cwd, true).await {
+    // 7.
+    match paths.check(&e.cwd, true, creds).await {
         PathState::Exists => {}
         PathState::Missing => {
             return Check::Invalid("cwd-missing", format!("{} is not a directory", e.cwd));
@@ -239,7 +367,7 @@ pub async fn validate<M: ServiceManager, P: Paths>(
         PathState::Undecided(w) => return Check::Undecided(w),
     }
     if let Some(w) = &e.worktree {
-        match paths.check(w, true).await {
+        match paths.check(w, true, creds).await {
             PathState::Exists => {}
             PathState::Missing => {
                 return Check::Invalid("worktree-missing", format!("{w} is not a directory"));
@@ -247,11 +375,11 @@ pub async fn validate<M: ServiceManager, P: Paths>(
             PathState::Undecided(why) => return Check::Undecided(why),
         }
     }
-    // 7.
+    // 8.
     if e.active_run
         && let Some(f) = &e.run_state_file
     {
-        match paths.check(f, false).await {
+        match paths.check(f, false, creds).await {
             PathState::Exists => {}
             PathState::Missing => {
                 return Check::Invalid("run-finished", format!("{f} is gone: the run finished"));

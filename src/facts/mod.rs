@@ -118,17 +118,37 @@ impl Facts {
     /// find its mount, decide, and statfs where the table allows it. A path that does not
     /// resolve in time, or lies on a mount that timed out in the last 60 s, reads
     /// `unknown/timeout`.
-    #[cfg(target_os = "linux")]
     pub fn classify_path(&self, path: &Path) -> Result<Classification, ClassifyError> {
+        self.classify_with(path, None)
+    }
+
+    /// [`Facts::classify_path`] with `creds`' filesystem credentials (SPEC §12: a member's
+    /// `ClassifyPath`): what they cannot reach is an error (`PermissionDenied`), whether it
+    /// exists or not, so the answer tells them nothing they could not find out themselves.
+    pub fn classify_path_as(
+        &self,
+        path: &Path,
+        creds: &users::Creds,
+    ) -> Result<Classification, ClassifyError> {
+        self.classify_with(path, Some(creds.clone()))
+    }
+
+    fn classify_with(
+        &self,
+        path: &Path,
+        creds: Option<users::Creds>,
+    ) -> Result<Classification, ClassifyError> {
         if !path.is_absolute() {
             return Err(ClassifyError::NotAbsolute(path.to_path_buf()));
         }
         let facts = self.clone();
         let p = path.to_path_buf();
-        match self
-            .worker
-            .run(self.timeout(), move || facts.classify_on_worker(&p))
-        {
+        let job = move || match &creds {
+            None => facts.classify_on_worker(&p),
+            Some(c) => users::as_user(c, || facts.classify_on_worker(&p))
+                .unwrap_or_else(|e| Err(ClassifyError::Io(p.clone(), e))),
+        };
+        match self.worker.run(self.timeout(), job) {
             Run::Done(r) => r,
             Run::Timeout => Ok(Facts::timed_out(path)),
         }
@@ -159,33 +179,22 @@ impl Facts {
         ))
     }
 
-    /// macOS: statfs `MNT_LOCAL` on the worker (H-3).
+    /// macOS: statfs `MNT_LOCAL` (H-3), a job on the worker.
     #[cfg(target_os = "macos")]
-    pub fn classify_path(&self, path: &Path) -> Result<Classification, ClassifyError> {
-        if !path.is_absolute() {
-            return Err(ClassifyError::NotAbsolute(path.to_path_buf()));
-        }
-        let p = path.to_path_buf();
-        let job = move || -> Result<Classification, ClassifyError> {
-            let canonical = std::fs::canonicalize(&p).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => ClassifyError::NotFound(p.clone()),
-                _ => ClassifyError::Io(p.clone(), e),
-            })?;
-            let s =
-                macos::statfs(&canonical).map_err(|e| ClassifyError::Io(canonical.clone(), e))?;
-            Ok(classify::classify_mnt_local(
-                &canonical,
-                &s.fstypename,
-                s.mnt_local,
-                s.read_only,
-                &s.mount_point,
-                &s.source,
-            ))
-        };
-        match self.worker.run(self.timeout(), job) {
-            Run::Done(r) => r,
-            Run::Timeout => Ok(Facts::timed_out(path)),
-        }
+    fn classify_on_worker(&self, p: &Path) -> Result<Classification, ClassifyError> {
+        let canonical = std::fs::canonicalize(p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ClassifyError::NotFound(p.to_path_buf()),
+            _ => ClassifyError::Io(p.to_path_buf(), e),
+        })?;
+        let s = macos::statfs(&canonical).map_err(|e| ClassifyError::Io(canonical.clone(), e))?;
+        Ok(classify::classify_mnt_local(
+            &canonical,
+            &s.fstypename,
+            s.mnt_local,
+            s.read_only,
+            &s.mount_point,
+            &s.source,
+        ))
     }
 
     /// Classify without touching the path: lexical normalisation and the mount table only

@@ -55,6 +55,35 @@ pub fn account(uid: u32) -> Lookup {
     }
 }
 
+/// The uid and gid a unit's `User=` and `Group=` stand for (names or numbers; an empty `User=`
+/// is root): `Group=` when set, else the user's primary group. None when either is not in the
+/// user database.
+pub fn resolve(user: &str, group: &str) -> Option<(u32, u32)> {
+    let (uid, primary) = if user.is_empty() {
+        (0, Some(0))
+    } else if let Ok(n) = user.parse::<u32>() {
+        match account(n) {
+            Lookup::Found(a) => (n, Some(a.gid)),
+            _ => (n, None),
+        }
+    } else {
+        let u = nix::unistd::User::from_name(user).ok().flatten()?;
+        (u.uid.as_raw(), Some(u.gid.as_raw()))
+    };
+    let gid = if group.is_empty() {
+        primary?
+    } else if let Ok(n) = group.parse::<u32>() {
+        n
+    } else {
+        nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()?
+            .gid
+            .as_raw()
+    };
+    Some((uid, gid))
+}
+
 /// The groups a login of `a` would have, its primary group first (as `initgroups` sets them),
 /// or with `gid` as the primary group when given.
 pub fn login_groups(a: &Account, gid: u32) -> Vec<u32> {
@@ -178,15 +207,6 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// Root, or a skip that CI does not accept (CI must run every test).
-    fn root() -> bool {
-        let root = nix::unistd::geteuid().is_root();
-        if !root && std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("required for this test and missing in CI: root");
-        }
-        root
-    }
-
     #[test]
     fn root_is_found_and_in_its_own_group() {
         match account(0) {
@@ -198,14 +218,21 @@ mod tests {
         }
         assert!(is_member("root", 0, "root"));
         assert_eq!(account(4_242_424), Lookup::Unknown);
+        assert_eq!(resolve("", ""), Some((0, 0)));
+        assert_eq!(resolve("root", ""), Some((0, 0)));
+        assert_eq!(resolve("0", "7"), Some((0, 7)));
+        assert_eq!(resolve("root", "root"), Some((0, 0)));
+        assert_eq!(resolve("no-such-user-here", ""), None);
+        assert_eq!(resolve("4242424", ""), None, "no primary group to take");
+        assert_eq!(resolve("4242424", "5"), Some((4_242_424, 5)));
+        assert_eq!(resolve("root", "no-such-group-here"), None);
     }
 
     /// What a user cannot reach, a check as that user does not see: the answer is the
     /// kernel's for that user, even though the agent (root, CAP_DAC_READ_SEARCH) could.
     #[test]
     fn a_check_as_a_user_sees_what_that_user_sees() {
-        if !root() {
-            eprintln!("SKIPPED: root (taking another user's credentials)");
+        if !crate::testing::root("taking another user's credentials") {
             return;
         }
         let d = tempfile::tempdir().unwrap();

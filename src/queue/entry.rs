@@ -383,42 +383,91 @@ pub fn clamp_reason(s: &str) -> String {
     s.chars().take(MAX_REASON).collect()
 }
 
-/// Whether `unit` matches a glob of `queue.allowed_units` (`*`, `?`, `[…]`).
+/// Whether `name` matches the glob `pattern` (`*`, `?`, `[…]` with ranges and `!`/`^`). Linear
+/// backtracking to the last `*`: at most len(pattern) × len(name) steps, whatever the input.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn m(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|i| m(&p[1..], &n[i..])),
-            Some('?') => !n.is_empty() && m(&p[1..], &n[1..]),
-            Some('[') => {
-                let Some(close) = p.iter().skip(1).position(|&c| c == ']').map(|i| i + 1) else {
-                    return !n.is_empty() && n[0] == '[' && m(&p[1..], &n[1..]);
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // One pattern element at p[i] against c: Some(next i) when it matches.
+    let one = |i: usize, c: char| -> Option<usize> {
+        match p[i] {
+            '?' => Some(i + 1),
+            '[' => {
+                let close = p[i + 1..].iter().position(|&x| x == ']').map(|k| i + 1 + k);
+                let Some(close) = close else {
+                    return (c == '[').then_some(i + 1);
                 };
-                let Some(&c) = n.first() else { return false };
-                let set = &p[1..close];
+                let set = &p[i + 1..close];
                 let (negate, set) = match set.first() {
                     Some('!') | Some('^') => (true, &set[1..]),
                     _ => (false, set),
                 };
                 let mut hit = false;
-                let mut i = 0;
-                while i < set.len() {
-                    if i + 2 < set.len() && set[i + 1] == '-' {
-                        hit |= set[i] <= c && c <= set[i + 2];
-                        i += 3;
+                let mut k = 0;
+                while k < set.len() {
+                    if k + 2 < set.len() && set[k + 1] == '-' {
+                        hit |= set[k] <= c && c <= set[k + 2];
+                        k += 3;
                     } else {
-                        hit |= set[i] == c;
-                        i += 1;
+                        hit |= set[k] == c;
+                        k += 1;
                     }
                 }
-                hit != negate && m(&p[close + 1..], &n[1..])
+                (hit != negate).then_some(close + 1)
             }
-            Some(&c) => n.first() == Some(&c) && m(&p[1..], &n[1..]),
+            x => (x == c).then_some(i + 1),
+        }
+    };
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && p[i] == '*' {
+            star = Some((i + 1, j));
+            i += 1;
+        } else if let Some(next) = (i < p.len()).then(|| one(i, n[j])).flatten() {
+            i = next;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            // Let the last `*` take one more character and retry from there.
+            i = si;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
         }
     }
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    m(&p, &n)
+    p[i..].iter().all(|&c| c == '*')
+}
+
+/// Unit types a pattern of `queue.allowed_units` may name as its suffix.
+const UNIT_SUFFIXES: [&str; 8] = [
+    "service", "target", "timer", "socket", "path", "scope", "slice", "mount",
+];
+
+/// Whether a non-root caller may name `unit` under the `queue.allowed_units` pattern `pattern`
+/// (SPEC §9 and §12): the name part and the suffix match separately (a pattern without a unit
+/// suffix means `.service`, so `build-*` never admits `build-x.mount`), and a template
+/// instance (`name@instance.suffix`) must be a plain name, `[A-Za-z0-9:_.-]+`: no `\` escape
+/// can smuggle `/etc/shadow` into a template's `%I`.
+pub fn unit_allowed(pattern: &str, unit: &str) -> bool {
+    let Some((name, suffix)) = unit.rsplit_once('.') else {
+        return false;
+    };
+    let (pname, psuffix) = match pattern.rsplit_once('.') {
+        Some((n, s)) if UNIT_SUFFIXES.iter().any(|u| glob_match(s, u)) => (n, s),
+        _ => (pattern, "service"),
+    };
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b":_.-".contains(&c))
+    };
+    if let Some((_, instance)) = name.split_once('@')
+        && !plain(instance)
+    {
+        return false;
+    }
+    glob_match(psuffix, suffix) && glob_match(pname, name)
 }
 
 /// D-6 step 1 field invariants: why an entry (e.g. from an edited state file) is corrupt.
@@ -614,6 +663,47 @@ mod tests {
         assert!(glob_match("job-[a-c]*.service", "job-b1.service"));
         assert!(!glob_match("job-[!a-c]*.service", "job-b1.service"));
         assert!(glob_match("*", "anything.service"));
+        assert!(glob_match("a*b*c", "aXXbYYc") && !glob_match("a*b*c", "aXXbYY"));
+        assert!(glob_match("[ab", "[ab") && !glob_match("[ab", "a"));
+        assert!(glob_match("", "") && !glob_match("", "x") && glob_match("**", ""));
+        // Linear: many stars against a long name that almost matches end (the recursive
+        // matcher would have taken some 10^16 steps here).
+        assert!(!glob_match("*a*a*a*a*a*a*a*a*a*b", &"a".repeat(250)));
+    }
+
+    /// Security review finding 11: `["agent@*.service"]` admitted
+    /// `agent@\x2fetc\x2fshadow.service` (`%I` = /etc/shadow) and `["build-*"]` admitted
+    /// `build-x.mount`. The name and the suffix now match separately, a pattern without a
+    /// suffix means `.service`, and a template instance must be a plain name.
+    #[test]
+    fn allowed_units_match_name_and_suffix_apart_and_instances_are_plain() {
+        assert!(!unit_allowed(
+            "agent@*.service",
+            "agent@\\x2fetc\\x2fshadow.service"
+        ));
+        assert!(!unit_allowed("*", "agent@a\\x2db.service"));
+        assert!(!unit_allowed("agent@*.service", "agent@.service"));
+        assert!(unit_allowed(
+            "agent@*.service",
+            "agent@build-7:x_y.z.service"
+        ));
+        assert!(!unit_allowed("build-*", "build-x.mount"));
+        assert!(!unit_allowed("build-*", "build-x.socket"));
+        assert!(unit_allowed("build-*", "build-x.service"));
+        assert!(unit_allowed("build-*.timer", "build-x.timer"));
+        assert!(!unit_allowed("build-*.timer", "build-x.service"));
+        assert!(unit_allowed("build-*.s*", "build-x.socket"));
+        // `*` no longer crosses from the name into the suffix.
+        assert!(!unit_allowed(
+            "build-*.service",
+            "build-x.mount.service.mount"
+        ));
+        assert!(unit_allowed("build-*.service", "build-x.mount.service"));
+        assert!(!unit_allowed("*", "x.mount"));
+        assert!(unit_allowed("*", "x.service"));
+        // A dotted name without a unit suffix is all name.
+        assert!(unit_allowed("app.v2-*", "app.v2-blue.service"));
+        assert!(!unit_allowed("allowed-*.service", "other.service"));
     }
 
     #[test]

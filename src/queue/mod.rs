@@ -958,7 +958,7 @@ impl Queue {
                 .settings
                 .allowed_units
                 .iter()
-                .any(|g| entry::glob_match(g, unit))
+                .any(|g| entry::unit_allowed(g, unit))
         {
             return Err(QueueError::AccessDenied(format!(
                 "{unit} is not in queue.allowed_units: non-root callers may enqueue only units matching {:?}",

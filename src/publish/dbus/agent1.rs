@@ -17,6 +17,7 @@ use super::auth::AuthPolicy;
 use super::errors::OutliveError;
 use super::gate::{Gate, Kind, blocking};
 use super::variant::to_dict;
+use crate::facts::users;
 use crate::facts::{self, ClassifyError, Facts, Identity};
 
 /// Most bytes in a path argument (X-1 input limits).
@@ -224,8 +225,10 @@ impl Agent1 {
         .await
     }
 
-    /// Classify a path (H-3). Callers who may not act on the queue get the mount-table
-    /// classification only (the path is not touched); the gate rate-limits them.
+    /// Classify a path (H-3). Root (and a user agent's own uid) get the full classification;
+    /// members get it as seen with their own credentials (SPEC §12: what they cannot reach is
+    /// AccessDenied, whether it exists or not); everyone else the mount-table classification
+    /// only (the path is not touched), rate-limited by the gate.
     async fn classify_path(
         &self,
         path: String,
@@ -234,11 +237,30 @@ impl Agent1 {
     ) -> Result<HashMap<String, OwnedVariant>, OutliveError> {
         let p = check_path("path", &path)?;
         let caller = self.gate.enter(conn, &hdr, Kind::Read).await?.caller;
-        let privileged = caller.may_mutate(&self.gate.policy());
+        let policy = self.gate.policy();
+        let (admin, privileged) = (caller.may_administer(&policy), caller.may_mutate(&policy));
         let facts = self.state.facts.clone();
         let result = blocking(move || {
-            if privileged {
+            if admin {
                 facts.classify_path(&p)
+            } else if privileged {
+                // The member's login credentials, from the user database (NSS: here, on the
+                // blocking pool).
+                match users::account(caller.uid) {
+                    users::Lookup::Found(a) => {
+                        facts.classify_path_as(&p, &users::Creds::of(&a, a.gid))
+                    }
+                    _ => Err(ClassifyError::Io(
+                        p.clone(),
+                        std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!(
+                            "uid {} is not in the user database: its paths cannot be checked as it",
+                            caller.uid
+                            ),
+                        ),
+                    )),
+                }
             } else {
                 facts.classify_untouched(&p)
             }
