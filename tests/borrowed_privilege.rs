@@ -1,5 +1,5 @@
-//! No borrowed privilege (SPEC §12 Q-1, D-6 check 2, paths of members' runs; security review
-//! findings 2, 7 and 9), against the agent on a private bus with the shipped policy and test
+//! No borrowed privilege and nothing leaked to strangers (SPEC §12 Q-1, D-6 check 2, paths of
+//! members' runs, G-10; security review findings 2, 5, 7, 11 and 12), against the agent on a private bus with the shipped policy and test
 //! users, where there is no systemd: revival is a detached spawn (D-9), so what the revived run
 //! gets (uid, gid, groups, working directory) is read from its own output. The same rules under
 //! systemd (the transient unit's `User=`, `Group=`, `NoNewPrivileges=`, `RestrictSUIDSGID=`) are
@@ -454,4 +454,127 @@ fn x1_allowed_units_match_name_and_suffix_apart() {
         let (code, out, err) = unit(admitted);
         assert_eq!(code, 0, "{admitted}: {out}{err}");
     }
+}
+
+/// SPEC §12 G-10 (security review finding 5): `Attention` and `AttentionRaised` carried notice
+/// messages, which name members' paths, to everyone. Now a stranger reads kinds, entry ids and
+/// counts only, the broadcast signal carries the entry id (or a count), the property's change
+/// signal carries no value, and a stranger's `List` rows have no session; root and members
+/// still read the message.
+#[test]
+fn g10_strangers_learn_kinds_ids_and_counts_only() {
+    if !ready() {
+        return;
+    }
+    use futures_util::StreamExt;
+    let s = setup(CONFIG);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let conn = rt.block_on(common::bus::connect(&s.bus.address));
+    let signals = |member: &'static str, interface: &'static str| {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .path("/org/outlive/Agent1/Guards")
+            .interface(interface)
+            .member(member)
+            .build()
+            .unwrap();
+        rt.block_on(zbus::MessageStream::for_match_rule(rule, &conn, None))
+            .unwrap()
+    };
+    let mut raised = signals("AttentionRaised", "org.outlive.Guards1");
+    let mut changed = signals("PropertiesChanged", "org.freedesktop.DBus.Properties");
+
+    let base = common::open_tempdir();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = base.path().join("secret-project-xyz");
+    let id = admitted(enqueue(
+        &s,
+        MEMBER,
+        "leaky",
+        &[
+            "--cwd",
+            secret.to_str().unwrap(),
+            "--session",
+            "tmux-secret-session",
+        ],
+        &["/bin/true"],
+    ));
+    let r = drain(&s);
+    assert_eq!(r["outcome"], "invalidated", "{r}");
+
+    // The broadcast signal: the kind and the entry id, nothing else.
+    let (kind, detail): (String, String) = rt.block_on(async {
+        let m = tokio::time::timeout(T, raised.next())
+            .await
+            .expect("AttentionRaised")
+            .unwrap()
+            .unwrap();
+        m.body().deserialize().unwrap()
+    });
+    assert_eq!(detail, id, "AttentionRaised({kind}, {detail})");
+    assert!(!kind.contains("secret"), "{kind}");
+    // The property's change signal names it and carries no value.
+    rt.block_on(async {
+        let end = tokio::time::Instant::now() + T;
+        loop {
+            let m = tokio::time::timeout_at(end, changed.next())
+                .await
+                .expect("PropertiesChanged for Attention")
+                .unwrap()
+                .unwrap();
+            let (_, values, invalidated): (
+                String,
+                std::collections::HashMap<String, zbus::wire::OwnedVariant>,
+                Vec<String>,
+            ) = m.body().deserialize().unwrap();
+            assert!(!values.contains_key("Attention"), "a value was broadcast");
+            if invalidated.iter().any(|p| p == "Attention") {
+                break;
+            }
+        }
+    });
+
+    let attention = |who: (u32, u32)| {
+        let (code, out, err) = s.bus.busctl_as(
+            who,
+            &[
+                "--json=short",
+                "get-property",
+                "org.outlive.Agent1",
+                "/org/outlive/Agent1/Guards",
+                "org.outlive.Guards1",
+                "Attention",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let stranger = attention(STRANGER);
+    assert!(!stranger.contains("secret-project"), "{stranger}");
+    assert!(
+        stranger.contains(&id) && stranger.contains("invalidated"),
+        "{stranger}"
+    );
+    let member = attention(MEMBER);
+    assert!(member.contains("secret-project"), "{member}");
+    let root = attention(ROOT);
+    assert!(root.contains("secret-project"), "{root}");
+
+    // The stranger's List: no session, no path.
+    let v = json(&s, STRANGER, &["queue"]);
+    let text = v.to_string();
+    assert!(
+        !text.contains("tmux-secret-session") && !text.contains("secret-project"),
+        "{text}"
+    );
+    let v = json(&s, MEMBER, &["queue"]);
+    assert!(v.to_string().contains("tmux-secret-session"), "{v}");
+    // The stranger's status screen shows the notice without its message.
+    let (code, out, err) = s.bus.outlivectl_as(STRANGER, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("secret-project"), "{out}");
+    assert!(out.contains(&id), "{out}");
 }

@@ -227,11 +227,17 @@ pub async fn status(user: bool, json: bool) -> Result<(), Failure> {
         ));
         for n in att["notices"].as_array().into_iter().flatten() {
             let count = n["count"].as_u64().unwrap_or(1);
+            // Only root and members get the message (§12 G-10); others the entry it is about.
+            let message = match (n["message"].as_str(), n["entry_id"].as_str()) {
+                (Some(m), _) => m.to_string(),
+                (None, Some(id)) => format!("entry {id} (details for root and members of outlive)"),
+                (None, None) => "(details for root and members of outlive)".to_string(),
+            };
             out.push_str(&format!(
                 "  {} {}: {}{}\n",
                 ts(&n["at"]),
                 n["kind"].as_str().unwrap_or("-"),
-                n["message"].as_str().unwrap_or(""),
+                message,
                 if count > 1 {
                     format!(" (×{count})")
                 } else {

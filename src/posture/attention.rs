@@ -20,6 +20,13 @@ pub const COALESCE_MS: u64 = 10 * 60 * 1000;
 /// How many recent notices the item shows.
 pub const RECENT: usize = 8;
 
+/// The entry a notice is about: its `entry_id` field when that is an entry id in shape.
+fn entry_id_of(e: &Event) -> Option<String> {
+    e.get("entry_id")
+        .filter(|id| crate::queue::entry::valid_id(id))
+        .map(str::to_string)
+}
+
 /// G-7's anomalies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AnomalyKind {
@@ -149,6 +156,8 @@ fn reason_of(e: &Event) -> Option<String> {
 struct Notice {
     kind: String,
     message: String,
+    /// The entry it is about, if any (an id, closed in shape: shown to everyone).
+    entry_id: Option<String>,
     reason_code: Option<String>,
     stay: Stay,
     at_wall: u64,
@@ -293,6 +302,7 @@ impl Attention {
             None => self.notices.push(Notice {
                 kind: e.kind.clone(),
                 message: e.message.clone(),
+                entry_id: entry_id_of(e),
                 reason_code: reason_of(e),
                 stay,
                 at_wall: now_wall,
@@ -302,12 +312,22 @@ impl Attention {
         }
         self.open(now_wall);
         *self.counts.entry(e.kind.clone()).or_default() += 1;
+        let entry_id = entry_id_of(e);
         self.recent.push_front(serde_json::json!({
-            "kind": e.kind, "message": e.message, "at": now_wall,
+            "kind": e.kind, "message": e.message, "at": now_wall, "entry_id": entry_id,
         }));
         self.recent.truncate(RECENT);
         if write.is_some() {
-            self.raised.push((e.kind.clone(), e.message.clone()));
+            // For everyone (§12 G-10): the kind and an entry id, else how many times it came.
+            let count = self
+                .notices
+                .iter()
+                .find(|n| n.kind == e.kind && n.message == e.message)
+                .map_or(1, |n| n.count);
+            self.raised.push((
+                e.kind.clone(),
+                entry_id.unwrap_or_else(|| count.to_string()),
+            ));
         }
         write
     }
@@ -400,7 +420,9 @@ impl Attention {
                     .field("anomalies", &what)
                     .field("opened", !was_open),
             );
-            self.raised.push(("anomaly".into(), what));
+            // For everyone (§12 G-10): how many anomalies joined, not which.
+            self.raised
+                .push(("anomaly".into(), by_anomaly.len().to_string()));
         }
         if now_open {
             if !was_open || changed {
@@ -445,18 +467,34 @@ impl Attention {
     }
 
     /// The `Attention` property (a{sv}).
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The item as published: `full` for root and members; for everyone else kinds, entry
+    /// ids and counts only (§12 G-10: a notice's message may name a member's paths).
+    pub fn to_json(&self, full: bool) -> serde_json::Value {
+        let notices = self.notices.iter().map(|n| {
+            let mut v = serde_json::json!({
+                "kind": n.kind, "at": n.at_wall, "count": n.count, "entry_id": n.entry_id,
+                "one_off": n.stay == Stay::OneOff,
+                "until_acknowledged": n.stay == Stay::UntilAcked,
+            });
+            if full {
+                v["message"] = n.message.clone().into();
+            }
+            v
+        });
+        let recent = self.recent.iter().map(|r| {
+            if full {
+                r.clone()
+            } else {
+                serde_json::json!({"kind": r["kind"], "at": r["at"], "entry_id": r["entry_id"]})
+            }
+        });
         serde_json::json!({
             "open": self.is_open(),
             "opened_at": self.opened_at.unwrap_or(0),
             "updated_at": self.updated_at,
             "anomalies": self.anomalies().iter().map(Anomaly::describe).collect::<Vec<_>>(),
-            "notices": self.notices.iter().map(|n| serde_json::json!({
-                "kind": n.kind, "message": n.message, "at": n.at_wall, "count": n.count,
-                "one_off": n.stay == Stay::OneOff,
-                "until_acknowledged": n.stay == Stay::UntilAcked,
-            })).collect::<Vec<_>>(),
-            "recent": self.recent.iter().cloned().collect::<Vec<_>>(),
+            "notices": notices.collect::<Vec<_>>(),
+            "recent": recent.collect::<Vec<_>>(),
             "counts": self.counts,
         })
     }
@@ -517,7 +555,7 @@ mod tests {
             );
         }
         // A second anomaly joining re-notifies; the item is updated, not created again.
-        let opened = t.to_json()["opened_at"].clone();
+        let opened = t.to_json(true)["opened_at"].clone();
         let y = [
             x[0].clone(),
             a("watchdog", AnomalyKind::OffRuntimeDivergent, None),
@@ -530,7 +568,7 @@ mod tests {
             ev[0].message.contains("watchdog: off-runtime-divergent")
                 && ev[0].message.contains("grew")
         );
-        assert_eq!(t.to_json()["opened_at"], opened, "updated in place");
+        assert_eq!(t.to_json(true)["opened_at"], opened, "updated in place");
         // The anomalies clear: one restored entry.
         let ev = t.evaluate(&[], &none(), &Causes::default());
         assert_eq!(kinds(&ev), ["posture-restored"]);
@@ -667,8 +705,8 @@ mod tests {
         assert_eq!(written[1].0, 600);
         assert_eq!(written[1].1.get("coalesced"), Some("599"));
         assert!(written[1].1.message.contains("599 more like it"));
-        assert_eq!(t.to_json()["counts"]["pressure-held"], 1000);
-        let notices = t.to_json()["notices"].as_array().unwrap().clone();
+        assert_eq!(t.to_json(true)["counts"]["pressure-held"], 1000);
+        let notices = t.to_json(true)["notices"].as_array().unwrap().clone();
         assert_eq!(notices.len(), 1, "one notice, counted");
         assert_eq!(notices[0]["count"], 1000);
         // A different notice is not coalesced with it.
@@ -676,7 +714,7 @@ mod tests {
             t.notice(&Event::new("pressure-held", "run-8 is held").alert(Alert::QueueNotice))
                 .is_some()
         );
-        assert_eq!(t.to_json()["recent"].as_array().unwrap().len(), RECENT);
+        assert_eq!(t.to_json(true)["recent"].as_array().unwrap().len(), RECENT);
     }
 
     #[test]

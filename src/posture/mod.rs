@@ -86,7 +86,10 @@ pub struct Published {
     pub summary: BTreeMap<String, u32>,
     /// The current anomalies, described.
     pub anomalies: Vec<String>,
+    /// The attention item for root and members.
     pub attention: serde_json::Value,
+    /// The same for everyone else: kinds, entry ids and counts (§12 G-10).
+    pub attention_public: serde_json::Value,
     pub degraded: bool,
     /// What `DEGRADED:` names first.
     pub headline: Option<String>,
@@ -444,7 +447,8 @@ impl Posture {
     pub fn ack(&mut self) -> (usize, Vec<Event>) {
         let r = lock(&self.attention).ack();
         self.published.degraded = lock(&self.attention).is_open();
-        self.published.attention = lock(&self.attention).to_json();
+        self.published.attention = lock(&self.attention).to_json(true);
+        self.published.attention_public = lock(&self.attention).to_json(false);
         r
     }
 
@@ -642,7 +646,7 @@ impl Posture {
                 });
             }
         }
-        let (att_json, degraded, headline) = {
+        let (att_json, att_public, degraded, headline) = {
             let mut a = lock(&self.attention);
             out.events
                 .extend(a.evaluate(&anomalies, &flapping, &q.causes));
@@ -666,7 +670,7 @@ impl Posture {
                         .map(describe)
                 })
                 .or_else(|| a.latest_notice().map(|(k, m)| format!("{k}: {}", short(m))));
-            (a.to_json(), a.is_open(), headline)
+            (a.to_json(true), a.to_json(false), a.is_open(), headline)
         };
         let new_rows: Vec<Row> = rows.into_iter().map(|(r, _)| r).collect();
         out.changed_rows = new_rows
@@ -701,6 +705,7 @@ impl Posture {
             summary,
             anomalies: anomalies.iter().map(Anomaly::describe).collect(),
             attention: att_json,
+            attention_public: att_public,
             degraded,
             headline,
         };

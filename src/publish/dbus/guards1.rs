@@ -163,10 +163,37 @@ impl Guards1 {
         self.read().anomalies.clone()
     }
 
-    /// The attention item (G-9).
-    #[zbus(property)]
-    fn attention(&self) -> HashMap<String, OwnedVariant> {
-        to_dict(&self.read().attention)
+    /// The attention item (G-9), computed for the caller (§12 G-10): in full for root and
+    /// members; kinds, entry ids and counts for everyone else. Its change signal carries no
+    /// value (`invalidates`), so nobody receives another caller's view.
+    #[zbus(property(emits_changed_signal = "invalidates"))]
+    async fn attention(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<HashMap<String, OwnedVariant>> {
+        let full = match &hdr {
+            Some(h) => {
+                let pass = self
+                    .gate
+                    .enter(conn, h, Kind::Read)
+                    .await
+                    .map_err(|e| match e {
+                        OutliveError::Busy(m) => zbus::fdo::Error::LimitsExceeded(m),
+                        OutliveError::AccessDenied(m) => zbus::fdo::Error::AccessDenied(m),
+                        other => zbus::fdo::Error::Failed(other.to_string()),
+                    })?;
+                pass.caller.may_mutate(&self.gate.policy())
+            }
+            // Not a caller's Get: the public view.
+            None => false,
+        };
+        let p = self.read();
+        Ok(to_dict(if full {
+            &p.attention
+        } else {
+            &p.attention_public
+        }))
     }
 
     /// Every row (G-10).

@@ -159,7 +159,7 @@ impl Publisher {
                 results.push(i.anomalies_changed(em).await);
             }
             if a.attention != b.attention {
-                results.push(i.attention_changed(em).await);
+                results.push(i.attention_invalidate(em).await);
             }
         }
         for r in results {

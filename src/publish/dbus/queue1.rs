@@ -146,15 +146,14 @@ impl ResumeQueue1 {
 
 /// One entry as `List` shows it: the Q-1 fields, the target flattened as in `Enqueue`
 /// (`unit`, or `exec` with `env_names`: env values never leave the agent); for callers who
-/// are neither privileged nor the entry's user, only id, class, status, attempts, timestamps,
-/// session and target kind.
+/// are neither privileged nor the entry's user, only id, class, status, attempts, timestamps
+/// and target kind (§12 G-10: not the session either).
 pub fn list_row(e: &Entry, full: bool) -> serde_json::Value {
     let mut v = serde_json::json!({
         "id": e.id,
         "class": e.class.as_str(),
         "status": e.status.text(),
         "attempts": e.attempts,
-        "session": e.session,
         "target_kind": e.target.kind(),
         "reaped_at": e.reaped_at,
         "queued_at": e.queued_at,
@@ -166,6 +165,7 @@ pub fn list_row(e: &Entry, full: bool) -> serde_json::Value {
         return v;
     }
     let m = v.as_object_mut().expect("an object");
+    m.insert("session".into(), e.session.clone().into());
     match &e.target {
         Target::Unit { unit } => {
             m.insert("unit".into(), unit.clone().into());
