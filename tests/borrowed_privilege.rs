@@ -1,9 +1,9 @@
 //! No borrowed privilege and nothing leaked to strangers (SPEC §12 Q-1, D-6 check 2, paths of
 //! members' runs, G-10; security review findings 2, 5, 7, 11 and 12), against the agent on a
 //! private bus with the shipped policy and test users, where there is no systemd: revival is a
-//! detached spawn (D-9), so what the revived run gets (uid, gid, groups, working directory) is read from its own output. The same rules under
-//! systemd (the transient unit's `User=`, `Group=`, `NoNewPrivileges=`, `RestrictSUIDSGID=`) are
-//! shown in `box_e2e.rs`.
+//! detached spawn (D-9), so what the revived run gets (uid, gid, groups, working directory) is
+//! read from its own output. The same rules under systemd (the transient unit's `User=`,
+//! `Group=`, `NoNewPrivileges=`, `RestrictSUIDSGID=`) are shown in `box_e2e.rs`.
 
 mod common;
 
