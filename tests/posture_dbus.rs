@@ -1,7 +1,8 @@
 //! The guard posture over D-Bus and `outlivectl` (SPEC §6, X-1, §8) against a private
 //! dbus-daemon with the shipped policy and test users: an external guard reported by the owner
-//! of its drop-in, staleness and its one alert; PropertiesChanged for `Summary` only on change;
-//! the attention item, `outlivectl status`, `guards` and `ack`.
+//! of its drop-in, staleness and its one alert; a user's drop-in contesting root's key and
+//! growing to 64 MiB (§12 G-2); PropertiesChanged for `Summary` only on change; the attention
+//! item, `outlivectl status`, `guards` and `ack`.
 
 mod common;
 
@@ -26,14 +27,22 @@ const DROPIN: &str = "[[guard]]\nkey = \"backup.snapshots\"\ndescription = \"hou
 
 struct Setup {
     bus: PrivateBus,
-    _agent: Agent,
-    _n: TestSocket,
+    agent: Agent,
+    n: TestSocket,
     j: TestSocket,
 }
 
 /// An agent on a bus with test users, a watchdog (so that row is quiet), a drop-in owned by
 /// the stranger, a 1 s tick and a 1 s anomaly grace.
 fn setup(extra: &str) -> Setup {
+    setup_with(
+        extra,
+        vec![("50-backup.toml".into(), DROPIN.into(), STRANGER.0)],
+    )
+}
+
+/// [`setup`] with these drop-ins (name, text, owner).
+fn setup_with(extra: &str, dropins: Vec<(String, String, u32)>) -> Setup {
     let bus = PrivateBus::with_users();
     let (n, j) = (TestSocket::notify(), TestSocket::journal());
     let mut env = HashMap::new();
@@ -46,16 +55,11 @@ fn setup(extra: &str) -> Setup {
         watchdog_usec: Some(4_000_000),
         toml: format!("[drainer]\ninterval_sec = 1\n[posture]\nanomaly_grace_sec = 1\n{extra}"),
         wrapper: bus.agent_wrapper(),
-        dropins: vec![("50-backup.toml".into(), DROPIN.into(), STRANGER.0)],
+        dropins,
         ..AgentSpec::default()
     });
     n.wait_for("READY=1", T, |d| d.has("READY", "1"));
-    Setup {
-        bus,
-        _agent: agent,
-        _n: n,
-        j,
-    }
+    Setup { bus, agent, n, j }
 }
 
 fn guards(s: &Setup, who: (u32, u32)) -> Vec<serde_json::Value> {
@@ -407,5 +411,81 @@ fn x1_every_method_as_root_member_owner_and_stranger() {
         report.is_empty(),
         "authorization matrix:\n{}",
         report.join("\n")
+    );
+}
+
+/// §12 G-2, the security review's reproduction (finding 5): alice owns a drop-in of her own;
+/// she declares root's key in it too and waits for a routine reload. Root's guard read errored
+/// and root's report was refused ("no guard … is declared"). Now root's declaration stands and
+/// her file is ignored. Then she grows her file to 64 MiB while another user calls ReportGuard
+/// in a loop: the agent read it whole at every evaluation (387 MB resident in the review); now
+/// it is refused from its size, unread.
+#[test]
+fn g2_a_users_drop_in_neither_takes_roots_key_nor_grows_the_agent() {
+    if !ready() {
+        return;
+    }
+    let alice = MEMBER.0;
+    let s = setup_with(
+        "",
+        vec![
+            ("10-backup.toml".into(), DROPIN.into(), 0),
+            (
+                "20-alice.toml".into(),
+                DROPIN.replace("backup.snapshots", "alice.key"),
+                alice,
+            ),
+        ],
+    );
+    wait_row(&s, "backup.snapshots", "missing", T);
+    let file = s.agent.dir.path().join("guards.d/20-alice.toml");
+    // Alice edits her own file (ownership and mode unchanged) to claim root's key.
+    std::fs::write(
+        &file,
+        format!(
+            "{}{DROPIN}",
+            DROPIN.replace("backup.snapshots", "alice.key")
+        ),
+    )
+    .unwrap();
+    s.agent.signal(nix::sys::signal::Signal::SIGHUP);
+    s.n.wait_for("the reload done", T, |d| d.has("READY", "1"));
+    let (code, _, err) = report(&s, ROOT, "backup.snapshots");
+    assert_eq!(code, 0, "root's report: {err}");
+    let r = wait_row(&s, "backup.snapshots", "on-confirmed", T);
+    assert_eq!(r["source"], "10-backup.toml");
+    let r = wait_row(&s, "alice.key", "errored", T);
+    assert!(
+        r.to_string().contains("already declared by 10-backup.toml"),
+        "{r}"
+    );
+
+    // 64 MiB, and a stranger keeps the agent evaluating.
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    s.agent.signal(nix::sys::signal::Signal::SIGHUP);
+    for _ in 0..30 {
+        report(&s, STRANGER, "no.such.key");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Refused from its size: no key was read, so the row is the file's.
+    let r = wait_row(&s, "guards.d/20-alice.toml", "errored", T);
+    assert!(r.to_string().contains("64 KiB"), "{r}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.agent.pid())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kib < 48 * 1024,
+        "the agent's peak resident memory reached {hwm_kib} KiB"
+    );
+    assert_eq!(
+        row(&s, "backup.snapshots")["source"],
+        "10-backup.toml",
+        "root's guard still stands"
     );
 }

@@ -81,7 +81,9 @@ const FILES: &[(&str, &str)] = &[
     ),
     (
         "/etc/outlive/guards.d/*.toml",
-        "Drop-ins declaring external guards, each reported over D-Bus by the owner of its file.",
+        "Drop-ins declaring external guards, each reported over D-Bus by the owner of its file: \
+         regular files of at most 64 KiB, not writable by group or others; a key two files \
+         declare stays with the root-owned one, else the one that held it.",
     ),
     (
         "/var/lib/outlive/",

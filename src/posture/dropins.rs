@@ -16,8 +16,12 @@
 //!
 //! A file is ignored and audited (its rows read `errored`, `source` = the file) when it or
 //! `guards.d/` is group- or world-writable, `guards.d/` is not owned by root (in user mode: by
-//! the agent's user), it does not parse, it declares a built-in key, or a key another file
-//! declared. Only root and the uid owning the declaring file may report its keys.
+//! the agent's user), it is not a regular file or is larger than 64 KiB, it does not parse, it
+//! declares a built-in key, or it loses a key to another file: a key several files declare
+//! stays with the root-owned one, else with the file that held it; with neither, every
+//! claimant is ignored (§12 G-2: a non-root file never displaces a root-owned declaration).
+//! Only root and the uid owning the declaring file may report its keys. The directory is read
+//! again only when it or a file in it changed ([`Reader`]).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -72,7 +76,7 @@ fn key_ok(k: &str) -> bool {
 }
 
 /// Parse one file's text into declarations (without the ownership checks).
-pub fn parse(text: &str, file: &str, owner: u32) -> Result<Vec<Declared>, (Vec<String>, String)> {
+pub fn parse(text: &str, file: &str, owner: u32) -> Result<Vec<Declared>, Refusal> {
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| (vec![], format!("not valid TOML: {}", e.message())))?;
@@ -180,127 +184,335 @@ fn loose(mode: u32) -> bool {
     mode & 0o022 != 0
 }
 
-/// Read `dir` (`guards.d`). `owner` is who must own the directory (root, or the agent's uid in
-/// user mode); `builtin` tells built-in keys apart. A missing directory is no drop-ins.
-pub fn load(dir: &Path, owner: u32, builtin: &dyn Fn(&str) -> bool) -> Dropins {
-    let mut out = Dropins::default();
-    let meta = match std::fs::metadata(dir) {
-        Ok(m) => m,
-        Err(_) => return out,
-    };
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect(),
-        Err(e) => {
-            out.rejected.push(Rejected {
+/// Largest drop-in read (§12 G-2): a bigger file is refused without being read.
+pub const MAX_DROPIN_BYTES: u64 = 64 * 1024;
+
+/// Why a file (or its declarations) is refused: the keys it declared, if any were read, and
+/// the reason.
+pub type Refusal = (Vec<String>, String);
+
+/// The files as last read, with the stamps they were read at.
+type Cached = (Vec<Stamp>, std::sync::Arc<Vec<FileRead>>);
+
+/// One `*.toml` file of `guards.d/` as read: its owner and its declarations, or why it is
+/// refused on its own (before the files are weighed against each other).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRead {
+    pub file: String,
+    pub owner: u32,
+    pub outcome: Result<Vec<Declared>, Refusal>,
+}
+
+/// What identifies the directory's and each file's current version: when none of it changed,
+/// nothing is read again (§12 G-2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    name: String,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    mode: u32,
+    uid: u32,
+}
+
+impl Stamp {
+    fn of(name: &str, m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            name: name.to_string(),
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            mode: m.mode(),
+            uid: m.uid(),
+        }
+    }
+}
+
+/// Reads `guards.d/` again only when it or one of its files changed (a new, removed, renamed,
+/// rewritten, chmodded or chowned file), so an evaluation costs a directory listing and one
+/// lstat per file, however large a file someone left there.
+pub struct Reader {
+    dir: PathBuf,
+    owner: u32,
+    cache: std::sync::Mutex<Option<Cached>>,
+    /// How many times the files were read (tests).
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl Reader {
+    /// `owner` is who must own the directory (root, or the agent's uid in user mode).
+    pub fn new(dir: &Path, owner: u32) -> Reader {
+        Reader {
+            dir: dir.to_path_buf(),
+            owner,
+            cache: std::sync::Mutex::new(None),
+            reads: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// How many times the directory's files were read (not served from the cache).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The drop-ins now: `builtin` tells built-in keys apart; `incumbent` is what was applied,
+    /// whose declarations keep a contested key (below root-owned ones, G-2).
+    pub fn load(&self, builtin: &dyn Fn(&str) -> bool, incumbent: Option<&Dropins>) -> Dropins {
+        let files = match self.stamps() {
+            Err(rejected) => {
+                return Dropins {
+                    guards: vec![],
+                    rejected,
+                };
+            }
+            Ok(None) => return Dropins::default(),
+            Ok(Some(stamps)) => {
+                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                match cache.as_ref() {
+                    Some((s, files)) if *s == stamps => std::sync::Arc::clone(files),
+                    _ => {
+                        self.reads
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let files = std::sync::Arc::new(read_files(&self.dir, self.owner, &stamps));
+                        *cache = Some((stamps, std::sync::Arc::clone(&files)));
+                        files
+                    }
+                }
+            }
+        };
+        resolve(&files, builtin, incumbent)
+    }
+
+    /// The directory's stamp first, then each `*.toml` file's (sorted by name); None when the
+    /// directory does not exist.
+    fn stamps(&self) -> Result<Option<Vec<Stamp>>, Vec<Rejected>> {
+        let Ok(meta) = std::fs::metadata(&self.dir) else {
+            return Ok(None);
+        };
+        let rd = std::fs::read_dir(&self.dir).map_err(|e| {
+            vec![Rejected {
                 keys: vec!["guards.d".into()],
                 file: "guards.d".into(),
-                why: format!("cannot read {}: {e}", dir.display()),
-            });
-            return out;
+                why: format!("cannot read {}: {e}", self.dir.display()),
+            }]
+        })?;
+        let mut names: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".toml") && n.len() > ".toml".len())
+            .collect();
+        names.sort();
+        let mut out = vec![Stamp::of("", &meta)];
+        for n in names {
+            match std::fs::symlink_metadata(self.dir.join(&n)) {
+                Ok(m) => out.push(Stamp::of(&n, &m)),
+                // Gone since the listing: not there.
+                Err(_) => continue,
+            }
         }
-    };
-    files.sort();
-    let name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default()
-    };
-    let dir_problem = if meta.uid() != owner {
+        Ok(Some(out))
+    }
+}
+
+/// Read `dir` (`guards.d`) once, without a cache: see [`Reader`].
+pub fn load(dir: &Path, owner: u32, builtin: &dyn Fn(&str) -> bool) -> Dropins {
+    Reader::new(dir, owner).load(builtin, None)
+}
+
+/// Read each file the stamps name (the directory's own stamp first): its own checks only.
+fn read_files(dir: &Path, owner: u32, stamps: &[Stamp]) -> Vec<FileRead> {
+    let d = &stamps[0];
+    let dir_problem = if d.uid != owner {
         Some(format!(
             "{} is owned by uid {}, not {owner}",
             dir.display(),
-            meta.uid()
+            d.uid
         ))
-    } else if loose(meta.mode()) {
+    } else if loose(d.mode) {
         Some(format!("{} is group- or world-writable", dir.display()))
     } else {
         None
     };
-    let mut declared: BTreeMap<String, String> = BTreeMap::new();
-    for p in files {
-        let file = name(&p);
-        let whole = format!("guards.d/{file}");
-        let reject = |keys: Vec<String>, why: String| Rejected {
-            keys: if keys.is_empty() {
-                vec![whole.clone()]
-            } else {
-                keys
-            },
-            file: file.clone(),
-            why,
+    stamps[1..]
+        .iter()
+        .map(|st| {
+            let file = st.name.clone();
+            // The owner is the descriptor's when the file was read, else the listing's.
+            let (owner, outcome) = match &dir_problem {
+                Some(why) => (st.uid, Err((vec![], why.clone()))),
+                None => match read_one(&dir.join(&file)) {
+                    Ok((uid, text)) => (uid, parse(&text, &file, uid)),
+                    Err(e) => (st.uid, Err(e)),
+                },
+            };
+            FileRead {
+                file,
+                owner,
+                outcome,
+            }
+        })
+        .collect()
+}
+
+/// One file through its descriptor: never a link, a FIFO or anything but a regular file, not
+/// group- or world-writable, at most [`MAX_DROPIN_BYTES`], UTF-8. Its owner and text.
+fn read_one(path: &Path) -> Result<(u32, String), Refusal> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let no = |why: String| Err((vec![], why));
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return no("not a regular file (a symbolic link)".into());
+        }
+        Err(e) => return no(format!("cannot read: {e}")),
+    };
+    let m = match f.metadata() {
+        Ok(m) => m,
+        Err(e) => return no(format!("cannot read: {e}")),
+    };
+    if !m.is_file() {
+        return no("not a regular file".into());
+    }
+    if loose(m.mode()) {
+        return no("group- or world-writable".into());
+    }
+    if m.size() > MAX_DROPIN_BYTES {
+        return no(format!(
+            "{} bytes, more than the {} KiB a drop-in may have",
+            m.size(),
+            MAX_DROPIN_BYTES / 1024
+        ));
+    }
+    let mut bytes = Vec::new();
+    if let Err(e) = f.take(MAX_DROPIN_BYTES + 1).read_to_end(&mut bytes) {
+        return no(format!("cannot read: {e}"));
+    }
+    if bytes.len() as u64 > MAX_DROPIN_BYTES {
+        return no(format!(
+            "grew past the {} KiB a drop-in may have while it was read",
+            MAX_DROPIN_BYTES / 1024
+        ));
+    }
+    match String::from_utf8(bytes) {
+        Ok(t) => Ok((m.uid(), t)),
+        Err(_) => no("not valid UTF-8".into()),
+    }
+}
+
+/// G-2 as amended, pure: the files weighed against each other. A file that declares a
+/// built-in key or a key twice is refused. A key several files declare goes to the one
+/// root-owned file among them, else to the file that held it in `incumbent`; every other
+/// claimant is refused whole (a non-root file never displaces a root-owned declaration, and a
+/// newcomer never displaces the holder); with no such file, every claimant is refused. A
+/// refused file's rows are its keys nobody holds (each shown once), else the file itself.
+pub fn resolve(
+    files: &[FileRead],
+    builtin: &dyn Fn(&str) -> bool,
+    incumbent: Option<&Dropins>,
+) -> Dropins {
+    // Each file's own verdict.
+    let mut verdict: Vec<Result<&Vec<Declared>, Refusal>> = files
+        .iter()
+        .map(|f| {
+            let guards = f.outcome.as_ref().map_err(|e| e.clone())?;
+            let keys: Vec<String> = guards.iter().map(|g| g.key.clone()).collect();
+            if let Some(k) = keys.iter().find(|k| builtin(k)) {
+                return Err((keys.clone(), format!("declares the built-in key {k}")));
+            }
+            let mut unique = keys.clone();
+            unique.sort();
+            unique.dedup();
+            if unique.len() != keys.len() {
+                return Err((keys, "declares a key twice".into()));
+            }
+            Ok(guards)
+        })
+        .collect();
+    // Contested keys, settled one at a time until none is left.
+    loop {
+        let mut claims: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, v) in verdict.iter().enumerate() {
+            if let Ok(guards) = v {
+                for g in guards.iter() {
+                    claims.entry(g.key.as_str()).or_default().push(i);
+                }
+            }
+        }
+        let Some((key, claimants)) = claims.into_iter().find(|(_, c)| c.len() > 1) else {
+            break;
         };
-        if let Some(why) = &dir_problem {
-            out.rejected.push(reject(vec![], why.clone()));
-            continue;
-        }
-        let m = match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.is_file() => m,
-            Ok(_) => {
-                out.rejected
-                    .push(reject(vec![], "not a regular file".into()));
-                continue;
-            }
-            Err(e) => {
-                out.rejected
-                    .push(reject(vec![], format!("cannot read: {e}")));
-                continue;
-            }
+        let roots: Vec<usize> = claimants
+            .iter()
+            .copied()
+            .filter(|&i| files[i].owner == 0)
+            .collect();
+        let holder = incumbent
+            .and_then(|d| d.find(key))
+            .and_then(|g| claimants.iter().copied().find(|&i| files[i].file == g.file));
+        let winner = match roots.as_slice() {
+            [one] => Some(*one),
+            [] => holder,
+            _ => None,
         };
-        if loose(m.mode()) {
-            out.rejected
-                .push(reject(vec![], "group- or world-writable".into()));
-            continue;
-        }
-        let text = match std::fs::read(&p).map(String::from_utf8) {
-            Ok(Ok(t)) => t,
-            Ok(Err(_)) => {
-                out.rejected.push(reject(vec![], "not valid UTF-8".into()));
+        let key = key.to_string();
+        for i in claimants {
+            if Some(i) == winner {
                 continue;
             }
-            Err(e) => {
-                out.rejected
-                    .push(reject(vec![], format!("cannot read: {e}")));
-                continue;
+            let keys = verdict[i]
+                .as_ref()
+                .map(|g| g.iter().map(|d| d.key.clone()).collect())
+                .unwrap_or_default();
+            let why = match winner {
+                Some(w) => format!("{key} is already declared by {}", files[w].file),
+                None => {
+                    let others: Vec<&str> = files
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, f)| {
+                            *j != i
+                                && f.outcome
+                                    .as_ref()
+                                    .is_ok_and(|g| g.iter().any(|d| d.key == key))
+                        })
+                        .map(|(_, f)| f.file.as_str())
+                        .collect();
+                    format!("{key} is also declared by {}", others.join(", "))
+                }
+            };
+            verdict[i] = Err((keys, why));
+        }
+    }
+    let mut out = Dropins::default();
+    for guards in verdict.iter().flatten() {
+        out.guards.extend(guards.iter().cloned());
+    }
+    let mut shown: std::collections::HashSet<String> =
+        out.guards.iter().map(|g| g.key.clone()).collect();
+    for (f, v) in files.iter().zip(verdict) {
+        if let Err((keys, why)) = v {
+            let mut keys: Vec<String> = keys
+                .into_iter()
+                .filter(|k| shown.insert(k.clone()))
+                .collect();
+            if keys.is_empty() {
+                keys.push(format!("guards.d/{}", f.file));
             }
-        };
-        let guards = match parse(&text, &file, m.uid()) {
-            Ok(g) => g,
-            Err((keys, why)) => {
-                out.rejected.push(reject(keys, why));
-                continue;
-            }
-        };
-        let keys: Vec<String> = guards.iter().map(|g| g.key.clone()).collect();
-        if let Some(k) = keys.iter().find(|k| builtin(k)) {
-            out.rejected.push(reject(
-                keys.clone(),
-                format!("declares the built-in key {k}"),
-            ));
-            continue;
+            out.rejected.push(Rejected {
+                keys,
+                file: f.file.clone(),
+                why,
+            });
         }
-        if let Some((k, other)) = keys.iter().find_map(|k| declared.get(k).map(|o| (k, o))) {
-            // Neither declaration is trusted: both files claim the key.
-            let why = format!("{k} is also declared by {other}");
-            out.guards.retain(|g| &g.key != k);
-            out.rejected.push(reject(keys.clone(), why));
-            continue;
-        }
-        let mut dup_in_file = keys.clone();
-        dup_in_file.sort();
-        dup_in_file.dedup();
-        if dup_in_file.len() != keys.len() {
-            out.rejected
-                .push(reject(keys, "declares a key twice".into()));
-            continue;
-        }
-        for k in &keys {
-            declared.insert(k.clone(), file.clone());
-        }
-        out.guards.extend(guards);
     }
     out
 }
@@ -401,9 +613,14 @@ mod tests {
                 .1
                 .contains("built-in key queue.resume")
         );
-        let (keys, w) = why("e-second.toml").unwrap();
+        // Two root-owned files claim one key, neither held it: it is nobody's, and its row
+        // is shown once.
+        let (keys, w) = why("d-first.toml").unwrap();
         assert_eq!(keys, ["shared.key"]);
-        assert!(w.contains("also declared by d-first.toml"));
+        assert!(w.contains("also declared by e-second.toml"), "{w}");
+        let (keys, w) = why("e-second.toml").unwrap();
+        assert_eq!(keys, ["guards.d/e-second.toml"]);
+        assert!(w.contains("also declared by d-first.toml"), "{w}");
         assert!(
             why("f-field.toml")
                 .unwrap()
@@ -457,5 +674,153 @@ mod tests {
         assert!(parse("other = 1\n", "f", 0).is_err());
         let two = format!("{GOOD}{}", GOOD.replace("backup.snapshots", "second"));
         assert_eq!(parse(&two, "f", 7).unwrap().len(), 2);
+    }
+
+    fn chown(p: &Path, uid: u32) {
+        std::os::unix::fs::chown(p, Some(uid), None).unwrap();
+    }
+
+    fn keyed(key: &str) -> String {
+        GOOD.replace("backup.snapshots", key)
+    }
+
+    /// §12 G-2 (security review finding 5, the reviewer's key contest): alice, owning her own
+    /// drop-in, declared root's key too, and the contest made root's guard errored and
+    /// unreportable. A non-root file never displaces a root-owned declaration, whichever sorts
+    /// first; her file is refused, and her own key reads errored.
+    #[test]
+    fn g2_a_non_root_file_never_displaces_a_root_owned_declaration() {
+        if !crate::testing::root("files owned by another user") {
+            return;
+        }
+        for alice_file in ["05-alice.toml", "20-alice.toml"] {
+            let d = dir();
+            write(d.path(), "10-backup.toml", GOOD, 0o644);
+            let both = format!("{GOOD}{}", keyed("alice.key"));
+            write(d.path(), alice_file, &both, 0o644);
+            chown(&d.path().join(alice_file), 1000);
+            let got = load(d.path(), 0, &builtin);
+            let g = got.find("backup.snapshots").expect("root's guard stands");
+            assert_eq!((g.file.as_str(), g.owner), ("10-backup.toml", 0));
+            assert!(got.find("alice.key").is_none());
+            assert_eq!(got.rejected.len(), 1, "{:?}", got.rejected);
+            let r = &got.rejected[0];
+            assert_eq!(r.file, alice_file);
+            assert_eq!(r.keys, ["alice.key"], "root's key is not shown twice");
+            assert!(
+                r.why.contains("already declared by 10-backup.toml"),
+                "{}",
+                r.why
+            );
+        }
+    }
+
+    /// Between files of two users, the holder keeps its key: a newcomer is refused.
+    #[test]
+    fn g2_the_holder_of_a_key_keeps_it_against_a_newcomer() {
+        if !crate::testing::root("files owned by other users") {
+            return;
+        }
+        let d = dir();
+        write(d.path(), "20-bob.toml", &keyed("team.key"), 0o644);
+        chown(&d.path().join("20-bob.toml"), 1001);
+        let reader = Reader::new(d.path(), 0);
+        let applied = reader.load(&builtin, None);
+        assert_eq!(applied.find("team.key").unwrap().owner, 1001);
+        write(d.path(), "10-alice.toml", &keyed("team.key"), 0o644);
+        chown(&d.path().join("10-alice.toml"), 1000);
+        let got = reader.load(&builtin, Some(&applied));
+        assert_eq!(got.find("team.key").unwrap().file, "20-bob.toml");
+        assert_eq!(got.rejected.len(), 1);
+        assert_eq!(got.rejected[0].file, "10-alice.toml");
+        assert!(
+            got.rejected[0]
+                .why
+                .contains("already declared by 20-bob.toml")
+        );
+        // With no holder (a first start), the key is nobody's.
+        let fresh = Reader::new(d.path(), 0).load(&builtin, None);
+        assert!(fresh.find("team.key").is_none());
+        assert_eq!(fresh.rejected.len(), 2);
+    }
+
+    /// §12 G-2 (security review finding 5): a 64 MiB drop-in was read whole on every
+    /// evaluation. Anything over 64 KiB is refused from its size, without being read; a FIFO
+    /// or a link is refused without blocking or following.
+    #[test]
+    fn g2_a_drop_in_over_64_kib_or_not_a_file_is_refused_unread() {
+        let d = dir();
+        write(d.path(), "10-backup.toml", GOOD, 0o644);
+        let big = std::fs::File::create(d.path().join("20-huge.toml")).unwrap();
+        big.set_len(64 << 20).unwrap();
+        drop(big);
+        std::fs::set_permissions(
+            d.path().join("20-huge.toml"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let mut edge = keyed("edge.key");
+        edge.push_str(&"#".repeat(MAX_DROPIN_BYTES as usize - edge.len()));
+        write(d.path(), "30-edge.toml", &edge, 0o644);
+        nix::unistd::mkfifo(
+            &d.path().join("40-fifo.toml"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(
+            d.path().join("10-backup.toml"),
+            d.path().join("50-link.toml"),
+        )
+        .unwrap();
+        let got = load(d.path(), me(), &builtin);
+        let why = |f: &str| {
+            got.rejected
+                .iter()
+                .find(|r| r.file == f)
+                .map(|r| r.why.clone())
+                .unwrap_or_else(|| panic!("{f} not refused: {got:?}"))
+        };
+        assert!(
+            why("20-huge.toml").contains("more than the 64 KiB"),
+            "{}",
+            why("20-huge.toml")
+        );
+        assert!(why("40-fifo.toml").contains("not a regular file"));
+        assert!(why("50-link.toml").contains("not a regular file"));
+        assert!(got.find("backup.snapshots").is_some());
+        assert!(got.find("edge.key").is_some(), "exactly 64 KiB is allowed");
+    }
+
+    /// §12 G-2: drop-ins are read again only when they change, not on every evaluation.
+    #[test]
+    fn g2_drop_ins_are_read_again_only_when_they_change() {
+        let d = dir();
+        write(d.path(), "10-backup.toml", GOOD, 0o644);
+        let reader = Reader::new(d.path(), me());
+        for _ in 0..5 {
+            assert!(
+                reader
+                    .load(&builtin, None)
+                    .find("backup.snapshots")
+                    .is_some()
+            );
+        }
+        assert_eq!(reader.reads(), 1);
+        // Rewritten in place (same inode): read again.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        write(d.path(), "10-backup.toml", &keyed("renamed.key"), 0o644);
+        assert!(reader.load(&builtin, None).find("renamed.key").is_some());
+        assert_eq!(reader.reads(), 2);
+        // A new file, then a chmod: each read again once.
+        write(d.path(), "20-more.toml", &keyed("more.key"), 0o644);
+        assert!(reader.load(&builtin, None).find("more.key").is_some());
+        std::fs::set_permissions(
+            d.path().join("20-more.toml"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        assert!(reader.load(&builtin, None).find("more.key").is_none());
+        reader.load(&builtin, None);
+        assert_eq!(reader.reads(), 4);
     }
 }

@@ -130,8 +130,8 @@ pub struct Posture {
     paths: Paths,
     applied: Config,
     settings: Settings,
-    guards_dir: PathBuf,
-    dir_owner: u32,
+    /// `guards.d/`, read again only when it changes.
+    reader: dropins::Reader,
     book: Arc<ReportBook>,
     getters: HashMap<&'static str, Getter>,
     track: BTreeMap<String, Track>,
@@ -296,7 +296,8 @@ impl Posture {
         clock: Arc<dyn Clock>,
     ) -> Posture {
         let guards_dir = guards_dir(config_file);
-        let dropins = dropins::load(&guards_dir, dir_owner, &|k| manifest::builtin(k).is_some());
+        let reader = dropins::Reader::new(&guards_dir, dir_owner);
+        let dropins = reader.load(&|k| manifest::builtin(k).is_some(), None);
         let book = Arc::new(ReportBook {
             dropins: RwLock::new(dropins),
             reports: Mutex::new(HashMap::new()),
@@ -310,8 +311,7 @@ impl Posture {
             paths,
             applied,
             settings,
-            guards_dir,
-            dir_owner,
+            reader,
             book,
             getters: HashMap::new(),
             track: BTreeMap::new(),
@@ -426,9 +426,10 @@ impl Posture {
         self.applied = config;
         lock(&self.attention).set_timing(settings.grace_ms, settings.hold_ms);
         self.settings = settings;
-        let d = dropins::load(&self.guards_dir, self.dir_owner, &|k| {
-            manifest::builtin(k).is_some()
-        });
+        let applied = self.book.dropins();
+        let d = self
+            .reader
+            .load(&|k| manifest::builtin(k).is_some(), Some(&applied));
         self.book.replace(d);
         self.snapshot_boot();
     }
@@ -493,9 +494,12 @@ impl Posture {
             (Ok(_), Some(_)) => self.config_error = None,
             _ => {}
         }
-        let disk_dropins = dropins::load(&self.guards_dir, self.dir_owner, &|k| {
-            manifest::builtin(k).is_some()
-        });
+        // What the files say now (read again only if they changed), weighed with what was
+        // applied holding its keys.
+        let disk_dropins = self.reader.load(
+            &|k| manifest::builtin(k).is_some(),
+            Some(&self.book.dropins()),
+        );
         let no_bus = self.settings.no_bus;
         let mut rows: Vec<(Row, Derived)> = Vec::new();
         for g in &BUILTIN {
