@@ -711,6 +711,8 @@ impl Agent {
         if let Some(t) = bus {
             t.join(Duration::from_secs(3)).await;
         }
+        // Counts of repeated refusals still held back go to the log while it is the state's.
+        self.audit.close();
         // L-7: release the flock; the file stays for the next holder to reclaim.
         self.queue.lock().release();
         self.audit
@@ -1198,8 +1200,10 @@ impl Runner {
         due
     }
 
-    /// After every tick: the metrics textfile and a posture evaluation (G-8).
+    /// After every tick: the counts of repeated refusals that are due (§12 X-1), the metrics
+    /// textfile and a posture evaluation (G-8).
     fn after_tick(&self) {
+        self.audit.flush();
         self.posture_poke.notify_one();
         let (path, runtime_dir) = {
             let c = self.applied.read().unwrap_or_else(|e| e.into_inner());

@@ -4,6 +4,7 @@
 //! `MESSAGE_ID`. Where events go (journal, stderr, `audit.jsonl`) is decided by whoever
 //! implements [`AuditSink`]; lower layers only describe what happened.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// Alert types, each with a `MESSAGE_ID` and priority kept forever (DESIGN §2).
@@ -215,6 +216,134 @@ pub fn field_name(name: &str) -> String {
 pub trait AuditSink: Send + Sync {
     /// Record one event.
     fn record(&self, event: &Event);
+    /// Write what was held back and is due (the counts of repeated refusals whose window
+    /// ended); called after every tick.
+    fn flush(&self) {}
+    /// Write everything held back (at stop).
+    fn close(&self) {}
+}
+
+/// Refusals a caller can repeat at will: counted, not written one by one (§12 X-1, member
+/// floods).
+pub const REPEATABLE: [&str; 1] = ["enqueue-refused"];
+/// How long identical refusals are counted before their count is written.
+pub const REPEAT_WINDOW_MS: u64 = 10 * 60 * 1000;
+/// Most refusal windows open at once (beyond that, the oldest is closed early).
+const REPEAT_WINDOWS_MAX: usize = 1024;
+
+/// One window of identical refusals.
+#[derive(Debug, Clone)]
+struct Window {
+    first: Event,
+    since_boot: u64,
+    last_wall: u64,
+    repeated: u64,
+}
+
+/// Repeated refusals coalesced (§12 X-1): the first refusal of a kind, caller uid and reason
+/// is written and opens a 10-minute window; identical ones within it are counted; when the
+/// window ends, one line says how many there were. A flood of refusals then costs the audit
+/// log two lines per window, and the history before it stays. Pure: the caller passes the
+/// boot clock.
+#[derive(Debug, Default)]
+pub struct Repeats {
+    open: HashMap<(String, String, String), Window>,
+}
+
+impl Repeats {
+    /// What to write for `e` now: nothing when it repeats within an open window; else the
+    /// summaries of windows that are over, then `e`.
+    pub fn admit(&mut self, e: &Event, boot: u64) -> Vec<Event> {
+        if !REPEATABLE.contains(&e.kind.as_str()) {
+            return vec![e.clone()];
+        }
+        let key = (
+            e.kind.clone(),
+            e.get("uid").unwrap_or_default().to_string(),
+            e.get("why").unwrap_or_default().to_string(),
+        );
+        if let Some(w) = self.open.get_mut(&key)
+            && boot.saturating_sub(w.since_boot) < REPEAT_WINDOW_MS
+        {
+            w.repeated += 1;
+            w.last_wall = e.at_ms;
+            return vec![];
+        }
+        let mut out = self.flush(boot);
+        if let Some(w) = self.open.remove(&key) {
+            out.extend(summary(&w));
+        }
+        if self.open.len() >= REPEAT_WINDOWS_MAX
+            && let Some(oldest) = self
+                .open
+                .iter()
+                .min_by_key(|(_, w)| w.since_boot)
+                .map(|(k, _)| k.clone())
+            && let Some(w) = self.open.remove(&oldest)
+        {
+            out.extend(summary(&w));
+        }
+        self.open.insert(
+            key,
+            Window {
+                first: e.clone(),
+                since_boot: boot,
+                last_wall: e.at_ms,
+                repeated: 0,
+            },
+        );
+        out.push(e.clone());
+        out
+    }
+
+    /// The counts of every window (at stop), each closed.
+    pub fn close(&mut self) -> Vec<Event> {
+        self.flush(u64::MAX)
+    }
+
+    /// The counts of windows that are over by `boot` (those that counted any), each closed.
+    pub fn flush(&mut self, boot: u64) -> Vec<Event> {
+        let over: Vec<_> = self
+            .open
+            .iter()
+            .filter(|(_, w)| boot.saturating_sub(w.since_boot) >= REPEAT_WINDOW_MS)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = vec![];
+        for k in over {
+            if let Some(w) = self.open.remove(&k) {
+                out.extend(summary(&w));
+            }
+        }
+        out.sort_by_key(|e| e.at_ms);
+        out
+    }
+}
+
+/// The line that counts a window's repeats (none when nothing repeated).
+fn summary(w: &Window) -> Option<Event> {
+    if w.repeated == 0 {
+        return None;
+    }
+    let f = &w.first;
+    let uid = f.get("uid").unwrap_or("?");
+    let why = f.get("why").unwrap_or("?");
+    let mut e = Event::new(
+        &f.kind,
+        format!(
+            "{n} more {kind} from uid {uid} ({why}) between {from} and {to} were counted, not written one by one",
+            n = w.repeated,
+            kind = f.kind,
+            from = crate::clock::rfc3339_ms(f.at_ms),
+            to = crate::clock::rfc3339_ms(w.last_wall),
+        ),
+    )
+    .priority(f.priority)
+    .field("uid", uid)
+    .field("why", why)
+    .field("repeated", w.repeated);
+    e.at_ms = w.last_wall;
+    Some(e)
 }
 
 /// The audit log file: one JSON object per line, `audit.jsonl`.
@@ -306,6 +435,7 @@ pub struct Auditor {
     pub log: AuditLog,
     sinks: Vec<std::sync::Arc<dyn AuditSink>>,
     gate: std::sync::OnceLock<std::sync::Arc<dyn NoticeGate>>,
+    repeats: std::sync::Mutex<Repeats>,
 }
 
 impl Auditor {
@@ -315,6 +445,7 @@ impl Auditor {
             log,
             sinks,
             gate: std::sync::OnceLock::new(),
+            repeats: std::sync::Mutex::new(Repeats::default()),
         }
     }
 
@@ -353,6 +484,42 @@ impl Auditor {
 
 impl AuditSink for Auditor {
     fn record(&self, event: &Event) {
+        let due = self
+            .repeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(event, crate::clock::boottime_ms());
+        for e in &due {
+            self.write(e);
+        }
+    }
+
+    fn flush(&self) {
+        let due = self
+            .repeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush(crate::clock::boottime_ms());
+        for e in &due {
+            self.write(e);
+        }
+    }
+
+    fn close(&self) {
+        let due = self
+            .repeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .close();
+        for e in &due {
+            self.write(e);
+        }
+    }
+}
+
+impl Auditor {
+    /// One event to the file and the sinks; a failed append is itself a notice.
+    fn write(&self, event: &Event) {
         let Some(e) = self.deliver(event, true) else {
             return;
         };
@@ -509,5 +676,73 @@ mod tests {
             .field("to", "b");
         let back = Event::from_json(&e.to_json()).unwrap();
         assert_eq!(back, e);
+    }
+
+    fn refused(uid: u32, why: &str, at: u64) -> Event {
+        let mut e = Event::new("enqueue-refused", format!("did not queue run:x{at}: {why}"))
+            .field("key", format!("run:x{at}"))
+            .field("why", why)
+            .field("uid", uid);
+        e.at_ms = at;
+        e
+    }
+
+    /// §12 X-1 (security review finding 7): 50,000 refused enqueues filled both audit files.
+    /// Identical refusals (kind, caller uid, reason) are now written once per 10-minute window
+    /// and counted; the count is one line when the window ends.
+    #[test]
+    fn x1_repeated_refusals_are_counted_not_written_one_by_one() {
+        let mut r = Repeats::default();
+        let min = 60_000;
+        let mut written = r.admit(&refused(1000, "duplicate-open-entry", 1), 0);
+        assert_eq!(written.len(), 1);
+        for i in 0..50_000u64 {
+            written.extend(r.admit(&refused(1000, "duplicate-open-entry", 2 + i), i / 100));
+        }
+        assert_eq!(written.len(), 1, "nothing more within the window");
+        // Another caller, or another reason, is its own line.
+        assert_eq!(
+            r.admit(&refused(1001, "duplicate-open-entry", 3), 5).len(),
+            1
+        );
+        assert_eq!(r.admit(&refused(1000, "operator-kill", 4), 5).len(), 1);
+        // Other events are never held back.
+        let other = Event::new("enqueued", "queued");
+        assert_eq!(r.admit(&other, 6), vec![other.clone()]);
+        // Nothing is due before the window ends; then one count line for the first window.
+        assert!(r.flush(9 * min).is_empty());
+        let due = r.flush(10 * min);
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(due[0].get("repeated"), Some("50000"));
+        assert_eq!(due[0].get("uid"), Some("1000"));
+        assert!(
+            due[0]
+                .message
+                .contains("50000 more enqueue-refused from uid 1000")
+        );
+        // The next identical refusal opens a new window and is written.
+        assert_eq!(
+            r.admit(&refused(1000, "duplicate-open-entry", 9), 11 * min)
+                .len(),
+            1
+        );
+        r.admit(&refused(1000, "duplicate-open-entry", 10), 11 * min);
+        // A window that is not over is counted at close (stop).
+        let closing = r.close();
+        assert_eq!(closing.len(), 1, "{closing:?}");
+        assert_eq!(closing[0].get("repeated"), Some("1"));
+        assert!(r.close().is_empty());
+    }
+
+    /// A refusal repeated after its window ended writes the count, then itself.
+    #[test]
+    fn x1_a_refusal_after_its_window_writes_the_count_first() {
+        let mut r = Repeats::default();
+        r.admit(&refused(7, "duplicate-open-entry", 1), 0);
+        r.admit(&refused(7, "duplicate-open-entry", 2), 1);
+        let out = r.admit(&refused(7, "duplicate-open-entry", 3), REPEAT_WINDOW_MS);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].get("repeated"), Some("1"));
+        assert!(out[1].get("repeated").is_none());
     }
 }

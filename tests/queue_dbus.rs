@@ -786,3 +786,133 @@ async fn x1_bad_input_is_refused_with_typed_errors_and_nothing_is_written() {
         "a refusal wrote the state file"
     );
 }
+
+/// Security review finding 7, member floods (§12 ): 4,000 `Stop` calls grew the state
+/// file to 637 KB with 4,000 stops, and 50,000 refused `Enqueue` calls filled both audit files
+/// with refusals, wiping the earlier history. Now stops are kept per run, at most 1,000 (the
+/// file grows by at most 64 KiB), identical refusals are counted rather than written one by
+/// one (the history before the flood stays), and a member's mutations are rate-limited.
+#[tokio::test]
+async fn q9_floods_of_stops_and_refusals_neither_bloat_the_state_nor_wipe_the_audit() {
+    if !ready() {
+        return;
+    }
+    use zbus::wire::Variant;
+    let s = setup(PrivateBus::with_users(), CONFIG);
+    s._j.discard();
+    let (code, _, err) = enqueue(&s, ROOT, "history", &[]);
+    assert_eq!(code, 0, "{err}");
+    let state_file = s._agent.state_dir.join("resume-queue.json");
+    let before = std::fs::metadata(&state_file).unwrap().len();
+    let conn = connect(&s.bus.address).await;
+
+    // 4,000 stops of distinct runs, 32 in flight at a time.
+    let ids: Vec<String> = (0..4000).map(|i| format!("flood-{i}")).collect();
+    for chunk in ids.chunks(32) {
+        let mut calls = tokio::task::JoinSet::new();
+        for id in chunk {
+            let (c, id) = (conn.clone(), id.clone());
+            calls.spawn(async move { call(&c, "Stop", &(id.as_str(),)).await });
+        }
+        while let Some(r) = calls.join_next().await {
+            r.unwrap().expect("Stop");
+        }
+    }
+    // The same run stopped again replaces its stop.
+    call(&conn, "Stop", &("flood-3999",)).await.unwrap();
+    let after = std::fs::metadata(&state_file).unwrap().len();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    let stops = state["stops"].as_array().unwrap();
+    assert!(stops.len() <= 1000, "{} stops kept", stops.len());
+    assert!(
+        after.saturating_sub(before) <= 64 * 1024,
+        "the state grew from {before} to {after} bytes"
+    );
+    assert_eq!(
+        stops.iter().filter(|x| x["run_id"] == "flood-3999").count(),
+        1
+    );
+    assert!(stops.iter().any(|x| x["run_id"] == "flood-3999"));
+    assert!(
+        !stops.iter().any(|x| x["run_id"] == "flood-0"),
+        "oldest first out"
+    );
+
+    // 50,000 refused enqueues: the open entry of "history" makes each a duplicate.
+    let dict: std::sync::Arc<HashMap<&str, Variant<'static>>> = std::sync::Arc::new(
+        [
+            ("run_id", Variant::from("history")),
+            ("cwd", Variant::from("/")),
+            ("exec", Variant::from(vec!["/bin/true".to_string()])),
+            (
+                "evidence",
+                Variant::from(vec!["active-subagent".to_string()]),
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    );
+    let mut refused = 0u32;
+    for _ in 0..(50_000 / 50) {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (c, d) = (conn.clone(), dict.clone());
+            calls.spawn(async move {
+                c.call_method(
+                    Some("org.outlive.Agent1"),
+                    "/org/outlive/Agent1/ResumeQueue",
+                    Some("org.outlive.ResumeQueue1"),
+                    "Enqueue",
+                    &(&*d,),
+                )
+                .await
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            let (admitted, why, _): (bool, String, String) =
+                r.unwrap().expect("Enqueue").body().deserialize().unwrap();
+            assert!(!admitted && why == "duplicate-open-entry", "{why}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 50_000);
+    let config = s._agent.config.to_str().unwrap().to_string();
+    let (code, out, err) = s
+        .bus
+        .outlivectl_as(ROOT, &["--json", "audit", "--config", &config]);
+    assert_eq!(code, 0, "{err}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["OUTLIVE_EVENT"] == "enqueued" && e["OUTLIVE_KEY"] == "run:history"),
+        "the history before the flood is gone ({} events)",
+        events.len()
+    );
+    let lines = events
+        .iter()
+        .filter(|e| e["OUTLIVE_EVENT"] == "enqueue-refused")
+        .count();
+    assert!(
+        lines <= 4,
+        "{lines} refusal lines for 50,000 identical refusals"
+    );
+
+    // A member's mutations: 10 a second, 20 at once, then Busy.
+    let (mut ok, mut busy) = (0, 0);
+    for i in 0..40 {
+        let (code, _, err) = s
+            .bus
+            .outlivectl_as(MEMBER, &["stop", &format!("member-{i}")]);
+        match code {
+            0 => ok += 1,
+            _ if err.contains("org.outlive.Error.Busy") => busy += 1,
+            _ => panic!("{err}"),
+        }
+    }
+    assert!(busy > 0 && ok >= 20, "{ok} accepted, {busy} Busy");
+}

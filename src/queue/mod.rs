@@ -970,7 +970,8 @@ impl Queue {
             self.audit(
                 Event::new("enqueue-refused", format!("did not queue {key}: {word}"))
                     .field("key", &key)
-                    .field("why", word),
+                    .field("why", word)
+                    .field("uid", caller.uid),
             );
             return Ok(Reply {
                 admitted: false,
@@ -990,7 +991,8 @@ impl Queue {
                     format!("did not queue {key}: it already has an open entry"),
                 )
                 .field("key", &key)
-                .field("why", "duplicate-open-entry"),
+                .field("why", "duplicate-open-entry")
+                .field("uid", caller.uid),
             );
             return Ok(Reply {
                 admitted: false,
@@ -1317,12 +1319,14 @@ impl Queue {
                 e.terminal_at = Some(ctx.wall);
                 n += 1;
             }
-            s.stops.push(RunStop { run_id: run_id.to_string(), at: ctx.wall });
+            let dropped = rules::record_stop(&mut s.stops, run_id, ctx.wall);
             let ev = Event::new("operator-stop", format!("run {run_id} was stopped by {by}: {n} open entries cancelled; it will not be revived"))
                 .priority(priority::NOTICE)
                 .field("run_id", run_id)
                 .field("cancelled", n);
-            Ok((n, vec![ev]))
+            let mut events = vec![ev];
+            events.extend(dropped.iter().map(stop_dropped));
+            Ok((n, events))
         })
     }
 
@@ -1631,6 +1635,9 @@ impl Queue {
         self.state
             .stops
             .retain(|s| now.saturating_sub(s.at) < STOP_RETENTION_MS);
+        for d in rules::tidy_stops(&mut self.state.stops) {
+            self.audit(stop_dropped(&d));
+        }
         let mut terminal: Vec<(u64, String)> = self
             .state
             .entries
@@ -1800,6 +1807,22 @@ fn advance(entries: &mut [Entry], now: u64, calm: bool) {
             }
         }
     }
+}
+
+/// The audit line of a stop dropped to keep at most [`rules::MAX_STOPS`] (Q-9).
+fn stop_dropped(s: &RunStop) -> Event {
+    Event::new(
+        "stop-dropped",
+        format!(
+            "the operator stop of run {} recorded at {} was forgotten: at most {} stops are kept \
+             (entries queued before it were cancelled when it was recorded)",
+            s.run_id,
+            crate::clock::rfc3339_ms(s.at),
+            rules::MAX_STOPS
+        ),
+    )
+    .priority(priority::NOTICE)
+    .field("run_id", &s.run_id)
 }
 
 /// A new queued entry for `req`, run as `(uid, gid)`, queued by the caller `by`.

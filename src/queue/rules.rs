@@ -198,6 +198,57 @@ pub fn eligibility(r: &Request, include_operator_kills: bool) -> Result<(), &'st
     Ok(())
 }
 
+/// Q-9 as amended: most operator stops kept.
+pub const MAX_STOPS: usize = 1000;
+
+/// Q-9 as amended, pure: record a stop of `run_id` at `at`. Stops are kept per run_id (the
+/// latest replaces an earlier one) and at most [`MAX_STOPS`] of them, the oldest dropped first;
+/// returns the stops dropped to make room (to be audited).
+pub fn record_stop(
+    stops: &mut Vec<super::store::RunStop>,
+    run_id: &str,
+    at: u64,
+) -> Vec<super::store::RunStop> {
+    stops.retain(|s| s.run_id != run_id);
+    stops.push(super::store::RunStop {
+        run_id: run_id.to_string(),
+        at,
+    });
+    let mut dropped = vec![];
+    while stops.len() > MAX_STOPS {
+        let oldest = stops
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| a.at.cmp(&b.at).then_with(|| a.run_id.cmp(&b.run_id)))
+            .map(|(i, _)| i)
+            .expect("more than MAX_STOPS stops");
+        dropped.push(stops.remove(oldest));
+    }
+    dropped
+}
+
+/// The same rule over stops as found (a state written before it held duplicates): the latest
+/// per run_id, at most [`MAX_STOPS`], oldest first out; returns what was dropped for room.
+pub fn tidy_stops(stops: &mut Vec<super::store::RunStop>) -> Vec<super::store::RunStop> {
+    let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
+    for s in stops.iter() {
+        let at = latest.entry(s.run_id.as_str()).or_insert(s.at);
+        *at = (*at).max(s.at);
+    }
+    let mut kept: Vec<super::store::RunStop> = latest
+        .into_iter()
+        .map(|(run_id, at)| super::store::RunStop {
+            run_id: run_id.to_string(),
+            at,
+        })
+        .collect();
+    kept.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.run_id.cmp(&b.run_id)));
+    let excess = kept.len().saturating_sub(MAX_STOPS);
+    let dropped: Vec<_> = kept.drain(..excess).collect();
+    *stops = kept;
+    dropped
+}
+
 /// Q-1 as amended (SPEC §12): the uid and gid a run is queued as. The caller's own when it
 /// names neither; a root caller naming `user` gets that user's primary group from the user
 /// database (`named`, looked up before the queue is locked) unless it names `group` too. An
@@ -892,5 +943,37 @@ mod tests {
             assert!(seen.insert(id), "repeated");
         }
         assert_eq!(last, 1_795_000_000_003);
+    }
+
+    /// Q-9 as amended (security review finding 7): 4,000 stops of distinct runs kept 4,000
+    /// records. Now one per run (the latest) and at most 1,000, the oldest out first.
+    #[test]
+    fn q9_stops_are_kept_per_run_and_at_most_1000() {
+        let mut stops = vec![];
+        let mut dropped = vec![];
+        for i in 0..4000u64 {
+            dropped.extend(record_stop(&mut stops, &format!("run-{i}"), 1000 + i));
+        }
+        assert_eq!(stops.len(), MAX_STOPS);
+        assert_eq!(dropped.len(), 3000);
+        assert_eq!(dropped[0].run_id, "run-0");
+        assert_eq!(stops[0].run_id, "run-3000");
+        // Stopped again: one record, the latest, and the oldest other one stays.
+        record_stop(&mut stops, "run-3500", 99_999);
+        assert_eq!(stops.len(), MAX_STOPS);
+        let mine: Vec<_> = stops.iter().filter(|s| s.run_id == "run-3500").collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].at, 99_999);
+        assert_eq!(stops[0].run_id, "run-3000");
+        // A state written before the rule, with duplicates, is tidied to the same shape.
+        let mut old: Vec<super::super::store::RunStop> = (0..3)
+            .map(|i| super::super::store::RunStop {
+                run_id: "same".into(),
+                at: 10 + i,
+            })
+            .collect();
+        assert!(tidy_stops(&mut old).is_empty());
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].at, 12);
     }
 }

@@ -202,6 +202,19 @@ impl TestSocket {
         TestSocket::bind("journal", true)
     }
 
+    /// Read and drop everything sent from now on, on a thread of its own, as a journald that
+    /// keeps up would (a flood of events must not wait on a full socket buffer). Nothing sent
+    /// afterwards is seen by [`TestSocket::wait_for`].
+    #[allow(dead_code)]
+    pub fn discard(&self) {
+        let sock = self.sock.try_clone().expect("clone the test socket");
+        sock.set_read_timeout(None).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while sock.recv(&mut buf).is_ok() {}
+        });
+    }
+
     fn parse(&self, b: &[u8]) -> Vec<(String, String)> {
         if self.journal {
             outlive::publish::journal::parse_native(b).unwrap_or_default()
