@@ -188,6 +188,25 @@ impl Event {
     }
 }
 
+/// Text for a person, with every control character (C0, DEL, C1) shown as `\xNN` instead of
+/// sent: a message quotes what callers and files supplied, and a terminal acts on escape
+/// sequences (§12, human output). `keep_lines` keeps line breaks and tabs (a block of text);
+/// without it a field stays on its line.
+pub fn escape_controls(s: &str, keep_lines: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let code = c as u32;
+        let control = code < 0x20 || (0x7f..=0x9f).contains(&code);
+        if control && !(keep_lines && (c == '\n' || c == '\t')) {
+            let _ = write!(out, "\\x{code:02x}");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `SYSLOG_IDENTIFIER` of every entry (DESIGN §2).
 pub const SYSLOG_IDENTIFIER: &str = "outlived";
 

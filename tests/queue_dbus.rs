@@ -916,3 +916,56 @@ async fn q9_floods_of_stops_and_refusals_neither_bloat_the_state_nor_wipe_the_au
     }
     assert!(busy > 0 && ok >= 20, "{ok} accepted, {busy} Busy");
 }
+
+/// §12 human output, the security review's reproduction (finding 8): a member's session and
+/// reason, and a pause reason, carried escape sequences that retitled root's terminal, cleared
+/// it and painted a fake status line through `outlivectl`. Every table and text screen, and the
+/// journal's MESSAGE, now show them as `\xNN`.
+#[test]
+fn human_output_shows_control_characters_instead_of_sending_them() {
+    if !ready() {
+        return;
+    }
+    const EVIL: &str = "ok\x1b]0;pwned-title\x07\x1b[2J\x1b[31mFAKE: all runs revived\x1b[0m";
+    const SHOWN: &str = "ok\\x1b]0;pwned-title\\x07\\x1b[2J\\x1b[31mFAKE: all runs revived\\x1b[0m";
+    let s = setup(PrivateBus::with_users(), CONFIG);
+    let (code, out, err) = enqueue(
+        &s,
+        MEMBER,
+        "evil",
+        &["--session", EVIL, "--reason", &format!("{EVIL}\nFAKE LINE")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = s
+        .bus
+        .outlivectl_as(ROOT, &["pause", "--kind", "maintenance", "--reason", EVIL]);
+    assert_eq!(code, 0, "{err}");
+    let config = s._agent.config.to_str().unwrap().to_string();
+    for args in [
+        vec!["queue"],
+        vec!["status"],
+        vec!["guards"],
+        vec!["audit", "--config", &config],
+    ] {
+        let (code, out, err) = s.bus.outlivectl_as(ROOT, &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(
+            !out.chars().any(|c| c == '\x1b' || c == '\x07'),
+            "outlivectl {args:?} sent control characters:\n{out:?}"
+        );
+        assert!(
+            !out.lines().any(|l| l.starts_with("FAKE LINE")),
+            "outlivectl {args:?} let a field break its line:\n{out}"
+        );
+        if args[0] != "guards" {
+            assert!(out.contains(SHOWN), "outlivectl {args:?}:\n{out}");
+        }
+    }
+    // The journal: the pause's MESSAGE quotes the reason, shown.
+    let d = s._j.wait_for("the pause in the journal", T, |d| {
+        d.has("OUTLIVE_EVENT", "paused")
+    });
+    let message = d.get("MESSAGE").unwrap_or_default();
+    assert!(message.contains(SHOWN), "{message:?}");
+    assert!(!message.contains('\x1b'), "{message:?}");
+}

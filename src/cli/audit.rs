@@ -2,6 +2,7 @@
 //! state directory and in the runtime directory (where lines go while the lock is not held),
 //! merged in time order. Works without a journal and without the agent.
 
+use super::render::{clean, say};
 use std::path::Path;
 
 use super::client::Failure;
@@ -65,22 +66,22 @@ pub fn show(
         return Ok(());
     }
     if events.is_empty() {
-        println!(
+        say(&format!(
             "no audit events{} in {} or {}",
             since.map(|s| format!(" since {s}")).unwrap_or_default(),
             cfg.state_dir.display(),
             cfg.runtime_dir.display()
-        );
+        ));
         return Ok(());
     }
     for e in &events {
-        println!(
+        say(&format!(
             "{}  {:<7}  {:<22}  {}",
             &rfc3339_ms(e.at_ms)[..19].replace('T', " "),
             priority_word(e.priority),
-            e.kind,
-            e.message
-        );
+            clean(&e.kind),
+            clean(&e.message)
+        ));
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! (`--json`).
 
 use super::client::{self, Failure, failure};
-use super::render::table;
+use super::render::{clean, emit, say, table};
 use crate::clock::rfc3339_ms;
 use crate::publish::dbus::{AGENT_PATH, GUARDS_PATH, QUEUE_PATH};
 
@@ -124,7 +124,13 @@ pub fn guards_table(rows: &[serde_json::Value]) -> String {
         .iter()
         .filter_map(|r| {
             let h = hint(r);
-            (!h.is_empty()).then(|| format!("  {}: {h}", r["key"].as_str().unwrap_or("-")))
+            (!h.is_empty()).then(|| {
+                format!(
+                    "  {}: {}",
+                    clean(r["key"].as_str().unwrap_or("-")),
+                    clean(&h)
+                )
+            })
         })
         .collect();
     if !hints.is_empty() {
@@ -149,7 +155,7 @@ pub async fn guards(user: bool, json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
-    print!("{}", guards_table(&rows));
+    emit(&guards_table(&rows));
     Ok(())
 }
 
@@ -202,7 +208,7 @@ pub async fn status(user: bool, json: bool) -> Result<(), Failure> {
     if !listed.is_empty() {
         out.push_str("anomalies:\n");
         for a in &listed {
-            let text = a.as_str().unwrap_or("-");
+            let text = clean(a.as_str().unwrap_or("-"));
             let key = text.split(':').next().unwrap_or("");
             let h = anomalous
                 .iter()
@@ -229,7 +235,7 @@ pub async fn status(user: bool, json: bool) -> Result<(), Failure> {
             let count = n["count"].as_u64().unwrap_or(1);
             // Only root and members get the message (§12 G-10); others the entry it is about.
             let message = match (n["message"].as_str(), n["entry_id"].as_str()) {
-                (Some(m), _) => m.to_string(),
+                (Some(m), _) => clean(m),
                 (None, Some(id)) => format!("entry {id} (details for root and members of outlive)"),
                 (None, None) => "(details for root and members of outlive)".to_string(),
             };
@@ -260,7 +266,7 @@ pub async fn status(user: bool, json: bool) -> Result<(), Failure> {
             out.push_str(&format!(
                 ", paused ({}: {}) — `outlivectl resume`",
                 q["PauseKind"].as_str().unwrap_or("-"),
-                q["PauseReason"].as_str().unwrap_or("")
+                clean(q["PauseReason"].as_str().unwrap_or(""))
             ));
         }
         if q["BreakerOpenUntil"].as_u64().unwrap_or(0) > 0 {
@@ -276,7 +282,7 @@ pub async fn status(user: bool, json: bool) -> Result<(), Failure> {
             q["DisabledReason"].as_str().unwrap_or("-")
         ));
     }
-    print!("{out}");
+    emit(&out);
     Ok(())
 }
 
@@ -291,7 +297,7 @@ pub async fn ack(user: bool, json: bool) -> Result<(), Failure> {
     if json {
         println!("{}", serde_json::json!({"acknowledged": true}));
     } else {
-        println!("acknowledged: one-off notices left the attention item");
+        say("acknowledged: one-off notices left the attention item");
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::exit;
-use super::render::pairs;
+use super::render::{emit, pairs};
 use crate::facts::{self, Classification, ClassifyError, Facts};
 
 /// The statfs timeout the CLI uses (the agent's default, SPEC §9).
@@ -26,7 +26,7 @@ pub fn run(path: Option<&Path>, json: bool) -> i32 {
         Some(p) => match classify(p) {
             Ok(c) => Some(c),
             Err(e) => {
-                eprintln!("outlivectl: {e}");
+                eprintln!("outlivectl: {}", super::render::clean_lines(&e.to_string()));
                 return exit::REFUSED;
             }
         },
@@ -41,9 +41,9 @@ pub fn run(path: Option<&Path>, json: bool) -> i32 {
         );
         return exit::OK;
     }
-    print!("{}", render_host(&report));
+    emit(&render_host(&report));
     if let Some(c) = &classification {
-        print!("{}", render_classification(c));
+        emit(&render_classification(c));
     }
     exit::OK
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::client::{self, Failure};
-use super::render::pairs;
+use super::render::{clean, emit, pairs, say};
 use crate::clock::{rfc3339_ms, wall_ms};
 use crate::config::{Config, Mode, Paths};
 use crate::facts::Facts;
@@ -230,7 +230,7 @@ pub async fn show(
             "decision".into(),
             "held by this host's running outlived: the queue may write its state".into(),
         ));
-        print!("{}", pairs(&rows, 0));
+        emit(&pairs(&rows, 0));
         return Ok(());
     }
     rows.push((
@@ -245,21 +245,22 @@ pub async fn show(
                 .unwrap_or_default()
         ),
     ));
-    print!("{}", pairs(&rows, 0));
-    println!(
+    emit(&pairs(&rows, 0));
+    say(&format!(
         "\n{}",
-        super::super::config::wrap(d["message"].as_str().unwrap_or_default(), 96).join("\n")
-    );
+        super::super::config::wrap(&clean(d["message"].as_str().unwrap_or_default()), 96)
+            .join("\n")
+    ));
     match agent {
         Some(p) if p["Enabled"].as_bool() == Some(true) => {
-            println!("\nthe running agent: queue enabled, lock held")
+            say("\nthe running agent: queue enabled, lock held")
         }
-        Some(p) => println!(
+        Some(p) => say(&format!(
             "\nthe running agent: queue disabled ({}): {}",
-            p["DisabledReason"].as_str().unwrap_or_default(),
-            p["DisabledDetail"].as_str().unwrap_or_default()
-        ),
-        None => println!("\nthe agent is not running (or not reachable on the bus)"),
+            clean(p["DisabledReason"].as_str().unwrap_or_default()),
+            clean(p["DisabledDetail"].as_str().unwrap_or_default())
+        )),
+        None => say("\nthe agent is not running (or not reachable on the bus)"),
     }
     Ok(())
 }
@@ -320,29 +321,29 @@ pub async fn clear(
         return Ok(());
     }
     match &record {
-        Ok(r) => println!(
+        Ok(r) => say(&format!(
             "removed {} (held by host {}, host id {}, pid {}, acquired {})",
             path.display(),
             r.hostname,
             r.host_id.as_deref().unwrap_or("(none)"),
             r.pid,
             rfc3339_ms(r.acquired_at)
-        ),
-        Err(e) => println!(
+        )),
+        Err(e) => say(&format!(
             "removed {} (its record was unreadable: {e})",
             path.display()
-        ),
+        )),
     }
     match reevaluated {
         Some(p) if p["Enabled"].as_bool() == Some(true) => {
-            println!("the agent re-evaluated the lock: queue enabled")
+            say("the agent re-evaluated the lock: queue enabled")
         }
-        Some(p) => println!(
+        Some(p) => say(&format!(
             "the agent re-evaluated the lock: queue still disabled ({}): {}",
-            p["DisabledReason"].as_str().unwrap_or_default(),
-            p["DisabledDetail"].as_str().unwrap_or_default()
-        ),
-        None => println!("the agent is not running: it takes the lock when it starts"),
+            clean(p["DisabledReason"].as_str().unwrap_or_default()),
+            clean(p["DisabledDetail"].as_str().unwrap_or_default())
+        )),
+        None => say("the agent is not running: it takes the lock when it starts"),
     }
     Ok(())
 }

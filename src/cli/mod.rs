@@ -364,7 +364,8 @@ pub fn outlivectl_main() -> i32 {
         Ok(()) => exit::OK,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("outlivectl: {}", f.message);
+                // The agent's refusal quotes what the caller sent: shown, not sent (§12).
+                eprintln!("outlivectl: {}", render::clean_lines(&f.message));
             }
             f.status
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use zbus::wire::Variant;
 
 use super::client::{self, Failure, failure};
-use super::render::table;
+use super::render::{clean, emit, say, table};
 use crate::clock::{parse_rfc3339_ms, rfc3339_ms};
 use crate::publish::dbus::QUEUE_PATH;
 
@@ -176,11 +176,14 @@ pub async fn enqueue(user: bool, json: bool, a: &EnqueueArgs) -> Result<(), Fail
     if json {
         print_json(&serde_json::json!({"admitted": admitted, "why": why, "id": id}));
     } else if admitted && why.is_empty() {
-        println!("queued as {id}");
+        say(&format!("queued as {id}"));
     } else if admitted {
-        println!("recorded as {id}, not queued: {why}: {}", explain(&why));
+        say(&format!(
+            "recorded as {id}, not queued: {why}: {}",
+            explain(&why)
+        ));
     } else {
-        eprintln!("not queued: {why}: {}", explain(&why));
+        eprintln!("not queued: {}: {}", clean(&why), explain(&why));
     }
     if admitted {
         Ok(())
@@ -225,7 +228,7 @@ pub async fn show(user: bool, json: bool) -> Result<(), Failure> {
     let b = |k: &str| props[k].as_bool().unwrap_or(false);
     let s = |k: &str| props[k].as_str().unwrap_or_default().to_string();
     if b("Enabled") {
-        println!(
+        say(&format!(
             "queue: enabled, {} waiting{}",
             props["Waiting"],
             if b("DryRun") {
@@ -233,35 +236,35 @@ pub async fn show(user: bool, json: bool) -> Result<(), Failure> {
             } else {
                 ""
             }
-        );
+        ));
     } else {
-        println!("queue: DISABLED ({})", s("DisabledReason"));
-        println!("  {}", s("DisabledDetail"));
-        println!("  `outlivectl lock` explains the lock decision.");
+        say(&format!("queue: DISABLED ({})", s("DisabledReason")));
+        say(&format!("  {}", clean(&s("DisabledDetail"))));
+        say("  `outlivectl lock` explains the lock decision.");
     }
     if b("Paused") {
-        println!(
+        say(&format!(
             "paused: {} since {} ({}); `outlivectl resume` lets revival continue",
             s("PauseKind"),
             ts(&props["PausedAt"]),
-            s("PauseReason")
-        );
+            clean(&s("PauseReason"))
+        ));
     }
     let breaker = props["BreakerOpenUntil"].as_u64().unwrap_or(0);
     if breaker > 0 {
-        println!(
+        say(&format!(
             "breaker: open until {} (attempts kept failing; it closes by itself)",
             ts(&props["BreakerOpenUntil"])
-        );
+        ));
     }
     match s("QuotaSignal").as_str() {
-        "fresh" => println!("quota: a fresh report from the quota tracker applies"),
-        "stale" => println!("quota: the last report expired; the gate passes"),
+        "fresh" => say("quota: a fresh report from the quota tracker applies"),
+        "stale" => say("quota: the last report expired; the gate passes"),
         _ => {}
     }
     if entries.is_empty() {
         if b("Enabled") {
-            println!("no entries");
+            say("no entries");
         }
         return Ok(());
     }
@@ -291,16 +294,13 @@ pub async fn show(user: bool, json: bool) -> Result<(), Failure> {
             ]
         })
         .collect();
-    println!();
-    print!(
-        "{}",
-        table(
-            &[
-                "ID", "STATUS", "CLASS", "TRIES", "QUEUED", "SESSION", "TARGET"
-            ],
-            &rows
-        )
-    );
+    say("");
+    emit(&table(
+        &[
+            "ID", "STATUS", "CLASS", "TRIES", "QUEUED", "SESSION", "TARGET",
+        ],
+        &rows,
+    ));
     Ok(())
 }
 
@@ -391,7 +391,7 @@ pub async fn op(user: bool, json: bool, op: Op) -> Result<(), Failure> {
                 text.push_str(&format!(" ({id})"));
             }
             if let Some(d) = v["detail"].as_str() {
-                text.push_str(&format!(": {d}"));
+                text.push_str(&format!(": {}", clean(d)));
             }
             let why = explain_outcome(&word);
             if !why.is_empty() {
@@ -422,7 +422,7 @@ pub async fn op(user: bool, json: bool, op: Op) -> Result<(), Failure> {
     if json {
         print_json(&value);
     } else {
-        println!("{text}");
+        say(&text);
     }
     Ok(())
 }

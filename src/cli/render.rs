@@ -1,4 +1,32 @@
-//! Rendering helpers for `outlivectl`: aligned key/value blocks and tables for people.
+//! Rendering helpers for `outlivectl`: aligned key/value blocks and tables for people, and the
+//! one way text reaches a person's terminal.
+//!
+//! Strings in the output come from callers (a run's session, reason, working directory, a
+//! pause reason) and from files (drop-in descriptions, lock records, the audit log). A terminal
+//! acts on control characters (`ESC ] 0 ;` retitles it, `ESC [ 2 J` clears it, a bare `\r`
+//! overwrites a line), so every control character (C0, DEL, C1) in human output is shown as
+//! `\xNN` instead (§12, human output): [`clean`] for one field (a line break too), [`say`] and
+//! [`emit`] for whole blocks (line breaks kept). `--json` output is JSON, which escapes them.
+
+/// One field for a person: every control character, line breaks included, as `\xNN`.
+pub fn clean(s: &str) -> String {
+    crate::audit::escape_controls(s, false)
+}
+
+/// A block for a person: control characters as `\xNN`, line breaks and tabs kept.
+pub fn clean_lines(s: &str) -> String {
+    crate::audit::escape_controls(s, true)
+}
+
+/// Print a line for a person ([`clean_lines`]).
+pub fn say(text: &str) {
+    println!("{}", clean_lines(text));
+}
+
+/// Print a block for a person ([`clean_lines`]), without adding a line break.
+pub fn emit(text: &str) {
+    print!("{}", clean_lines(text));
+}
 
 /// Key/value lines with the values aligned.
 pub fn pairs(rows: &[(String, String)], indent: usize) -> String {
@@ -12,7 +40,7 @@ pub fn pairs(rows: &[(String, String)], indent: usize) -> String {
         out.push_str(&" ".repeat(indent));
         out.push_str(k);
         out.push_str(&" ".repeat(width - k.chars().count() + 2));
-        out.push_str(v);
+        out.push_str(&clean(v));
         out.push('\n');
     }
     out
@@ -20,9 +48,13 @@ pub fn pairs(rows: &[(String, String)], indent: usize) -> String {
 
 /// A table with a header row; columns padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| clean(c)).collect())
+        .collect();
     let n = header.len();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate().take(n) {
             widths[i] = widths[i].max(c.chars().count());
         }
@@ -38,7 +70,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         s.trim_end().to_string() + "\n"
     };
     let mut out = line(header.to_vec());
-    for r in rows {
+    for r in &rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
     out
@@ -57,5 +89,28 @@ mod tests {
         assert_eq!(p, "  a         1\n  long key  2\n");
         let t = table(&["ID", "STATUS"], &[vec!["rq-1".into(), "queued".into()]]);
         assert_eq!(t, "ID    STATUS\nrq-1  queued\n");
+    }
+
+    /// §12 human output (security review finding 8): the reviewer's sequence retitled the
+    /// terminal, cleared it and painted a fake status line. Every control character is shown
+    /// as `\xNN`; a field cannot break its line either.
+    #[test]
+    fn control_characters_are_shown_not_sent() {
+        let evil = "ok\x1b]0;pwned-title\x07\x1b[2J\x1b[31mFAKE: all runs revived\x1b[0m";
+        assert_eq!(
+            clean(evil),
+            "ok\\x1b]0;pwned-title\\x07\\x1b[2J\\x1b[31mFAKE: all runs revived\\x1b[0m"
+        );
+        assert_eq!(
+            clean("a\nb\rc\td\u{7f}e\u{9b}f"),
+            "a\\x0ab\\x0dc\\x09d\\x7fe\\x9bf"
+        );
+        assert_eq!(clean_lines("a\nb\u{1b}c"), "a\nb\\x1bc");
+        assert_eq!(clean("héllo ✓"), "héllo ✓", "printable text is untouched");
+        let t = table(&["ID", "SESSION"], &[vec!["rq-1".into(), evil.into()]]);
+        assert!(!t.contains('\x1b') && !t.contains('\x07'), "{t:?}");
+        assert_eq!(t.lines().count(), 2);
+        let p = pairs(&[("reason".into(), "a\nFAKE".into())], 0);
+        assert_eq!(p.lines().count(), 1, "{p:?}");
     }
 }

@@ -59,7 +59,7 @@ pub fn oslog_entry(ev: &Event) -> (String, OsLogLevel, String) {
         6 => OsLogLevel::Info,
         _ => OsLogLevel::Debug,
     };
-    let mut msg = ev.message.clone();
+    let mut msg = crate::audit::escape_controls(&ev.message, true);
     if let Some(a) = ev.alert {
         msg.push_str(&format!(" MESSAGE_ID={}", a.message_id()));
     }
@@ -112,7 +112,9 @@ pub fn serialize(ev: &Event) -> Vec<u8> {
             out.push(b'\n');
         }
     };
-    put("MESSAGE", &ev.message);
+    // journalctl shows MESSAGE to people: control characters in it are shown, not sent (§12);
+    // the fields keep their bytes (the binary form carries them whole).
+    put("MESSAGE", &crate::audit::escape_controls(&ev.message, true));
     put("PRIORITY", &ev.priority.to_string());
     put("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER);
     if let Some(a) = ev.alert {
@@ -412,6 +414,22 @@ mod tests {
         assert_eq!(get("OUTLIVE_EVENT"), Some("lock-host-renamed"));
         assert_eq!(get("OUTLIVE_FROM"), Some("a"));
         assert_eq!(get("OUTLIVE_DETAIL"), Some("two\nlines"));
+    }
+
+    /// §12 human output (security review finding 8): a caller's escape sequence in a message
+    /// reaches the journal shown, not sent.
+    #[test]
+    fn x2_control_characters_in_the_message_are_shown_not_sent() {
+        let ev = Event::new(
+            "enqueue-refused",
+            "did not queue ok\x1b]0;pwned-title\x07\x1b[2J\x1b[31mFAKE\x1b[0m: reason",
+        );
+        let fields = parse_native(&serialize(&ev)).unwrap();
+        let message = &fields.iter().find(|(k, _)| k == "MESSAGE").unwrap().1;
+        assert_eq!(
+            message,
+            "did not queue ok\\x1b]0;pwned-title\\x07\\x1b[2J\\x1b[31mFAKE\\x1b[0m: reason"
+        );
     }
 
     #[test]

@@ -30,9 +30,13 @@ pub fn outlived() -> &'static str {
     })
 }
 
-/// The built CLI.
+/// The built CLI, or the one `OUTLIVE_TEST_OUTLIVECTL` names (as for the agent).
 pub fn outlivectl() -> &'static str {
-    env!("CARGO_BIN_EXE_outlivectl")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("OUTLIVE_TEST_OUTLIVECTL")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outlivectl").to_string())
+    })
 }
 
 /// `bin` as a path any user may execute. Test users cannot reach a checkout under a private
