@@ -97,6 +97,58 @@ const FILES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Who may call what, and the limits every caller meets (SPEC X-1, §12 X-1 bounds), with the
+/// figures the gate enforces.
+fn callers() -> Vec<(String, String)> {
+    use crate::publish::dbus::gate::{
+        MAX_IN_FLIGHT, MAX_REPORT_OPTIONS_BYTES, MUTATION_BURST, MUTATIONS_PER_SEC, READ_BURST,
+        READS_PER_SEC,
+    };
+    vec![
+        (
+            "Everyone".into(),
+            format!(
+                "may read: host facts, properties, List, GetGuards, the attention item, and \
+                 ClassifyPath (the mount table only: their paths are not touched). Others' runs \
+                 show kinds, ids, states and counts only: no path, argv, environment, session or \
+                 notice text. Unprivileged callers get {READS_PER_SEC} calls a second per uid, \
+                 {READ_BURST} at once, on every method; ReportGuard options may have at most 8 \
+                 entries and {MAX_REPORT_OPTIONS_BYTES} bytes."
+            ),
+        ),
+        (
+            "Members of outlive".into(),
+            format!(
+                "may also change the queue (enqueue their own runs, cancel, requeue, pause, \
+                 resume, stop, drain, report quota, acknowledge notices): {MUTATIONS_PER_SEC} \
+                 changes a second per uid, {MUTATION_BURST} at once. Their runs run as them, unit \
+                 targets only from queue.allowed_units; ClassifyPath and the checks of their runs' \
+                 paths use their own credentials, so a path they cannot reach reads denied or \
+                 undecided whether it exists or not. A member who leaves the group, or whose unit \
+                 no longer matches queue.allowed_units, has their waiting runs invalidated \
+                 (not-authorized) at the next attempt."
+            ),
+        ),
+        (
+            "Root".into(),
+            "may do all of it without rate limits, and alone may name another user (user; the \
+             group defaults to that user's primary group, gid 0 only when named), Reevaluate, \
+             and clear the lock."
+                .into(),
+        ),
+        (
+            "Refused".into(),
+            format!(
+                "Past a rate, or with {MAX_IN_FLIGHT} calls already in flight, a call is answered \
+                 org.outlive.Error.Busy saying when to try again; an oversized argument \
+                 org.outlive.Error.InvalidArgument naming it; a call the caller may not make \
+                 org.outlive.Error.AccessDenied saying who may. Repeated identical refusals are \
+                 counted in the audit log, one line per ten minutes."
+            ),
+        ),
+    ]
+}
+
 fn outlived_page() -> Page {
     let m = man(OutlivedArgs::command(), "8");
     let text = render(&m, |r| {
@@ -137,6 +189,9 @@ fn outlived_page() -> Page {
              explains it (journalctl -x). outlivectl guards prints the same one line of what to do.",
         );
         items(r, "REASON CODES", &reasons);
+        let who = callers();
+        let who: Vec<(&str, &str)> = who.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        items(r, "WHO MAY DO WHAT", &who);
         items(r, "FILES", FILES);
         items(
             r,
@@ -223,12 +278,9 @@ fn outlivectl_pages() -> Vec<Page> {
                 ("3", "The agent is unreachable (not running, or no bus)."),
             ],
         );
-        paragraph(
-            r,
-            "PERMISSIONS",
-            "Reading is open to every local user. Changing the queue needs root or membership of \
-             the group outlive; Reevaluate and lock clear are root's.",
-        );
+        let who = callers();
+        let who: Vec<(&str, &str)> = who.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        items(r, "PERMISSIONS AND LIMITS", &who);
         r.control("SH", ["EXAMPLES"]);
         for ex in [
             "outlivectl status",
