@@ -154,6 +154,7 @@ fn q1_a_root_caller_naming_only_the_user_gets_that_users_primary_group() {
         (Some(u64::from(MEMBER.0)), Some(u64::from(MEMBER.1))),
         "the entry: {e}"
     );
+    assert_eq!(e["enqueued_by"], 0, "who queued it: {e}");
     let r = drain(&s);
     assert_eq!(r["outcome"], "revived", "{r}");
     let log = run_log(&s, &id);

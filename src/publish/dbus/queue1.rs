@@ -183,6 +183,7 @@ pub fn list_row(e: &Entry, full: bool) -> serde_json::Value {
         "job": e.job,
         "uid": e.uid,
         "gid": e.gid,
+        "enqueued_by": e.enqueued_by,
         "cwd": e.cwd,
         "worktree": e.worktree,
         "reason": e.reason,
