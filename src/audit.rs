@@ -514,29 +514,23 @@ impl AuditSink for Auditor {
     }
 
     fn flush(&self) {
-        let due = self
-            .repeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .flush(crate::clock::boottime_ms());
-        for e in &due {
-            self.write(e);
-        }
+        self.held_back(|r| r.flush(crate::clock::boottime_ms()));
     }
 
     fn close(&self) {
-        let due = self
-            .repeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .close();
-        for e in &due {
-            self.write(e);
-        }
+        self.held_back(Repeats::close);
     }
 }
 
 impl Auditor {
+    /// Write what `take` releases of the held-back repeats.
+    fn held_back(&self, take: impl FnOnce(&mut Repeats) -> Vec<Event>) {
+        let due = take(&mut self.repeats.lock().unwrap_or_else(|e| e.into_inner()));
+        for e in &due {
+            self.write(e);
+        }
+    }
+
     /// One event to the file and the sinks; a failed append is itself a notice.
     fn write(&self, event: &Event) {
         let Some(e) = self.deliver(event, true) else {

@@ -35,6 +35,16 @@ fn journal_json(b: &SystemdBox, filter: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Boot `stage` with outlived enabled, once it is active.
+fn boot_agent(stage: &Stage) -> SystemdBox {
+    stage.want("outlived.service");
+    let b = SystemdBox::boot(stage);
+    b.wait_for("outlived active", Duration::from_secs(20), |b| {
+        b.show("outlived", "ActiveState") == "active"
+    });
+    b
+}
+
 /// The posture rows, as `outlivectl guards --json` shows them in the box.
 fn box_guards(b: &SystemdBox) -> Vec<serde_json::Value> {
     let (code, out, err) = b.run(&["/usr/local/bin/outlivectl", "--json", "guards"]);
@@ -236,11 +246,7 @@ fn box_host_rename_is_healed_and_only_members_may_act() {
             &lock_record(&host_id, "before-the-rename"),
             3600,
         );
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         assert!(
             b.show("outlived", "StatusText").contains("lock held"),
             "{}",
@@ -337,11 +343,7 @@ fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
             b"{\"version\":1,\"entries\":[]}\n",
             600,
         );
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         let listing = state_listing(&b);
         let (_, out, _) = b.run(&[
             "busctl",
@@ -577,11 +579,7 @@ fn box_the_drainer_revives_through_systemd() {
             "/etc/systemd/system/demo-run.service",
             "[Unit]\nDescription=a long run\n[Service]\nExecStart=/bin/sleep infinity\n",
         );
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         let status = b.show("outlived", "StatusText");
         assert!(
             status.starts_with("posture 6/9 on · queue: 0 waiting"),
@@ -795,11 +793,7 @@ fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted
             "/etc/systemd/system/outlived.service.d/test.conf",
             "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n",
         );
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
 
         // (d) emergency, then an active run queued after it: healed.
         let (code, _, err) = ctl(
@@ -915,11 +909,7 @@ fn box_an_external_guard_is_reported_by_its_owner_and_goes_stale_once() {
             "/etc/outlive/outlive.toml",
             "[drainer]\ninterval_sec = 1\n\n[posture]\nanomaly_grace_sec = 1\n",
         );
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         let (code, _, err) = b.sh(
             "useradd --user-group reporter && useradd --user-group other && \
              mkdir -p -m 0755 /etc/outlive/guards.d && \
@@ -1174,11 +1164,7 @@ fn box_the_bus_restarted_under_the_agent_is_reconnected_and_the_gap_shown() {
     unchanged_machine(|| {
         let stage = Stage::new("bus-restart");
         stage.state_image(64);
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         let host_id = || {
             b.run(&[
                 "busctl",
@@ -1313,11 +1299,7 @@ fn box_d6_the_service_manager_is_never_silently_lost() {
                 "[Unit]\nDescription=a long run\n[Service]\nExecStart=/bin/sleep infinity\n",
             );
         }
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         let unit_entry = |run: &str, unit: &str| {
             enqueue_in(&b, None, &["--run-id", run, "--unit", unit, "--cwd", "/"])
         };
@@ -1458,11 +1440,7 @@ fn box_the_shipped_unit_grants_only_what_the_agent_needs() {
     unchanged_machine(|| {
         let stage = Stage::new("sandbox");
         stage.state_image(64);
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         assert_eq!(b.show("outlived", "MemoryMax"), (64u64 << 20).to_string());
         let tasks: u64 = b.show("outlived", "TasksMax").parse().unwrap();
         assert!((32..=256).contains(&tasks), "TasksMax={tasks}");
@@ -1537,11 +1515,7 @@ fn box_no_borrowed_privilege_under_systemd() {
             "/etc/systemd/system/as-carol.service",
             "[Service]\nUser=carol\nExecStart=/bin/sleep infinity\n",
         );
-        stage.want("outlived.service");
-        let b = SystemdBox::boot(&stage);
-        b.wait_for("outlived active", Duration::from_secs(20), |b| {
-            b.show("outlived", "ActiveState") == "active"
-        });
+        let b = boot_agent(&stage);
         let (code, _, err) = b.sh(
             "useradd --create-home --user-group --groups outlive member && \
              useradd --create-home --user-group carol && chmod 0700 /home/carol && \
