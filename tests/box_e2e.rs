@@ -995,11 +995,12 @@ fn box_the_deb_installs_enables_starts_and_purges_clean() {
     };
     unchanged_machine(|| {
         let stage = Stage::empty("deb");
-        let pkg = stage.dir.join("outlive.deb");
-        std::fs::copy(&deb, &pkg).unwrap();
-        let pkg = pkg.to_string_lossy().to_string();
+        // Into the box's own tree (a checkout under /tmp is not visible inside the box), at a
+        // path the purge check below does not mistake for something the package left.
+        let pkg = "/var/cache/box-packages/package.deb";
+        stage.copy(pkg, &deb);
         let b = SystemdBox::boot(&stage);
-        let (code, out, err) = b.run(&["dpkg", "-i", &pkg]);
+        let (code, out, err) = b.run(&["dpkg", "-i", pkg]);
         assert_eq!(code, 0, "dpkg -i: {out}{err}");
         let dpkg_said = format!("{out}{err}");
         assert_eq!(

@@ -90,56 +90,50 @@ impl Paths for WorkerPaths {
     }
 
     async fn owner(&self, uid: u32, gid: u32) -> Owner {
-        let facts = self.facts.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let timeout = facts.timeout();
-            match facts
-                .worker()
-                .run(timeout, move || match users::account(uid) {
-                    Lookup::Found(a) => Owner::User {
-                        member: users::is_member(&a.name, a.gid, users::GROUP),
-                        creds: Creds::of(&a, gid),
-                    },
-                    Lookup::Unknown => Owner::Gone,
-                    Lookup::Failed(why) => Owner::Undecided(why),
-                }) {
-                Run::Done(o) => o,
-                Run::Timeout => Owner::Undecided(format!(
-                    "the user database did not answer for uid {uid} within the statfs timeout"
-                )),
-            }
+        let timed_out = Owner::Undecided(format!(
+            "the user database did not answer for uid {uid} within the statfs timeout"
+        ));
+        self.on_worker(timed_out, move || match users::account(uid) {
+            Lookup::Found(a) => Owner::User {
+                member: users::is_member(&a.name, a.gid, users::GROUP),
+                creds: Creds::of(&a, gid),
+            },
+            Lookup::Unknown => Owner::Gone,
+            Lookup::Failed(why) => Owner::Undecided(why),
         })
         .await
-        .unwrap_or_else(|e| Owner::Undecided(e.to_string()));
-        if let Some(b) = &self.beat {
-            b.beat();
-        }
-        r
     }
 
     async fn resolve(&self, user: &str, group: &str) -> Option<(u32, u32)> {
-        let facts = self.facts.clone();
         let (user, group) = (user.to_string(), group.to_string());
-        let r = tokio::task::spawn_blocking(move || {
-            match facts
-                .worker()
-                .run(facts.timeout(), move || users::resolve(&user, &group))
-            {
-                Run::Done(r) => r,
-                Run::Timeout => None,
-            }
-        })
-        .await
-        .ok()
-        .flatten();
-        if let Some(b) = &self.beat {
-            b.beat();
-        }
-        r
+        self.on_worker(None, move || users::resolve(&user, &group))
+            .await
     }
 }
 
 impl WorkerPaths {
+    /// `f` (a lookup that may block) on the facts worker under its timeout, off the runtime's
+    /// threads; `unanswered` when it does not answer in time (or fails). Beats the drainer's
+    /// heartbeat.
+    async fn on_worker<T: Clone + Send + 'static>(
+        &self,
+        unanswered: T,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let facts = self.facts.clone();
+        let fallback = unanswered.clone();
+        let r = tokio::task::spawn_blocking(move || match facts.worker().run(facts.timeout(), f) {
+            Run::Done(r) => r,
+            Run::Timeout => unanswered,
+        })
+        .await
+        .unwrap_or(fallback);
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
+        r
+    }
+
     async fn check_inner(&self, path: &str, dir: bool, creds: Option<Creds>) -> PathState {
         let facts = self.facts.clone();
         let p = std::path::PathBuf::from(path);

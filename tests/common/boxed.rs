@@ -87,6 +87,16 @@ impl Stage {
         std::fs::write(&p, contents).unwrap();
     }
 
+    /// Copy a file into the box's tree (`rel` is absolute inside the box). Only the stage's
+    /// tree is seen inside the box: the stage directory itself may live under the machine's
+    /// `/tmp`, which the box replaces with its own.
+    #[allow(dead_code)]
+    pub fn copy(&self, rel: &str, from: &Path) {
+        let p = self.root.join(rel.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::copy(from, &p).unwrap();
+    }
+
     /// Put the state directory on a fresh ext4 image of `mib` MiB.
     pub fn state_image(&self, mib: u64) {
         let img = self.dir.join("state.img");
