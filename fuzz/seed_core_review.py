@@ -33,6 +33,10 @@ lock = {
     "seed-fresh-heartbeat-row10": b"\x00\x00\x06\x02" + rec(),
     "seed-fuse-holder-never-probed": b"\x00\x05\x83\x02" + rec(),
     "seed-empty-record": b"\x00\x00\x00\x02",
+    # Found by make fuzz-smoke (2026-11-30): a hostname that says "delete", quoted in the
+    # message, is the record's word, not outlived's.
+    "seed-fuzz-unsafe-dir-says-delete": b"\x09\x09\x09\x09" + rec(hostname="please delete me"),
+    "seed-fuzz-hostname-says-delete": b"\x00\x00\x83\x00" + rec(hostname="please delete me"),
 }
 
 

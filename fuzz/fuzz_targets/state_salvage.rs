@@ -16,10 +16,17 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again, s.state);
     assert!(s.state.last_id_ms >= id_floor_ms(data));
     if s.paused_because.is_some() {
-        assert!(s.state.pause.is_some(), "an unreadable pause or stop fails closed");
+        assert!(
+            s.state.pause.is_some(),
+            "an unreadable pause or stop fails closed"
+        );
     }
     let mut ids: Vec<&str> = s.state.entries.iter().map(|e| e.id.as_str()).collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), s.state.entries.len(), "no two entries share an id");
+    assert_eq!(
+        ids.len(),
+        s.state.entries.len(),
+        "no two entries share an id"
+    );
 });
