@@ -4,6 +4,7 @@
 //! `MESSAGE_ID`. Where events go (journal, stderr, `audit.jsonl`) is decided by whoever
 //! implements [`AuditSink`]; lower layers only describe what happened.
 
+use crate::sync::MutexExt;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -395,12 +396,12 @@ impl AuditLog {
 
     /// Write into `dir` from now on.
     pub fn set_dir(&self, dir: &std::path::Path) {
-        *self.dir.lock().unwrap_or_else(|e| e.into_inner()) = dir.to_path_buf();
+        *self.dir.locked() = dir.to_path_buf();
     }
 
     /// The directory written to now.
     pub fn dir(&self) -> std::path::PathBuf {
-        self.dir.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.dir.locked().clone()
     }
 
     /// Appends that failed (the journal still has them).
@@ -411,7 +412,7 @@ impl AuditLog {
     /// Append one event, rotating first when the file would grow past the threshold (through
     /// `crate::files`: no link followed, nothing but a regular file written, never blocking).
     pub fn append(&self, ev: &Event) -> std::io::Result<()> {
-        let dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.dir.locked();
         let mut line = ev.to_json().to_string();
         line.push('\n');
         crate::files::Dir::open(&dir)?.append(
@@ -505,8 +506,7 @@ impl AuditSink for Auditor {
     fn record(&self, event: &Event) {
         let due = self
             .repeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .admit(event, crate::clock::boottime_ms());
         for e in &due {
             self.write(e);
@@ -525,7 +525,7 @@ impl AuditSink for Auditor {
 impl Auditor {
     /// Write what `take` releases of the held-back repeats.
     fn held_back(&self, take: impl FnOnce(&mut Repeats) -> Vec<Event>) {
-        let due = take(&mut self.repeats.lock().unwrap_or_else(|e| e.into_inner()));
+        let due = take(&mut self.repeats.locked());
         for e in &due {
             self.write(e);
         }
@@ -565,10 +565,7 @@ pub struct MemorySink {
 
 impl AuditSink for MemorySink {
     fn record(&self, event: &Event) {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(event.clone());
+        self.events.locked().push(event.clone());
     }
 }
 
@@ -576,8 +573,7 @@ impl MemorySink {
     /// Events of `kind` recorded so far.
     pub fn of_kind(&self, kind: &str) -> Vec<Event> {
         self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .iter()
             .filter(|e| e.kind == kind)
             .cloned()

@@ -1,6 +1,7 @@
 //! outlive: a system agent that keeps one promise, that an autonomous run outlives its
-//! session. See SPEC.md for the behaviour and DESIGN.md for the shape; each module names the
-//! SPEC rules it implements.
+//! session. Each module names the rules it implements (`L-4`, `Q-14`, …); every rule is
+//! explained, with where it lives, in `docs/behaviour.md`, and the shape of the code (its
+//! layers, threads and a request's path) in `docs/architecture.md`.
 //!
 //! Data flows one way: `facts` → `queue` → `drainer` → `posture` → `publish`; `agent` wires
 //! them; `cli` is `outlivectl`.
@@ -18,6 +19,7 @@ pub mod files;
 pub mod posture;
 pub mod publish;
 pub mod queue;
+pub(crate) mod sync;
 
 /// Helpers for the unit tests.
 #[cfg(test)]

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use zbus::Connection;
 
+use crate::sync::MutexExt;
 use zbus::wire::{OwnedObjectPath, OwnedVariant, Variant};
 
 /// How long one call to the service manager may take.
@@ -294,7 +295,7 @@ impl Systemd {
     }
 
     fn link(&self) -> std::sync::MutexGuard<'_, Link> {
-        self.link.lock().unwrap_or_else(|e| e.into_inner())
+        self.link.locked()
     }
 
     /// How long the manager has been unreachable (ms); None while it answers.

@@ -26,12 +26,9 @@ use crate::config::Config;
 use crate::queue::entry::{Entry, Status, Target};
 use crate::queue::rules::{self, PauseKind};
 use crate::queue::{AttemptResult, Finished};
+use crate::sync::MutexExt;
 
 use crate::queue::SharedQueue;
-
-fn q(queue: &SharedQueue) -> crate::queue::Guard<'_> {
-    queue.lock()
-}
 
 /// The drainer's settings (SPEC §9 `[drainer]`, and the queue's dry run and attempts).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +189,7 @@ struct Shared {
 
 impl Handle {
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.locked()
     }
 
     /// The published state, with the quota signal as of now.
@@ -393,7 +390,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             self.reconcile(queue).await;
         }
         // (2)
-        let snap = q(queue).snapshot();
+        let snap = queue.lock().snapshot();
         if !snap.enabled {
             let o = if snap.disabled_reason == "queue-off" {
                 Outcome::QueueOff
@@ -414,7 +411,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         if let Some(p) = &snap.pause {
             // Paused time is waiting time (the unpause credits it to `frozen_ms`, Q-12), never
             // calm time.
-            q(queue).advance_waiting(false);
+            queue.lock().advance_waiting(false);
             self.calm_streak = 0;
             self.held_since = None;
             if !live {
@@ -428,7 +425,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             let stale = self.stale_pause(queue, p);
             match stale {
                 Some(why) => {
-                    if let Err(e) = q(queue).auto_resume_stale(&why) {
+                    if let Err(e) = queue.lock().auto_resume_stale(&why) {
                         return Report::with(
                             Outcome::Paused,
                             None,
@@ -473,9 +470,9 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         } else {
             self.calm_streak = 0;
         }
-        q(queue).advance_waiting(t == Tier::Normal);
+        queue.lock().advance_waiting(t == Tier::Normal);
         // (5)
-        q(queue).sweep_ttl();
+        queue.lock().sweep_ttl();
         // (6)
         if let Some((until, _)) = self.breaker_until {
             if now_boot < until {
@@ -496,7 +493,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         }
         // (7) gates
         let cands: Vec<Entry> = {
-            let g = q(queue);
+            let g = queue.lock();
             let state = g.state();
             rules::candidates(&state.entries, now_boot)
                 .into_iter()
@@ -573,7 +570,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         }
         // (8) and (9)
         let (stops, global_stop) = {
-            let g = q(queue);
+            let g = queue.lock();
             (g.state().stops.clone(), g.state().global_stop)
         };
         let mut chosen = None;
@@ -606,7 +603,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                     break;
                 }
                 Check::Invalid(why, detail) => {
-                    return match q(queue).invalidate(&e.id, why, &detail, live) {
+                    return match queue.lock().invalidate(&e.id, why, &detail, live) {
                         Ok(()) => Report::with(
                             Outcome::Invalidated,
                             Some(&e.id),
@@ -620,7 +617,9 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                     };
                 }
                 Check::Undecided(w) => {
-                    let _ = q(queue).defer(&e.id, self.settings.undecided_backoff_ms(), &w);
+                    let _ = queue
+                        .lock()
+                        .defer(&e.id, self.settings.undecided_backoff_ms(), &w);
                     undecided += 1;
                     last_undecided = w;
                     // Each undecided check may have waited out a timeout: keep the tick short
@@ -678,7 +677,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             return None;
         }
         let window = self.settings.stale_pause_window_ms;
-        let g = q(queue);
+        let g = queue.lock();
         g.state()
             .entries
             .iter()
@@ -714,7 +713,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         if let Some(m) = &self.manager {
             let mut patterns = vec!["outlive-revive-*".to_string()];
             {
-                let g = q(queue);
+                let g = queue.lock();
                 for e in g
                     .state()
                     .entries
@@ -745,7 +744,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             )),
             Target::Exec { .. } => None,
         };
-        let e = match q(queue).begin_attempt(&e.id, unit.clone()) {
+        let e = match queue.lock().begin_attempt(&e.id, unit.clone()) {
             Ok(e) => e,
             Err(err) => {
                 return Report::with(
@@ -768,7 +767,8 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             }
             _ => None,
         };
-        let cont = q(queue)
+        let cont = queue
+            .lock()
             .write_file(
                 Some("continuations"),
                 &continuation::record_name(&e),
@@ -824,7 +824,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 };
                 match spawn::spawn(&spec, &self.runtime_dir) {
                     Ok((c, pid, start)) => {
-                        let _ = q(queue).set_attempt_pid(&e.id, (pid, start));
+                        let _ = queue.lock().set_attempt_pid(&e.id, (pid, start));
                         child = Some(c);
                         Ok(())
                     }
@@ -879,7 +879,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         why: String,
         transient_unit: Option<String>,
     ) {
-        let r = q(queue).finish_attempt(
+        let r = queue.lock().finish_attempt(
             id,
             AttemptResult::Failed { why, backoff: true },
             self.settings.backoff_base_ms,
@@ -936,7 +936,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             .map(|(id, _)| id.clone())
             .collect();
         let cancelled: Vec<String> = {
-            let g = q(queue);
+            let g = queue.lock();
             self.attempts
                 .keys()
                 .filter(|id| {
@@ -1002,7 +1002,9 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 backoff: !at_boot,
             },
         };
-        let fin = q(queue).finish_attempt(id, result, self.settings.backoff_base_ms);
+        let fin = queue
+            .lock()
+            .finish_attempt(id, result, self.settings.backoff_base_ms);
         match fin {
             Ok(Finished::Superseded(status)) => {
                 // A cancel during `starting` stands: stop what the attempt started.
@@ -1037,7 +1039,8 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                     let _ = m.stop_unit(u).await;
                 }
                 if let Some(c) = a.child.take() {
-                    let key = q(queue)
+                    let key = queue
+                        .lock()
                         .state()
                         .entries
                         .iter()
@@ -1066,7 +1069,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
     /// (alive or completed ⇒ `revived`), failed, or cannot be told yet (checked next tick).
     async fn reconcile(&mut self, queue: &SharedQueue) {
         let starting: Vec<Entry> = {
-            let g = q(queue);
+            let g = queue.lock();
             if !g.snapshot().enabled {
                 return;
             }

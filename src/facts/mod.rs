@@ -18,6 +18,7 @@ pub mod probe;
 pub mod process;
 pub mod users;
 
+use crate::sync::MutexExt;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -108,8 +109,7 @@ impl Facts {
     #[cfg(target_os = "linux")]
     pub fn mount_table(&self) -> Result<Arc<mountinfo::MountTable>, ClassifyError> {
         self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .locked()
             .current()
             .map_err(ClassifyError::MountTable)
     }

@@ -19,12 +19,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::classify::{FsProbe, StatfsOutcome};
 use super::mountinfo::MountEntry;
 use crate::clock::boottime_ms;
+use crate::sync::MutexExt;
 
 /// How long a mount that timed out is not probed again.
 pub const TIMEOUT_MEMORY_MS: u64 = 60_000;
@@ -67,11 +68,6 @@ pub struct FactsWorker {
     state: Arc<Mutex<State>>,
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // The state is bookkeeping; a panic elsewhere cannot make it dangerous to keep using.
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl FactsWorker {
     /// A worker; its thread starts on first use.
     pub fn new() -> FactsWorker {
@@ -80,12 +76,13 @@ impl FactsWorker {
 
     /// Number of threads spawned over the worker's life (1 unless some got stuck).
     pub fn threads_spawned(&self) -> u64 {
-        lock(&self.state).spawned
+        self.state.locked().spawned
     }
 
     /// Whether `mount` timed out within the last 60 s.
     pub fn recently_timed_out(&self, mount: &MountKey) -> bool {
-        lock(&self.state)
+        self.state
+            .locked()
             .timed_out_at
             .get(mount)
             .is_some_and(|&t| boottime_ms().saturating_sub(t) < TIMEOUT_MEMORY_MS)
@@ -104,7 +101,7 @@ impl FactsWorker {
                 .spawn(move || {
                     worker_loop(&rx);
                     // The channel was dropped: this thread was replaced while stuck.
-                    let mut st = lock(&state);
+                    let mut st = state.locked();
                     st.stuck = st.stuck.saturating_sub(1);
                 });
             if spawned.is_err() {
@@ -125,7 +122,7 @@ impl FactsWorker {
         F: FnOnce() -> T + Send + 'static,
     {
         let deadline = Instant::now() + timeout;
-        let Some((tx, generation)) = self.sender(&mut lock(&self.state)) else {
+        let Some((tx, generation)) = self.sender(&mut self.state.locked()) else {
             return Run::Timeout;
         };
         let (reply_tx, reply_rx): (SyncSender<T>, Receiver<T>) = mpsc::sync_channel(1);
@@ -151,7 +148,7 @@ impl FactsWorker {
             Ok(v) => Run::Done(v),
             Err(RecvTimeoutError::Disconnected) => Run::Timeout,
             Err(RecvTimeoutError::Timeout) => {
-                let mut st = lock(&self.state);
+                let mut st = self.state.locked();
                 // A job still queued behind a stuck one is not stuck itself.
                 if started.load(Ordering::SeqCst) && st.spawned == generation && st.tx.is_some() {
                     if let Some(m) = st.probing.take() {
@@ -212,7 +209,7 @@ impl FsProbe for InlineProbe<'_> {
     fn statfs(&self, path: &Path, mount: &MountEntry) -> StatfsOutcome {
         let key = (mount.mount_id, mount.mount_point.clone());
         {
-            let mut st = lock(&self.worker.state);
+            let mut st = self.worker.state.locked();
             if let Some(&t) = st.timed_out_at.get(&key) {
                 if boottime_ms().saturating_sub(t) < TIMEOUT_MEMORY_MS {
                     return StatfsOutcome::Timeout;
@@ -222,7 +219,7 @@ impl FsProbe for InlineProbe<'_> {
             st.probing = Some(key);
         }
         let out = statfs_now(path);
-        lock(&self.worker.state).probing = None;
+        self.worker.state.locked().probing = None;
         out
     }
 
@@ -290,7 +287,7 @@ mod tests {
         let m2 = m.clone();
         // A job that marks the mount as being probed, then hangs like statfs on a dead server.
         let r = w.run(Duration::from_millis(50), move || {
-            lock(&w2.state).probing = Some((m2.mount_id, m2.mount_point.clone()));
+            w2.state.locked().probing = Some((m2.mount_id, m2.mount_point.clone()));
             let _ = release_rx.recv();
         });
         assert_eq!(r, Run::Timeout);

@@ -23,6 +23,7 @@
 //! Only root and the uid owning the declaring file may report its keys. The directory is read
 //! again only when it or a file in it changed ([`Reader`]).
 
+use crate::sync::MutexExt;
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -271,7 +272,7 @@ impl Reader {
             }
             Ok(None) => return Dropins::default(),
             Ok(Some(stamps)) => {
-                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                let mut cache = self.cache.locked();
                 match cache.as_ref() {
                     Some((s, files)) if *s == stamps => std::sync::Arc::clone(files),
                     _ => {

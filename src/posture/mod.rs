@@ -9,12 +9,13 @@
 
 pub mod attention;
 pub mod dropins;
+pub mod getters;
 pub mod manifest;
 pub mod rows;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use attention::{Anomaly, AnomalyKind, Attention, Causes};
@@ -25,6 +26,7 @@ use rows::{Effective, Input, OffClass, Row, Runtime, RuntimeRead};
 use crate::audit::{AuditSink, Event, priority};
 use crate::clock::Clock;
 use crate::config::{Config, Paths};
+use crate::sync::{MutexExt, RwLockExt};
 
 /// How many evaluations the flapping rule looks back on, and how many changes are too many.
 const FLAP_WINDOW: usize = 10;
@@ -162,7 +164,7 @@ impl crate::audit::NoticeGate for NoticeGate {
         if !attention::is_queue_notice(e) {
             return Some(e.clone());
         }
-        let out = lock(&self.attention).notice(e);
+        let out = self.attention.locked().notice(e);
         (self.poke)();
         out
     }
@@ -180,19 +182,16 @@ pub struct ReportBook {
 impl ReportBook {
     /// The applied drop-ins.
     pub fn dropins(&self) -> Dropins {
-        self.dropins
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.dropins.reading().clone()
     }
 
     fn reports(&self) -> HashMap<String, RuntimeRead> {
-        lock(&self.reports).clone()
+        self.reports.locked().clone()
     }
 
     fn replace(&self, d: Dropins) {
-        lock(&self.reports).retain(|k, _| d.find(k).is_some());
-        *self.dropins.write().unwrap_or_else(|e| e.into_inner()) = d;
+        self.reports.locked().retain(|k, _| d.find(k).is_some());
+        *self.dropins.writing() = d;
     }
 
     /// `ReportGuard` (G-2, G-3) from `caller_uid`: only root and the uid owning the declaring
@@ -206,7 +205,7 @@ impl ReportBook {
             verdict_unknown,
             reason_code,
         } = r;
-        let dropins = self.dropins.read().unwrap_or_else(|e| e.into_inner());
+        let dropins = self.dropins.reading();
         let Some(d) = dropins.find(key) else {
             return Err(ReportError::NotFound(if manifest::builtin(key).is_some() {
                 format!("{key} is a built-in guard; only outlived reports it")
@@ -226,7 +225,7 @@ impl ReportBook {
         if let Some(r) = &reason_code
             && !rows::reason_code_ok(r, true)
         {
-            lock(&self.reports).insert(
+            self.reports.locked().insert(
                 key.to_string(),
                 RuntimeRead::Errored("a malformed report".into()),
             );
@@ -235,7 +234,7 @@ impl ReportBook {
             ));
         }
         let (now_boot, now_wall) = (self.clock.boot_ms(), self.clock.wall_ms());
-        lock(&self.reports).insert(
+        self.reports.locked().insert(
             key.to_string(),
             RuntimeRead::Status(Runtime {
                 enabled,
@@ -256,23 +255,13 @@ impl ReportBook {
 
     /// A report whose options had the wrong types: the row reads errored.
     pub fn malformed(&self, key: &str) {
-        if self
-            .dropins
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .find(key)
-            .is_some()
-        {
-            lock(&self.reports).insert(
+        if self.dropins.reading().find(key).is_some() {
+            self.reports.locked().insert(
                 key.to_string(),
                 RuntimeRead::Errored("a malformed report".into()),
             );
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The `guards.d` directory beside a configuration file.
@@ -424,7 +413,9 @@ impl Posture {
     /// A reload applied `config` (G-4): new settings, drop-ins re-read, a new boot snapshot.
     pub fn reload(&mut self, config: Config, settings: Settings) {
         self.applied = config;
-        lock(&self.attention).set_timing(settings.grace_ms, settings.hold_ms);
+        self.attention
+            .locked()
+            .set_timing(settings.grace_ms, settings.hold_ms);
         self.settings = settings;
         let applied = self.book.dropins();
         let d = self
@@ -446,10 +437,10 @@ impl Posture {
 
     /// `AckAttention`: one-off notices leave (G-9).
     pub fn ack(&mut self) -> (usize, Vec<Event>) {
-        let r = lock(&self.attention).ack();
-        self.published.degraded = lock(&self.attention).is_open();
-        self.published.attention = lock(&self.attention).to_json(true);
-        self.published.attention_public = lock(&self.attention).to_json(false);
+        let r = self.attention.locked().ack();
+        self.published.degraded = self.attention.locked().is_open();
+        self.published.attention = self.attention.locked().to_json(true);
+        self.published.attention_public = self.attention.locked().to_json(false);
         r
     }
 
@@ -651,7 +642,7 @@ impl Posture {
             }
         }
         let (att_json, att_public, degraded, headline) = {
-            let mut a = lock(&self.attention);
+            let mut a = self.attention.locked();
             out.events
                 .extend(a.evaluate(&anomalies, &flapping, &q.causes));
             out.raised = a.take_raised();

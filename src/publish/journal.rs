@@ -20,6 +20,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use crate::audit::{Event, SYSLOG_IDENTIFIER};
+use crate::posture::getters::status;
+use crate::posture::rows::{Runtime, RuntimeRead};
+use crate::sync::MutexExt;
 
 /// How the last entry was delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +90,7 @@ mod unified {
             OsLogLevel::Error => oslog::Level::Error,
             OsLogLevel::Fault => oslog::Level::Fault,
         };
-        let mut logs = LOGS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logs = LOGS.locked();
         let logs = logs.get_or_insert_with(HashMap::new);
         logs.entry(category.to_string())
             .or_insert_with(|| oslog::OsLog::new(super::OSLOG_SUBSYSTEM, category))
@@ -302,7 +305,7 @@ impl JournalWriter {
     fn to_stderr(&self, ev: &Event) {
         let mut line = ev.to_json().to_string();
         line.push('\n');
-        let _guard = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.stderr.locked();
         let _ = io::stderr().lock().write_all(line.as_bytes());
     }
 }
@@ -332,6 +335,26 @@ pub fn stderr_is_journal() -> bool {
     let _ = std::os::fd::IntoRawFd::into_raw_fd(f);
     meta.map(|m| m.dev() == dev && m.ino() == ino)
         .unwrap_or(false)
+}
+
+impl JournalWriter {
+    /// The `publish.journal` guard (G-1): on while the journal takes entries, off once they go
+    /// to stderr; with no journal to confirm it, nothing is read (`on-unverified`).
+    pub fn guard_read(&self) -> RuntimeRead {
+        let last = self.last_delivery();
+        if last != Delivery::UnifiedLog && !self.socket_present() && !stderr_is_journal() {
+            return RuntimeRead::Absent;
+        }
+        match last {
+            Delivery::Journal | Delivery::UnifiedLog => status(true),
+            Delivery::Stderr => status(false),
+            Delivery::None => RuntimeRead::Status(Runtime {
+                enabled: true,
+                verdict_unknown: true,
+                ..Runtime::default()
+            }),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,9 +11,12 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use crate::audit::{Event, priority};
 use crate::files::{Dir, Replace};
+use crate::sync::MutexExt;
 
-use crate::posture::rows::{Effective, Row};
+use crate::posture::getters::status;
+use crate::posture::rows::{Effective, Row, Runtime, RuntimeRead};
 use crate::queue::entry::{Entry, Status};
 
 /// What the file says.
@@ -160,13 +163,13 @@ pub struct WritesInner {
 
 impl Writes {
     pub fn get(&self) -> WritesInner {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner.locked().clone()
     }
 
     /// Write and record the outcome; the error is returned when it is new (to audit once).
     pub fn write(&self, path: &Path, text: &str) -> Option<WriteError> {
         let r = write_atomic(path, text);
-        let mut i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = self.inner.locked();
         match r {
             Ok(()) => {
                 i.last_ok = Some((crate::clock::boottime_ms(), crate::clock::wall_ms()));
@@ -179,6 +182,48 @@ impl Writes {
                 new.then_some(e)
             }
         }
+    }
+
+    /// One tick's textfile: the agent's own metrics directory is created first when the
+    /// path is in it (`<runtime_dir>/metrics`, root 0755, for node_exporter's
+    /// `--collector.textfile.directory`); returns the event to audit when a write fails anew.
+    pub fn publish(&self, path: &Path, runtime_dir: &Path, text: &str) -> Option<Event> {
+        if path.parent() == Some(runtime_dir.join("metrics").as_path()) {
+            let made = Dir::create(runtime_dir, 0o755).and_then(|d| d.subdir("metrics", 0o755));
+            if let Err(e) = made {
+                tracing::warn!("cannot create {}/metrics: {e}", runtime_dir.display());
+            }
+        }
+        let err = self.write(path, text)?;
+        Some(
+            Event::new(
+                "metrics-write-failed",
+                format!(
+                    "{}; the metrics.textfile guard reads off-runtime-divergent ({}) until a write succeeds",
+                    err.message, err.code
+                ),
+            )
+            .priority(priority::WARNING)
+            .field("reason", err.code),
+        )
+    }
+}
+
+impl Writes {
+    /// The `metrics.textfile` guard (G-1): off unless configured; then on while the last write
+    /// succeeded, off for the reason of the last failure otherwise.
+    pub fn guard_read(&self, configured: bool) -> RuntimeRead {
+        if !configured {
+            return status(false);
+        }
+        let w = self.get();
+        RuntimeRead::Status(Runtime {
+            enabled: w.last_error.is_none(),
+            reason_code: w.last_error.map(|e| e.code.to_string()),
+            last_tick_boot: w.last_ok.map(|x| x.0),
+            last_tick_wall: w.last_ok.map(|x| x.1),
+            ..Runtime::default()
+        })
     }
 }
 

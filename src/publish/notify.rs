@@ -4,6 +4,7 @@
 
 use std::sync::Mutex;
 
+use crate::sync::MutexExt;
 use sd_notify::NotifyState;
 
 /// What supervises the agent (decides how a wedge is escalated, X-4).
@@ -74,14 +75,11 @@ impl Notifier {
 
     /// The status line the service manager last got.
     pub fn current_status(&self) -> Option<String> {
-        self.last_status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.last_status.locked().clone()
     }
 
     fn swap_status(&self, s: &str) -> bool {
-        let mut last = self.last_status.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.last_status.locked();
         if last.as_deref() == Some(s) {
             return false;
         }
@@ -187,9 +185,221 @@ pub fn send_bounded(path: &std::ffi::OsStr, states: &[NotifyState<'_>]) -> std::
     Ok(())
 }
 
+/// Where the bus stands, for the status line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusLine {
+    /// `--no-bus`.
+    NoBus,
+    /// The name is owned (or the bus is still being reached at start).
+    Up,
+    /// The connection was lost and is being rebuilt.
+    Lost,
+}
+
+/// The `STATUS=` line, also the `StatusText` property, from what the queue, the drainer
+/// and the posture published. `DEGRADED:` iff the attention item is open
+/// (`DEGRADED: queue.resume off-runtime-divergent (foreign-host) · 2 waiting`); otherwise the
+/// posture, the queue and the lock (`posture 7/9 on · queue: 3 waiting · lock held`), led by
+/// `observe-only:` while dry run is on (G-7).
+pub fn status_line(
+    queue: &crate::queue::Snapshot,
+    breaker_open_until: u64,
+    posture: &crate::posture::Published,
+    bus: BusLine,
+) -> String {
+    if posture.degraded {
+        let head = posture
+            .headline
+            .as_deref()
+            .unwrap_or("attention needed (`outlivectl status`)");
+        return format!("DEGRADED: {head} · {} waiting", queue.waiting);
+    }
+    let mut parts = Vec::new();
+    if posture.on.1 > 0 {
+        parts.push(format!("posture {}/{} on", posture.on.0, posture.on.1));
+    }
+    if queue.enabled {
+        parts.push(format!("queue: {} waiting", queue.waiting));
+    } else {
+        parts.push(format!("queue disabled ({})", queue.disabled_reason));
+    }
+    if let Some(p) = &queue.pause {
+        parts.push(format!("paused ({})", p.kind.as_str()));
+    }
+    if breaker_open_until > 0 {
+        parts.push(format!(
+            "breaker open until {}",
+            crate::clock::rfc3339_ms(breaker_open_until)
+        ));
+    }
+    if queue.persist_failed.is_some() {
+        parts.push("state not written (persist-failed)".into());
+    }
+    parts.push(
+        if queue.lock_held {
+            "lock held"
+        } else {
+            "lock not held"
+        }
+        .into(),
+    );
+    match bus {
+        BusLine::NoBus => parts.push("no bus".into()),
+        BusLine::Lost => parts.push("bus connection lost".into()),
+        BusLine::Up => {}
+    }
+    let line = parts.join(" · ");
+    if queue.dry_run {
+        format!("observe-only: {line}")
+    } else {
+        line
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// X-3 / G-7: what `systemctl status` shows, one row per shape of the line.
+    #[test]
+    fn x3_status_line_table() {
+        use crate::posture::Published;
+        use crate::queue::Snapshot;
+        use crate::queue::rules::{Pause, PauseKind};
+        let live = Snapshot {
+            enabled: true,
+            lock_held: true,
+            waiting: 3,
+            ..Snapshot::default()
+        };
+        let posture = Published {
+            on: (7, 9),
+            ..Published::default()
+        };
+        let degraded = Published {
+            degraded: true,
+            headline: Some("queue.resume off-runtime-divergent (foreign-host)".into()),
+            ..posture.clone()
+        };
+        let paused = Snapshot {
+            pause: Some(Pause {
+                kind: PauseKind::Maintenance,
+                reason: "disk swap".into(),
+                paused_at: 1,
+            }),
+            ..live.clone()
+        };
+        let rows: Vec<(&str, Snapshot, u64, Published, BusLine, &str)> = vec![
+            (
+                "healthy",
+                live.clone(),
+                0,
+                posture.clone(),
+                BusLine::Up,
+                "posture 7/9 on · queue: 3 waiting · lock held",
+            ),
+            (
+                "dry run leads",
+                Snapshot {
+                    dry_run: true,
+                    ..live.clone()
+                },
+                0,
+                posture.clone(),
+                BusLine::Up,
+                "observe-only: posture 7/9 on · queue: 3 waiting · lock held",
+            ),
+            (
+                "degraded wins over everything",
+                Snapshot {
+                    dry_run: true,
+                    ..live.clone()
+                },
+                5,
+                degraded.clone(),
+                BusLine::Lost,
+                "DEGRADED: queue.resume off-runtime-divergent (foreign-host) · 3 waiting",
+            ),
+            (
+                "degraded without a headline",
+                live.clone(),
+                0,
+                Published {
+                    headline: None,
+                    ..degraded
+                },
+                BusLine::Up,
+                "DEGRADED: attention needed (`outlivectl status`) · 3 waiting",
+            ),
+            (
+                "disabled, lock not held",
+                Snapshot {
+                    enabled: false,
+                    lock_held: false,
+                    disabled_reason: "foreign-host".into(),
+                    ..live.clone()
+                },
+                0,
+                posture.clone(),
+                BusLine::Up,
+                "posture 7/9 on · queue disabled (foreign-host) · lock not held",
+            ),
+            (
+                "paused",
+                paused,
+                0,
+                posture.clone(),
+                BusLine::Up,
+                "posture 7/9 on · queue: 3 waiting · paused (maintenance) · lock held",
+            ),
+            (
+                "breaker open",
+                live.clone(),
+                1_700_000_000_000,
+                posture.clone(),
+                BusLine::Up,
+                "posture 7/9 on · queue: 3 waiting · breaker open until 2023-11-14T22:13:20.000Z · lock held",
+            ),
+            (
+                "persist failed",
+                Snapshot {
+                    persist_failed: Some("ENOSPC".into()),
+                    ..live.clone()
+                },
+                0,
+                posture.clone(),
+                BusLine::Up,
+                "posture 7/9 on · queue: 3 waiting · state not written (persist-failed) · lock held",
+            ),
+            (
+                "no bus",
+                live.clone(),
+                0,
+                posture.clone(),
+                BusLine::NoBus,
+                "posture 7/9 on · queue: 3 waiting · lock held · no bus",
+            ),
+            (
+                "bus lost",
+                live.clone(),
+                0,
+                posture.clone(),
+                BusLine::Lost,
+                "posture 7/9 on · queue: 3 waiting · lock held · bus connection lost",
+            ),
+            (
+                "no posture yet",
+                live,
+                0,
+                Published::default(),
+                BusLine::Up,
+                "queue: 3 waiting · lock held",
+            ),
+        ];
+        for (name, q, breaker, p, bus, want) in rows {
+            assert_eq!(status_line(&q, breaker, &p, bus), want, "{name}");
+        }
+    }
 
     /// A service manager that stops reading never blocks a notification for longer than
     /// SEND_TIMEOUT; what it does read is the sd_notify format.

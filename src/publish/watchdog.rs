@@ -17,6 +17,9 @@ use std::time::Duration;
 use super::notify::{Notifier, Supervisor};
 use crate::audit::{Alert, AuditSink, Event};
 use crate::clock::{boottime_ms, rfc3339_ms, wall_ms};
+use crate::posture::getters::{boot_to_wall, status};
+use crate::posture::rows::{Runtime, RuntimeRead};
+use crate::sync::MutexExt;
 
 /// Exit status when the monitor ends a wedged process itself (EX_SOFTWARE).
 pub const EXIT_WEDGED: i32 = 70;
@@ -125,7 +128,7 @@ impl Heartbeats {
             busy_until_ms: AtomicU64::new(0),
             max_busy_ms: self.max_busy_ms,
         });
-        let mut loops = self.loops.lock().unwrap_or_else(|e| e.into_inner());
+        let mut loops = self.loops.locked();
         loops.retain(|l| l.name != name);
         loops.push(Arc::clone(&beat));
         beat
@@ -133,15 +136,12 @@ impl Heartbeats {
 
     /// Stop watching a loop (it ended on purpose, e.g. `--no-bus`).
     pub fn unregister(&self, name: &str) {
-        self.loops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|l| l.name != name);
+        self.loops.locked().retain(|l| l.name != name);
     }
 
     /// The stale loop that has been silent longest, with its last beat.
     pub fn first_stale(&self, now_ms: u64) -> Option<(&'static str, u64)> {
-        let loops = self.loops.lock().unwrap_or_else(|e| e.into_inner());
+        let loops = self.loops.locked();
         loops
             .iter()
             .filter(|l| l.stale_at(now_ms))
@@ -151,12 +151,7 @@ impl Heartbeats {
 
     /// The registered loop names.
     pub fn names(&self) -> Vec<&'static str> {
-        self.loops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|l| l.name)
-            .collect()
+        self.loops.locked().iter().map(|l| l.name).collect()
     }
 }
 
@@ -238,7 +233,7 @@ fn wedged(
 ) {
     let since_wall = wall_ms().saturating_sub(now.saturating_sub(last_beat));
     let since = rfc3339_ms(since_wall);
-    *st.wedged.lock().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+    *st.wedged.locked() = Some(name.to_string());
     st.running.store(false, Ordering::Relaxed);
     let restart_by = match supervisor {
         Supervisor::Systemd { .. } => "asking systemd to restart outlived (WATCHDOG=trigger)",
@@ -270,6 +265,35 @@ fn wedged(
             eprintln!("outlived: {status}; exiting with status {EXIT_WEDGED}");
             std::process::exit(EXIT_WEDGED);
         }
+    }
+}
+
+/// The `watchdog` guard (G-1): under systemd, on while the watchdog is armed and fed; under
+/// systemd without `WatchdogSec=` off (nothing restarts a wedged agent); elsewhere the monitor
+/// runs with no one to confirm it (verdict unknown: `on-blind`).
+pub fn guard_read(monitor: &MonitorState, supervisor: Supervisor) -> RuntimeRead {
+    let running = monitor.running.load(Ordering::Relaxed);
+    let last = match monitor.last_ok_ms.load(Ordering::Relaxed) {
+        0 => None,
+        t => Some(t),
+    };
+    let fed = |enabled: bool, blind: bool| {
+        RuntimeRead::Status(Runtime {
+            enabled,
+            last_tick_boot: last,
+            last_tick_wall: last.map(boot_to_wall),
+            verdict_unknown: blind,
+            ..Runtime::default()
+        })
+    };
+    match supervisor {
+        Supervisor::Systemd {
+            watchdog_usec: Some(_),
+        } => fed(running && monitor.feeding.load(Ordering::Relaxed), false),
+        Supervisor::Systemd {
+            watchdog_usec: None,
+        } => status(false),
+        Supervisor::Launchd | Supervisor::None => fed(running, true),
     }
 }
 

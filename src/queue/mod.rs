@@ -23,6 +23,7 @@ use crate::config::{AutoHeal, Config};
 use crate::facts::Facts;
 use crate::facts::process::ProcessProber;
 use crate::files::ReplaceError;
+use crate::sync::{MutexExt, RwLockExt};
 use entry::{Entry, Status, Target};
 use lock::{HeldLock, LockReason, Ours, Verdict};
 use rules::{Bound, PauseChange, PauseKind, Request, RequeueRefusal};
@@ -205,7 +206,7 @@ impl Shared {
     /// through complete, persisted commits).
     pub fn lock(&self) -> Guard<'_> {
         Guard {
-            g: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            g: self.inner.locked(),
             shared: self,
             dirty: false,
         }
@@ -213,7 +214,7 @@ impl Shared {
 
     /// The latest published view; never waits for the queue.
     pub fn view(&self) -> Arc<View> {
-        Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&self.view.reading())
     }
 }
 
@@ -242,7 +243,7 @@ impl Drop for Guard<'_> {
     fn drop(&mut self) {
         if self.dirty {
             let v = Arc::new(self.g.view());
-            *self.shared.view.write().unwrap_or_else(|e| e.into_inner()) = v;
+            *self.shared.view.writing() = v;
         }
     }
 }

@@ -19,6 +19,7 @@ use super::gate::{Gate, Kind, blocking};
 use super::variant::to_dict;
 use crate::facts::users;
 use crate::facts::{self, ClassifyError, Facts, Identity};
+use crate::sync::RwLockExt;
 
 /// Most bytes in a path argument (X-1 input limits).
 pub const MAX_PATH: usize = 4096;
@@ -49,16 +50,13 @@ impl HostState {
 
     /// The current identity.
     pub fn identity(&self) -> Identity {
-        self.identity
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.identity.reading().clone()
     }
 
     /// Refresh the hostname (a rename must be seen); true when it changed.
     pub fn refresh_hostname(&self) -> bool {
         let now = facts::identity::hostname();
-        let mut id = self.identity.write().unwrap_or_else(|e| e.into_inner());
+        let mut id = self.identity.writing();
         if id.hostname != now {
             id.hostname = now;
             true
@@ -91,23 +89,14 @@ impl HostState {
 
     /// Set the status text (the same line as `STATUS=`).
     pub fn set_status_text(&self, s: &str) {
-        *self.status_text.write().unwrap_or_else(|e| e.into_inner()) = s.to_string();
+        *self.status_text.writing() = s.to_string();
     }
 
     /// The properties that may change, for change detection.
     pub fn props(&self) -> Agent1Props {
         Agent1Props {
-            hostname: self
-                .identity
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .hostname
-                .clone(),
-            status_text: self
-                .status_text
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            hostname: self.identity.reading().hostname.clone(),
+            status_text: self.status_text.reading().clone(),
             degraded: self.degraded.load(Ordering::Relaxed),
         }
     }

@@ -37,6 +37,7 @@ use zbus::message::Header;
 use super::auth::{self, AuthPolicy, Caller};
 use super::errors::OutliveError;
 use crate::clock::boottime_ms;
+use crate::sync::MutexExt;
 
 /// Most calls in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -167,7 +168,7 @@ impl Gate {
             return blocking(move || auth::identify(uid)).await;
         };
         let cell = {
-            let mut c = self.callers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut c = self.callers.locked();
             if c.len() >= MAX_CACHED_CALLERS && !c.contains_key(&sender) {
                 c.clear();
             }
@@ -183,18 +184,12 @@ impl Gate {
 
     /// A new connection to a (perhaps restarted) bus: unique names mean nothing any more.
     pub fn forget_all(&self) {
-        self.callers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.callers.locked().clear();
     }
 
     /// A unique name left the bus: forget what it was.
     pub fn forget(&self, name: &str) {
-        self.callers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.callers.locked().remove(name);
     }
 
     /// The rate limits (see the module doc); `now` in boottime ms.
@@ -206,7 +201,7 @@ impl Gate {
             (true, Kind::Mutate) => (MUTATIONS_PER_SEC, MUTATION_BURST, true),
             (true, Kind::Read) => return Ok(()),
         };
-        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.buckets.locked();
         if b.len() >= MAX_CACHED_CALLERS && !b.contains_key(&(c.uid, mutation)) {
             b.clear();
         }

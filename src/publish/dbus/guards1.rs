@@ -22,6 +22,7 @@ use crate::audit::AuditSink;
 use crate::posture::attention::Attention;
 use crate::posture::rows::Row;
 use crate::posture::{GuardReport, Published, ReportBook, ReportError};
+use crate::sync::{MutexExt, RwLockExt};
 
 /// The interface object.
 #[derive(Clone)]
@@ -67,7 +68,7 @@ impl From<ReportError> for OutliveError {
 
 impl Guards1 {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Published> {
-        self.published.read().unwrap_or_else(|e| e.into_inner())
+        self.published.reading()
     }
 }
 
@@ -203,9 +204,7 @@ impl Guards1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<RowsReply, OutliveError> {
         let _pass = self.gate.enter(conn, &hdr, Kind::Read).await?;
-        Ok(RowsReply(Arc::clone(
-            &self.rows.read().unwrap_or_else(|e| e.into_inner()),
-        )))
+        Ok(RowsReply(Arc::clone(&self.rows.reading())))
     }
 
     /// An external guard's runtime status (G-2, G-3). `options`: `verdict_unknown` (b),
@@ -288,7 +287,7 @@ impl Guards1 {
         // The restored entry, if the item closes, is audited: on the blocking pool.
         let (attention, audit) = (Arc::clone(&self.attention), Arc::clone(&self.audit));
         blocking(move || {
-            let (_, events) = attention.lock().unwrap_or_else(|e| e.into_inner()).ack();
+            let (_, events) = attention.locked().ack();
             for e in &events {
                 audit.record(e);
             }

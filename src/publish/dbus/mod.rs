@@ -30,6 +30,7 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use crate::audit::{AuditSink, Event, priority};
 use crate::clock::boottime_ms;
 use crate::publish::watchdog::LoopBeat;
+use crate::sync::{MutexExt, RwLockExt};
 
 pub use agent1::{Agent1, HostState};
 pub use errors::OutliveError;
@@ -80,7 +81,7 @@ impl Publisher {
         (
             self.host.props(),
             queue1::QueueProps::of(&self.queue.view(), &self.drainer.public()),
-            guards1::GuardsProps::of(&self.posture.read().unwrap_or_else(|e| e.into_inner())),
+            guards1::GuardsProps::of(&self.posture.reading()),
         )
     }
 
@@ -427,23 +428,18 @@ impl Bus {
 
     /// Call `f` whenever the connection is lost or restored.
     pub fn set_on_change(&self, f: Box<dyn Fn() + Send + Sync>) {
-        *self.on_change.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *self.on_change.locked() = Some(f);
     }
 
     fn changed(&self) {
-        if let Some(f) = self
-            .on_change
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        if let Some(f) = self.on_change.locked().as_ref() {
             f();
         }
     }
 
     /// The live connection, if any.
     pub fn connection(&self) -> Option<Connection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.conn.locked().clone()
     }
 
     /// Whether the name is owned now.
@@ -495,7 +491,7 @@ impl Bus {
 
     /// The bus thread's side of [`Bus::sync`] and [`Bus::posture_signals`].
     async fn outbox(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let Some(mut inbox) = self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let Some(mut inbox) = self.inbox.locked().take() else {
             return;
         };
         loop {
@@ -523,7 +519,7 @@ impl Bus {
     }
 
     fn set_conn(&self, c: Option<Connection>) {
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = c;
+        *self.conn.locked() = c;
     }
 
     fn lost(&self, why: &str) {
@@ -639,7 +635,7 @@ impl Bus {
 
     /// Release the name and close the connection (orderly stop).
     pub async fn close(&self) {
-        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let c = self.conn.locked().take();
         if let Some(c) = c {
             let _ = c.release_name(NAME).await;
             let _ = c.close().await;
