@@ -107,6 +107,8 @@ fuzz: fuzz-build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --features fault-hooks --locked -- -D warnings
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --document-private-items --locked
 
 $(OUTLIVED) $(OUTLIVECTL):
 	$(CARGO) build --release --locked

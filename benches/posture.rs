@@ -33,6 +33,7 @@ fn dropins(dir: &std::path::Path) {
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
 
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn get_guards(c: &mut Criterion) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!(

@@ -93,6 +93,7 @@ fn persist(c: &mut Criterion) {
 
 // ---- Enqueue over D-Bus ----------------------------------------------------------------------
 
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn enqueue(c: &mut Criterion) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!(

@@ -95,7 +95,10 @@ impl Meta {
     }
 
     // The field types differ between platforms (macOS: i32 dev, u16 mode).
-    #[allow(clippy::unnecessary_cast)]
+    #[cfg_attr(
+        target_os = "linux",
+        expect(clippy::unnecessary_cast, reason = "the casts are needed on macOS")
+    )]
     fn of_stat(s: &libc::stat) -> Meta {
         Meta {
             dev: s.st_dev as u64,

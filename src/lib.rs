@@ -6,7 +6,7 @@
 //! Data flows one way: `facts` → `queue` → `drainer` → `posture` → `publish`; `agent` wires
 //! them; `cli` is `outlivectl`.
 
-pub mod agent;
+pub(crate) mod agent;
 pub mod audit;
 pub mod cli;
 pub mod clock;
@@ -26,7 +26,7 @@ pub(crate) mod sync;
 pub(crate) mod testing {
     /// Whether the test runs as root; a test that needs root and does not have it skips with
     /// a message, except under CI, which must run every test.
-    pub fn root(why: &str) -> bool {
+    pub(crate) fn root(why: &str) -> bool {
         let root = nix::unistd::geteuid().is_root();
         if !root {
             if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {

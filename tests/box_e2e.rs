@@ -71,6 +71,7 @@ fn assert_state_host_local(b: &SystemdBox) {
 /// same host id over the bus as `outlivectl host`, journal entries, and a watchdog restart of
 /// a stopped agent.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
     if !box_available() {
         return;
@@ -322,6 +323,7 @@ fn box_host_rename_is_healed_and_only_members_may_act() {
 /// (foreign-host) over the real bus, the journal holds the alert (16178756…), a pause is
 /// refused with QueueDisabled, and nothing under the state directory changes.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn box_foreign_lock_disables_the_queue_and_nothing_is_written() {
     if !box_available() {
         return;
@@ -563,6 +565,7 @@ fn set_grace(b: &SystemdBox, secs: u32) {
 /// once; a target that always fails is tried three times, gives up once and opens the breaker
 /// once; a member may not enqueue a unit outside `queue.allowed_units`.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn box_the_drainer_revives_through_systemd() {
     if !box_available() {
         return;
@@ -781,6 +784,7 @@ fn box_the_drainer_revives_through_systemd() {
 /// on purpose (fault hook) makes systemd restart the agent through `WATCHDOG=trigger`, and the
 /// 11c20c… entry names the drainer.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn box_stale_pauses_heal_deliberate_halts_stay_and_a_wedged_drainer_is_restarted() {
     if !box_available() {
         return;
@@ -985,6 +989,7 @@ fn box_an_external_guard_is_reported_by_its_owner_and_goes_stale_once() {
 /// found by `man`; after `apt-get purge`, no path containing "outlive" in the overlays' upper
 /// layers (the group stays, as Debian does with system groups).
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn box_the_deb_installs_enables_starts_and_purges_clean() {
     if !box_available() || !common::require_tools(&["dpkg", "apt-get"]) {
         return;
@@ -1278,6 +1283,7 @@ fn assert_no_children(b: &SystemdBox) {
 ///   stays queued (never `target-missing`) and is revived once the bus is back; an exec target
 ///   is revived as a transient unit, and outlived never has a child process.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn box_d6_the_service_manager_is_never_silently_lost() {
     if !box_available() {
         return;
@@ -1504,6 +1510,7 @@ fn box_the_shipped_unit_grants_only_what_the_agent_needs() {
 /// the shipped unit allows (CAP_SETUID, CAP_SETGID); a member removed from `outlive` has their
 /// queued run invalidated as `not-authorized`.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn box_no_borrowed_privilege_under_systemd() {
     if !box_available() {
         return;

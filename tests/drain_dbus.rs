@@ -355,6 +355,7 @@ const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// backward one (the entry is retried once its 8 s have really passed, not stranded), and the
 /// breaker stays closed.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn clock_steps_of_25_hours_expire_nothing_and_leave_backoff_and_breaker_alone() {
     if !ready()
         || !common::require(

@@ -164,6 +164,7 @@ fn image(dir: &Path, name: &str, mib: u64, mkfs: &[&str]) {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn h3_real_mounts_are_classified_through_outlivectl() {
     if !require_root("mounting filesystems")
         || !require_tools(&[

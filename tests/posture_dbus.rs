@@ -304,6 +304,7 @@ fn g9_a_notice_opens_the_item_status_shows_it_and_ack_clears_it() {
 /// against the agent itself. "allow" means anything but AccessDenied (a NotFound for an unknown
 /// id is an allowed call); "deny" means AccessDenied, from the policy or from the agent.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn x1_every_method_as_root_member_owner_and_stranger() {
     if !ready() {
         return;

@@ -379,6 +379,7 @@ fn foreign_lock(state: &std::path::Path) -> Vec<u8> {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn l6_l8_foreign_lock_disables_the_queue_until_lock_clear() {
     if !ready() {
         return;
@@ -533,6 +534,7 @@ where
 /// input, huge argv and env, and unknown ids: each is answered with the right error, the agent
 /// stays up, and nothing is written (the state file is byte-identical and no entry appears).
 #[tokio::test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 async fn x1_bad_input_is_refused_with_typed_errors_and_nothing_is_written() {
     if !ready() {
         return;
@@ -793,6 +795,7 @@ async fn x1_bad_input_is_refused_with_typed_errors_and_nothing_is_written() {
 /// file grows by at most 64 KiB), identical refusals are counted rather than written one by
 /// one (the history before the flood stays), and a member's mutations are rate-limited.
 #[tokio::test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 async fn q9_floods_of_stops_and_refusals_neither_bloat_the_state_nor_wipe_the_audit() {
     if !ready() {
         return;

@@ -248,6 +248,7 @@ async fn verify(conn: &zbus::Connection, m: &Model) {
 }
 
 #[tokio::test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 async fn q14_acknowledged_mutations_survive_sigkill_at_random_moments() {
     if !require_root("owning the bus name") || !require_tools(&["dbus-daemon"]) {
         return;

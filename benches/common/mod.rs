@@ -1,6 +1,6 @@
 //! Shared by the D-Bus benchmarks: a private dbus-daemon with the shipped policy and an
 //! `outlived` on it, a connection once the agent owns its name, and criterion's estimates.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each bench uses a part of these helpers")]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// Processes killed when dropped.
-pub struct Procs(pub Vec<Child>);
+pub(crate) struct Procs(pub(crate) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -20,7 +20,7 @@ impl Drop for Procs {
 }
 
 /// Where benchmarks keep files (on the disk, not a tmpfs).
-pub fn bench_dir(name: &str) -> PathBuf {
+pub(crate) fn bench_dir(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("target")
         .join(name);
@@ -30,7 +30,7 @@ pub fn bench_dir(name: &str) -> PathBuf {
 
 /// A system-like dbus-daemon with the shipped policy, listening in `dir`; returns it and its
 /// address.
-pub fn start_bus(dir: &Path) -> (Child, String) {
+pub(crate) fn start_bus(dir: &Path) -> (Child, String) {
     let socket = dir.join("bus");
     let conf = dir.join("bus.conf");
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/org.outlive.Agent1.conf");
@@ -65,7 +65,7 @@ pub fn start_bus(dir: &Path) -> (Child, String) {
 
 /// An agent on the bus at `address`, its state and configuration in `dir` (`extra` appended
 /// to its configuration), with `env` added to its environment.
-pub fn spawn_agent(dir: &Path, address: &str, extra: &str, env: &[(&str, &str)]) -> Child {
+pub(crate) fn spawn_agent(dir: &Path, address: &str, extra: &str, env: &[(&str, &str)]) -> Child {
     let cfg = dir.join("outlive.toml");
     std::fs::write(
         &cfg,
@@ -88,14 +88,14 @@ pub fn spawn_agent(dir: &Path, address: &str, extra: &str, env: &[(&str, &str)])
 
 /// A system-like dbus-daemon with the shipped policy, and an agent with `extra` appended to its
 /// configuration (`outlive.toml` in `dir`; drop-ins may already be in `dir/guards.d`).
-pub fn start(dir: &Path, extra: &str) -> (Procs, String) {
+pub(crate) fn start(dir: &Path, extra: &str) -> (Procs, String) {
     let (bus, address) = start_bus(dir);
     let agent = spawn_agent(dir, &address, extra, &[]);
     (Procs(vec![agent, bus]), address)
 }
 
 /// A connection to `address` once `org.outlive.Agent1` is owned.
-pub async fn connect_when_owned(address: &str) -> zbus::Connection {
+pub(crate) async fn connect_when_owned(address: &str) -> zbus::Connection {
     loop {
         if let Ok(c) = zbus::connection::Builder::address(address).build().await {
             let d = zbus::fdo::DBusProxy::new(&c).await.unwrap();
@@ -111,7 +111,7 @@ pub async fn connect_when_owned(address: &str) -> zbus::Connection {
 }
 
 /// A benchmark's median from criterion's estimates, in µs.
-pub fn median_us(group: &str, id: &str) -> Option<f64> {
+pub(crate) fn median_us(group: &str, id: &str) -> Option<f64> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(format!("target/criterion/{group}/{id}/new/estimates.json"));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;

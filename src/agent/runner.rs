@@ -14,11 +14,11 @@ use super::{Agent, lock_env};
 use crate::audit::{Alert, AuditSink, Event, priority};
 use crate::clock::SystemClock;
 use crate::config::{Config, Mode};
+use crate::drainer::Wake;
 use crate::drainer::gauge::HostGauge;
 use crate::drainer::manager::Systemd;
 use crate::drainer::tick::{Drainer, Handle, Report, Settings as DrainerSettings};
 use crate::drainer::validate::WorkerPaths;
-use crate::drainer::{self, Wake};
 use crate::posture::Published;
 use crate::posture::getters::{boot_to_wall, manager_grace_ms};
 use crate::publish::dbus::queue1::DrainService;
@@ -195,10 +195,10 @@ impl Runner {
         let due = {
             let mut d = self.drainer.lock().await;
             #[cfg(feature = "fault-hooks")]
-            if crate::faults::wedged(drainer::LOOP_NAME) {
+            if crate::faults::wedged(crate::drainer::LOOP_NAME) {
                 // A tick that awaits something that never completes, holding the drainer:
                 // exactly the wedge X-4 exists to catch (and a `Drain()` meanwhile is `Busy`).
-                tracing::warn!("fault hook: wedging the {} loop", drainer::LOOP_NAME);
+                tracing::warn!("fault hook: wedging the {} loop", crate::drainer::LOOP_NAME);
                 std::future::pending::<()>().await;
             }
             self.step_one(w == Wake::Tick);

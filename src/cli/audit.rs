@@ -10,7 +10,7 @@ use crate::audit::{Event, read_logs};
 use crate::clock::{parse_rfc3339_ms, rfc3339_ms, wall_ms};
 
 /// Parse `--since`: RFC 3339, or a duration ago (`90s`, `10m`, `2h`, `3d`, `1w`).
-pub fn parse_since(s: &str, now_ms: u64) -> Option<u64> {
+pub(crate) fn parse_since(s: &str, now_ms: u64) -> Option<u64> {
     if let Some(t) = parse_rfc3339_ms(s) {
         return Some(t);
     }
@@ -40,7 +40,7 @@ fn priority_word(p: u8) -> &'static str {
 }
 
 /// `outlivectl audit`.
-pub fn show(
+pub(crate) fn show(
     since: Option<&str>,
     config: Option<&Path>,
     user: bool,

@@ -61,25 +61,25 @@ pub trait Guards1 {
 
 /// A failure, with the exit status it means.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub status: i32,
     pub message: String,
 }
 
 impl Failure {
-    pub fn refused(message: impl Into<String>) -> Failure {
+    pub(crate) fn refused(message: impl Into<String>) -> Failure {
         Failure {
             status: exit::REFUSED,
             message: message.into(),
         }
     }
-    pub fn usage(message: impl Into<String>) -> Failure {
+    pub(crate) fn usage(message: impl Into<String>) -> Failure {
         Failure {
             status: exit::USAGE,
             message: message.into(),
         }
     }
-    pub fn unreachable(message: impl Into<String>) -> Failure {
+    pub(crate) fn unreachable(message: impl Into<String>) -> Failure {
         Failure {
             status: exit::UNREACHABLE,
             message: message.into(),
@@ -112,7 +112,7 @@ fn hint(name: &str) -> &'static str {
 
 /// Map a call's error to a failure (SPEC §8, X-1: the bus's own InvalidArgs and AccessDenied
 /// are refusals too).
-pub fn failure(e: zbus::Error) -> Failure {
+pub(crate) fn failure(e: zbus::Error) -> Failure {
     use zbus::fdo::Error as F;
     let (name, msg) = match &e {
         zbus::Error::MethodError(name, msg, _) => {
@@ -155,7 +155,7 @@ pub fn failure(e: zbus::Error) -> Failure {
 }
 
 /// Connect to the agent's bus (system, or session with `--user`) and check that it is there.
-pub async fn connect(user: bool) -> Result<Connection, Failure> {
+pub(crate) async fn connect(user: bool) -> Result<Connection, Failure> {
     let conn = if user {
         Connection::session().await
     } else {
@@ -183,7 +183,7 @@ pub async fn connect(user: bool) -> Result<Connection, Failure> {
 }
 
 /// All properties of an interface, as JSON.
-pub async fn properties(
+pub(crate) async fn properties(
     conn: &Connection,
     path: &str,
     interface: &str,
@@ -202,7 +202,7 @@ pub async fn properties(
 }
 
 /// Proxies.
-pub async fn queue(conn: &Connection) -> Result<ResumeQueue1Proxy<'_>, Failure> {
+pub(crate) async fn queue(conn: &Connection) -> Result<ResumeQueue1Proxy<'_>, Failure> {
     ResumeQueue1Proxy::builder(conn)
         .path(QUEUE_PATH)
         .build()
@@ -210,7 +210,7 @@ pub async fn queue(conn: &Connection) -> Result<ResumeQueue1Proxy<'_>, Failure> 
         .map_err(failure)
 }
 
-pub async fn guards(conn: &Connection) -> Result<Guards1Proxy<'_>, Failure> {
+pub(crate) async fn guards(conn: &Connection) -> Result<Guards1Proxy<'_>, Failure> {
     Guards1Proxy::builder(conn)
         .path(crate::publish::dbus::GUARDS_PATH)
         .build()
@@ -218,7 +218,7 @@ pub async fn guards(conn: &Connection) -> Result<Guards1Proxy<'_>, Failure> {
         .map_err(failure)
 }
 
-pub async fn agent(conn: &Connection) -> Result<Agent1Proxy<'_>, Failure> {
+pub(crate) async fn agent(conn: &Connection) -> Result<Agent1Proxy<'_>, Failure> {
     Agent1Proxy::builder(conn)
         .path(AGENT_PATH)
         .build()
@@ -227,7 +227,7 @@ pub async fn agent(conn: &Connection) -> Result<Agent1Proxy<'_>, Failure> {
 }
 
 /// Run a future on a current-thread runtime.
-pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+pub(crate) fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

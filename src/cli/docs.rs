@@ -20,7 +20,7 @@ fn source() -> String {
 }
 
 /// A page: its section ("1", "5", "8"), its file name and its roff text.
-pub struct Page {
+pub(crate) struct Page {
     pub section: &'static str,
     pub file: String,
     pub text: Vec<u8>,
@@ -379,7 +379,7 @@ fn outlive_toml_page() -> Page {
 }
 
 /// Every page: outlived(8), outlivectl(1) and one per command, outlive.toml(5).
-pub fn man_pages() -> Vec<Page> {
+pub(crate) fn man_pages() -> Vec<Page> {
     let mut pages = vec![outlived_page()];
     pages.extend(outlivectl_pages());
     pages.push(outlive_toml_page());
@@ -387,7 +387,7 @@ pub fn man_pages() -> Vec<Page> {
 }
 
 /// Write every page under `dir` as `man<section>/<file>`; returns the paths written.
-pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for p in man_pages() {
         let d = dir.join(format!("man{}", p.section));
@@ -400,7 +400,7 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// The completion script of `outlivectl` for `shell`.
-pub fn completion(shell: Shell) -> Vec<u8> {
+pub(crate) fn completion(shell: Shell) -> Vec<u8> {
     let mut cmd = Outlivectl::command();
     let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, "outlivectl", &mut out);

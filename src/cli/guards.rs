@@ -17,7 +17,7 @@ fn is_anomalous(row: &serde_json::Value) -> bool {
 }
 
 /// What to do about a row, in one line (empty when nothing).
-pub fn hint(row: &serde_json::Value) -> String {
+pub(crate) fn hint(row: &serde_json::Value) -> String {
     let key = row["key"].as_str().unwrap_or("");
     let source = row["source"].as_str().unwrap_or("builtin");
     let reason = row["reason_code"].as_str().unwrap_or("");
@@ -84,7 +84,7 @@ fn sorted(mut rows: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
 }
 
 /// The table of `outlivectl guards`.
-pub fn guards_table(rows: &[serde_json::Value]) -> String {
+pub(crate) fn guards_table(rows: &[serde_json::Value]) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -142,7 +142,7 @@ pub fn guards_table(rows: &[serde_json::Value]) -> String {
 }
 
 /// `outlivectl guards`.
-pub async fn guards(user: bool, json: bool) -> Result<(), Failure> {
+pub(crate) async fn guards(user: bool, json: bool) -> Result<(), Failure> {
     let conn = client::connect(user).await?;
     let rows = sorted(rows(&conn).await?);
     if json {
@@ -160,7 +160,11 @@ pub async fn guards(user: bool, json: bool) -> Result<(), Failure> {
 }
 
 /// `outlivectl status`: one screen.
-pub async fn status(user: bool, json: bool) -> Result<(), Failure> {
+#[expect(
+    clippy::too_many_lines,
+    reason = "one screen of `outlivectl status`, section after section"
+)]
+pub(crate) async fn status(user: bool, json: bool) -> Result<(), Failure> {
     let conn = client::connect(user).await?;
     let agent = client::properties(&conn, AGENT_PATH, "org.outlive.Agent1").await?;
     let g = client::properties(&conn, GUARDS_PATH, "org.outlive.Guards1").await?;
@@ -287,7 +291,7 @@ pub async fn status(user: bool, json: bool) -> Result<(), Failure> {
 }
 
 /// `outlivectl ack`.
-pub async fn ack(user: bool, json: bool) -> Result<(), Failure> {
+pub(crate) async fn ack(user: bool, json: bool) -> Result<(), Failure> {
     let conn = client::connect(user).await?;
     client::guards(&conn)
         .await?

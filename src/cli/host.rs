@@ -12,7 +12,7 @@ use crate::facts::{self, Classification, ClassifyError, Facts};
 const TIMEOUT: Duration = Duration::from_millis(3000);
 
 /// Run the command; returns the exit status.
-pub fn run(path: Option<&Path>, json: bool) -> i32 {
+pub(crate) fn run(path: Option<&Path>, json: bool) -> i32 {
     let id = match facts::identity::identity() {
         Ok(i) => i,
         Err(e) => {
@@ -87,7 +87,7 @@ fn render_host(r: &serde_json::Value) -> String {
 }
 
 /// Text rendering of a classification.
-pub fn render_classification(c: &Classification) -> String {
+pub(crate) fn render_classification(c: &Classification) -> String {
     let j = c.to_json();
     let class = format!(
         "{} ({})",

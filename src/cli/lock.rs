@@ -17,7 +17,7 @@ use crate::queue::lock::{self, Decision, Inspection, LockRecord, Ours};
 
 /// Where the state directory is and how auto-heal is set, from `--state-dir` or the
 /// configuration the agent would read.
-pub fn resolve(
+pub(crate) fn resolve(
     state_dir: Option<&Path>,
     config: Option<&Path>,
     user: bool,
@@ -120,7 +120,11 @@ fn inspection_json(i: &Inspection) -> serde_json::Value {
 }
 
 /// `outlivectl lock`.
-pub async fn show(
+#[expect(
+    clippy::too_many_lines,
+    reason = "one screen of `outlivectl lock`, the L-4 facts explained in order"
+)]
+pub(crate) async fn show(
     state_dir: Option<&Path>,
     config: Option<&Path>,
     user: bool,
@@ -267,7 +271,7 @@ pub async fn show(
 
 /// `outlivectl lock clear` (L-8): root only (in user mode, the agent's own uid); refused while
 /// any process holds the flock; then removes the file and asks the agent to re-evaluate.
-pub async fn clear(
+pub(crate) async fn clear(
     state_dir: Option<&Path>,
     config: Option<&Path>,
     user: bool,

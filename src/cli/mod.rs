@@ -5,14 +5,14 @@
 //! success, 1 when the agent (or the host) refused, 2 on usage errors, 3 when the agent is
 //! unreachable.
 
-pub mod audit;
-pub mod client;
-pub mod docs;
-pub mod guards;
-pub mod host;
-pub mod lock;
-pub mod queue;
-pub mod render;
+pub(crate) mod audit;
+pub(crate) mod client;
+pub(crate) mod docs;
+pub(crate) mod guards;
+pub(crate) mod host;
+pub(crate) mod lock;
+pub(crate) mod queue;
+pub(crate) mod render;
 
 use std::path::PathBuf;
 
@@ -248,7 +248,7 @@ pub struct EnqueueFlags {
     /// a non-root user only when given here), else the caller's.
     #[arg(long)]
     as_gid: Option<u32>,
-    /// The command to revive, after `--` (argv[0] must be absolute).
+    /// The command to revive, after `--` (`argv[0]` must be absolute).
     #[arg(last = true, value_name = "ARGV")]
     argv: Vec<String>,
 }

@@ -12,7 +12,7 @@ use crate::clock::{parse_rfc3339_ms, rfc3339_ms};
 use crate::publish::dbus::QUEUE_PATH;
 
 /// Plain words for Q-4's refusal words and the other replies of `Enqueue`.
-pub fn explain(word: &str) -> &'static str {
+pub(crate) fn explain(word: &str) -> &'static str {
     match word {
         "not-terminal" => {
             "the run was bounced for recovery, not ended (disposition recovery-bounce)"
@@ -40,7 +40,7 @@ pub fn explain(word: &str) -> &'static str {
 
 /// The arguments of `outlivectl enqueue`.
 #[derive(Debug, Clone, Default)]
-pub struct EnqueueArgs {
+pub(crate) struct EnqueueArgs {
     pub run_id: Option<String>,
     pub job: Option<String>,
     pub resume_on_reap: bool,
@@ -71,7 +71,7 @@ fn utf8(flag: &str, p: &std::path::Path) -> Result<String, Failure> {
 }
 
 /// Build `Enqueue`'s dictionary from the arguments.
-pub fn request(a: &EnqueueArgs) -> Result<HashMap<&'static str, Variant<'static>>, Failure> {
+pub(crate) fn request(a: &EnqueueArgs) -> Result<HashMap<&'static str, Variant<'static>>, Failure> {
     let mut d: HashMap<&'static str, Variant<'static>> = HashMap::new();
     let mut put_s = |k: &'static str, v: &Option<String>| {
         if let Some(v) = v {
@@ -168,7 +168,7 @@ fn print_json(v: &serde_json::Value) {
 }
 
 /// `outlivectl enqueue`.
-pub async fn enqueue(user: bool, json: bool, a: &EnqueueArgs) -> Result<(), Failure> {
+pub(crate) async fn enqueue(user: bool, json: bool, a: &EnqueueArgs) -> Result<(), Failure> {
     let d = request(a)?;
     let conn = client::connect(user).await?;
     let q = client::queue(&conn).await?;
@@ -203,7 +203,7 @@ fn ts(v: &serde_json::Value) -> String {
 }
 
 /// `outlivectl queue`.
-pub async fn show(user: bool, json: bool) -> Result<(), Failure> {
+pub(crate) async fn show(user: bool, json: bool) -> Result<(), Failure> {
     let conn = client::connect(user).await?;
     let props = client::properties(&conn, QUEUE_PATH, "org.outlive.ResumeQueue1").await?;
     let q = client::queue(&conn).await?;
@@ -305,7 +305,7 @@ pub async fn show(user: bool, json: bool) -> Result<(), Failure> {
 }
 
 /// The simple mutations.
-pub enum Op {
+pub(crate) enum Op {
     Cancel(String),
     Requeue(String),
     Pause { kind: String, reason: String },
@@ -317,7 +317,7 @@ pub enum Op {
 }
 
 /// Plain words for `Drain()`'s outcome words (D-3).
-pub fn explain_outcome(word: &str) -> &'static str {
+pub(crate) fn explain_outcome(word: &str) -> &'static str {
     match word {
         "revived" => {
             "an attempt started; it is verified after drainer.grace_sec (`outlivectl queue`)"
@@ -335,7 +335,7 @@ pub fn explain_outcome(word: &str) -> &'static str {
 }
 
 /// Run one mutation.
-pub async fn op(user: bool, json: bool, op: Op) -> Result<(), Failure> {
+pub(crate) async fn op(user: bool, json: bool, op: Op) -> Result<(), Failure> {
     let conn = client::connect(user).await?;
     let q = client::queue(&conn).await?;
     let (text, value) = match &op {

@@ -9,27 +9,27 @@
 //! [`emit`] for whole blocks (line breaks kept). `--json` output is JSON, which escapes them.
 
 /// One field for a person: every control character, line breaks included, as `\xNN`.
-pub fn clean(s: &str) -> String {
+pub(crate) fn clean(s: &str) -> String {
     crate::audit::escape_controls(s, false)
 }
 
 /// A block for a person: control characters as `\xNN`, line breaks and tabs kept.
-pub fn clean_lines(s: &str) -> String {
+pub(crate) fn clean_lines(s: &str) -> String {
     crate::audit::escape_controls(s, true)
 }
 
 /// Print a line for a person ([`clean_lines`]).
-pub fn say(text: &str) {
+pub(crate) fn say(text: &str) {
     println!("{}", clean_lines(text));
 }
 
 /// Print a block for a person ([`clean_lines`]), without adding a line break.
-pub fn emit(text: &str) {
+pub(crate) fn emit(text: &str) {
     print!("{}", clean_lines(text));
 }
 
 /// Key/value lines with the values aligned.
-pub fn pairs(rows: &[(String, String)], indent: usize) -> String {
+pub(crate) fn pairs(rows: &[(String, String)], indent: usize) -> String {
     let width = rows
         .iter()
         .map(|(k, _)| k.chars().count())
@@ -47,7 +47,7 @@ pub fn pairs(rows: &[(String, String)], indent: usize) -> String {
 }
 
 /// A table with a header row; columns padded to their widest cell.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| r.iter().map(|c| clean(c)).collect())

@@ -15,10 +15,10 @@ use crate::files::{Dir, Replace};
 use crate::queue::entry::{Entry, Target};
 
 /// How much of the recorded reason is quoted.
-pub const REASON_CHARS: usize = 200;
+pub(crate) const REASON_CHARS: usize = 200;
 
 /// The continuation's text.
-pub fn text(e: &Entry) -> String {
+pub(crate) fn text(e: &Entry) -> String {
     let mut out = String::new();
     if e.evidence.iter().any(|x| x == "uncommitted-worktree-work") {
         out.push_str(
@@ -59,7 +59,7 @@ pub fn text(e: &Entry) -> String {
 }
 
 /// The record's name under `<state>/continuations/`.
-pub fn record_name(e: &Entry) -> String {
+pub(crate) fn record_name(e: &Entry) -> String {
     format!("{}.txt", e.id)
 }
 
@@ -68,7 +68,7 @@ pub fn record_name(e: &Entry) -> String {
 /// descriptor before it is renamed into place: an exec target's user, a unit target's `User=`
 /// and `Group=` (`unit_owner`; None: the agent's own, as for a unit that runs as root or
 /// whose user cannot be known before it starts, `DynamicUser=`).
-pub fn write_copy(
+pub(crate) fn write_copy(
     runtime_dir: &Path,
     e: &Entry,
     text: &str,

@@ -137,7 +137,7 @@ fn online_cpus() -> Result<f64, String> {
 mod sys {
     use super::*;
 
-    pub fn sample() -> Sample {
+    pub(super) fn sample() -> Sample {
         let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"));
         let mem = read("/proc/meminfo").and_then(|t| parse_meminfo(&t));
         let load = read("/proc/loadavg")

@@ -208,7 +208,6 @@ trait Systemd1Manager {
         properties: &[(&str, Variant<'_>)],
         aux: &[(&str, &[(&str, Variant<'_>)])],
     ) -> zbus::Result<OwnedObjectPath>;
-    #[allow(clippy::type_complexity)]
     fn list_units_by_patterns(
         &self,
         states: &[&str],

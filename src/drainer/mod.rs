@@ -3,10 +3,10 @@
 //! every half watchdog period so its heartbeat and the lock's heartbeat (L-1) stay fresh
 //! while the queue is idle. What a tick does is the caller's (`agent.rs` wires the queue in).
 
-pub mod continuation;
+pub(crate) mod continuation;
 pub mod gauge;
 pub mod manager;
-pub mod spawn;
+pub(crate) mod spawn;
 pub mod tick;
 pub mod validate;
 

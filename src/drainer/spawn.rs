@@ -7,12 +7,12 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 /// What to spawn.
 #[derive(Debug, Clone)]
-pub struct SpawnSpec {
+pub(crate) struct SpawnSpec {
     pub id: String,
     pub argv: Vec<String>,
     pub cwd: String,
@@ -30,15 +30,15 @@ fn groups_of(uid: u32, gid: u32) -> Vec<libc::gid_t> {
     }
 }
 
-/// The log file of a spawned run.
-pub fn log_path(runtime_dir: &Path, id: &str) -> PathBuf {
-    runtime_dir.join("runs").join(format!("{id}.log"))
+/// The log file of a spawned run, in `<runtime_dir>/runs/`.
+fn log_name(id: &str) -> String {
+    format!("{id}.log")
 }
 
 /// Spawn detached. Returns the child, its pid and start time.
-pub fn spawn(spec: &SpawnSpec, runtime_dir: &Path) -> std::io::Result<(Child, i64, u64)> {
+pub(crate) fn spawn(spec: &SpawnSpec, runtime_dir: &Path) -> std::io::Result<(Child, i64, u64)> {
     let runs = crate::files::Dir::create(runtime_dir, 0o755)?.subdir("runs", 0o700)?;
-    let (log, _) = runs.open_append(&format!("{}.log", spec.id))?;
+    let (log, _) = runs.open_append(&log_name(&spec.id))?;
     let groups = groups_of(spec.uid, spec.gid);
     let (uid, gid) = (spec.uid, spec.gid);
     // The directory is entered in the child after the switch to the run's user (not by
@@ -112,7 +112,7 @@ mod tests {
         let (mut child, pid, start) = spawn(&spec, d.path()).unwrap();
         assert!(pid > 0 && start > 0);
         assert!(child.wait().unwrap().success());
-        let log = std::fs::read_to_string(log_path(d.path(), "rq-a-1")).unwrap();
+        let log = std::fs::read_to_string(d.path().join("runs").join(log_name("rq-a-1"))).unwrap();
         let f: Vec<&str> = log.split_whitespace().collect();
         assert_eq!(f[0], "rq-a-1");
         assert_eq!(f[1], "/tmp");

@@ -1017,6 +1017,7 @@ fn user(uid: u32, member: bool) -> Owner {
 /// that `queue.allowed_units` no longer admits are `not-authorized`; a user database that does
 /// not answer leaves the entry queued. Root's choice of user is not re-checked for membership.
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn d6_not_authorized_is_checked_again_at_the_attempt() {
     let by_member = |r: &mut Rig, x: Request| r.q().enqueue(&member(), Ok(x), None).unwrap().id;
     // Left the group.

@@ -67,7 +67,7 @@ pub trait Paths: Send + Sync {
     ) -> impl Future<Output = PathState> + Send;
     /// Who `uid` is, running with group `gid`.
     fn owner(&self, uid: u32, gid: u32) -> impl Future<Output = Owner> + Send;
-    /// The uid and gid a unit's `User=` and `Group=` stand for ([`users::resolve`]); None when
+    /// The uid and gid a unit's `User=` and `Group=` stand for (`facts::users::resolve`); None when
     /// unknown or when the user database does not answer in time.
     fn resolve(&self, user: &str, group: &str) -> impl Future<Output = Option<(u32, u32)>> + Send;
 }
@@ -202,6 +202,10 @@ fn undecided(u: Undecided) -> Check {
 }
 
 /// D-6, in order.
+#[expect(
+    clippy::too_many_lines,
+    reason = "D-6's checks in the rule's order, one block each"
+)]
 pub async fn validate<M: ServiceManager, P: Paths>(
     e: &Entry,
     cx: &Context<'_, M>,

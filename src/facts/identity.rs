@@ -200,9 +200,9 @@ mod sys {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    pub const MACHINE_ID_PATHS: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
+    pub(super) const MACHINE_ID_PATHS: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
 
-    pub fn machine_id() -> Result<MachineId, IdentityError> {
+    pub(super) fn machine_id() -> Result<MachineId, IdentityError> {
         let mut tried = Vec::new();
         for p in MACHINE_ID_PATHS {
             match std::fs::read_to_string(p) {
@@ -213,18 +213,18 @@ mod sys {
         Err(IdentityError::MachineIdMissing(tried.join("; ")))
     }
 
-    pub fn boot_id() -> Result<Id128, IdentityError> {
+    pub(super) fn boot_id() -> Result<Id128, IdentityError> {
         let p = "/proc/sys/kernel/random/boot_id";
         let s = std::fs::read_to_string(p)
             .map_err(|e| IdentityError::BootIdUnreadable(format!("{p}: {e}")))?;
         Id128::parse(&s).ok_or_else(|| IdentityError::BootIdUnreadable(format!("{p}: not a UUID")))
     }
 
-    pub fn pid_ns() -> Option<u64> {
+    pub(super) fn pid_ns() -> Option<u64> {
         std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
     }
 
-    pub fn observing_namespace_differs() -> Result<bool, String> {
+    pub(super) fn observing_namespace_differs() -> Result<bool, String> {
         let ours = std::fs::metadata("/proc/self/ns/mnt")
             .map_err(|e| format!("/proc/self/ns/mnt: {e}"))?;
         let init =

@@ -12,11 +12,11 @@
 pub mod classify;
 pub mod identity;
 #[cfg(target_os = "macos")]
-pub mod macos;
+pub(crate) mod macos;
 pub mod mountinfo;
-pub mod probe;
+pub(crate) mod probe;
 pub mod process;
-pub mod users;
+pub(crate) mod users;
 
 use crate::sync::MutexExt;
 use std::fmt;

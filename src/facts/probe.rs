@@ -28,21 +28,21 @@ use crate::clock::boottime_ms;
 use crate::sync::MutexExt;
 
 /// How long a mount that timed out is not probed again.
-pub const TIMEOUT_MEMORY_MS: u64 = 60_000;
+pub(crate) const TIMEOUT_MEMORY_MS: u64 = 60_000;
 /// Most worker threads that may be stuck in the kernel at once.
-pub const MAX_STUCK: usize = 4;
+pub(crate) const MAX_STUCK: usize = 4;
 /// How long the worker polls for a next job before parking.
-pub const WORKER_SPIN: Duration = Duration::from_micros(500);
+pub(crate) const WORKER_SPIN: Duration = Duration::from_micros(500);
 /// A job that arrives within this of the previous one's end is part of a burst: only then
 /// does the worker spin for the next.
-pub const BURST_GAP: Duration = Duration::from_millis(2);
+pub(crate) const BURST_GAP: Duration = Duration::from_millis(2);
 /// How long a caller polls for its reply before parking.
-pub const CALLER_SPIN: Duration = Duration::from_micros(200);
+pub(crate) const CALLER_SPIN: Duration = Duration::from_micros(200);
 
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Identifies a mount across calls.
-pub type MountKey = (u32, PathBuf);
+pub(crate) type MountKey = (u32, PathBuf);
 
 #[derive(Default)]
 struct State {
@@ -234,7 +234,7 @@ impl FsProbe for InlineProbe<'_> {
 }
 
 /// statfs(2) now, on the calling thread (the worker).
-pub fn statfs_now(path: &Path) -> StatfsOutcome {
+pub(crate) fn statfs_now(path: &Path) -> StatfsOutcome {
     match nix::sys::statfs::statfs(path) {
         Ok(s) => StatfsOutcome::Magic {
             // f_type is a signed word on Linux; the magic numbers are u32 (H-3: compare as u32).

@@ -75,7 +75,7 @@ pub fn own_start_time() -> Option<u64> {
 
 #[cfg(target_os = "linux")]
 mod sys {
-    pub fn stat(pid: i64) -> Option<(char, u64)> {
+    pub(super) fn stat(pid: i64) -> Option<(char, u64)> {
         let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         super::parse_stat(&s)
     }

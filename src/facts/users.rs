@@ -19,7 +19,7 @@
 use std::ffi::CString;
 
 /// The group whose members may act on the queue.
-pub const GROUP: &str = "outlive";
+pub(crate) const GROUP: &str = "outlive";
 
 /// A user from the user database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub enum Lookup {
 }
 
 /// Look up `uid`.
-pub fn account(uid: u32) -> Lookup {
+pub(crate) fn account(uid: u32) -> Lookup {
     match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
         Ok(Some(u)) => Lookup::Found(Account {
             uid,
@@ -58,7 +58,7 @@ pub fn account(uid: u32) -> Lookup {
 /// The uid and gid a unit's `User=` and `Group=` stand for (names or numbers; an empty `User=`
 /// is root): `Group=` when set, else the user's primary group. None when either is not in the
 /// user database.
-pub fn resolve(user: &str, group: &str) -> Option<(u32, u32)> {
+pub(crate) fn resolve(user: &str, group: &str) -> Option<(u32, u32)> {
     let (uid, primary) = if user.is_empty() {
         (0, Some(0))
     } else if let Ok(n) = user.parse::<u32>() {
@@ -86,7 +86,7 @@ pub fn resolve(user: &str, group: &str) -> Option<(u32, u32)> {
 
 /// The groups a login of `a` would have, its primary group first (as `initgroups` sets them),
 /// or with `gid` as the primary group when given.
-pub fn login_groups(a: &Account, gid: u32) -> Vec<u32> {
+pub(crate) fn login_groups(a: &Account, gid: u32) -> Vec<u32> {
     let mut out = vec![gid];
     if let Ok(name) = CString::new(a.name.as_str())
         && let Ok(gs) = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
@@ -101,7 +101,7 @@ pub fn login_groups(a: &Account, gid: u32) -> Vec<u32> {
 }
 
 /// Whether `user` (with primary group `gid`) is in `group` by the user database.
-pub fn is_member(user: &str, gid: u32, group: &str) -> bool {
+pub(crate) fn is_member(user: &str, gid: u32, group: &str) -> bool {
     let Ok(Some(g)) = nix::unistd::Group::from_name(group) else {
         return false;
     };
@@ -144,7 +144,7 @@ impl Creds {
 
 /// Run `f` with `who`'s filesystem credentials, on a thread of its own (see the module doc).
 /// An error when the credentials cannot be taken (no CAP_SETUID/CAP_SETGID, or not Linux).
-pub fn as_user<T: Send>(who: &Creds, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+pub(crate) fn as_user<T: Send>(who: &Creds, f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
     if who.are_mine() {
         return Ok(f());
     }
@@ -259,6 +259,8 @@ mod tests {
             "the calling thread kept root's credentials"
         );
         // The identity was the user's, the thread's own.
+        // SAFETY: setfsuid/setfsgid with an invalid id change nothing and return the current
+        // filesystem ids; they touch no memory.
         let ids = as_user(&nobody, || unsafe {
             (
                 libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
@@ -267,6 +269,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ids, (65534, 65534));
+        // SAFETY: as above.
         let mine = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32 };
         assert_eq!(mine, 0);
         // A group grants what the group may.

@@ -16,9 +16,9 @@ use crate::audit::{Alert, Event};
 use crate::clock::Clock;
 
 /// Identical notices within this window are counted, not re-logged.
-pub const COALESCE_MS: u64 = 10 * 60 * 1000;
+pub(crate) const COALESCE_MS: u64 = 10 * 60 * 1000;
 /// How many recent notices the item shows.
-pub const RECENT: usize = 8;
+pub(crate) const RECENT: usize = 8;
 
 /// The entry a notice is about: its `entry_id` field when that is an entry id in shape.
 fn entry_id_of(e: &Event) -> Option<String> {
@@ -76,7 +76,7 @@ impl Anomaly {
 
 /// How long a notice stays in the item (G-9).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stay {
+pub(crate) enum Stay {
     /// Leaves after `posture.notice_hold_min`, or when acknowledged.
     OneOff,
     /// Leaves only when acknowledged: what it reports needs an operator (Q-15 as amended:
@@ -88,7 +88,7 @@ pub enum Stay {
 
 /// Causes that persist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     QueueDisabled,
     PersistFailed,
     PausedWaiting,
@@ -117,7 +117,7 @@ impl Causes {
 }
 
 /// Whether an event is a queue notice (goes into the item), by its alert.
-pub fn is_queue_notice(e: &Event) -> bool {
+pub(crate) fn is_queue_notice(e: &Event) -> bool {
     matches!(
         e.alert,
         Some(
@@ -131,7 +131,7 @@ pub fn is_queue_notice(e: &Event) -> bool {
 }
 
 /// How long a notice of `kind` stays.
-pub fn stay_of(kind: &str) -> Stay {
+pub(crate) fn stay_of(kind: &str) -> Stay {
     match kind {
         "queue-disabled" => Stay::While(Cause::QueueDisabled),
         "persist-failed" => Stay::While(Cause::PersistFailed),

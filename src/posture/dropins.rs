@@ -77,7 +77,7 @@ fn key_ok(k: &str) -> bool {
 }
 
 /// Parse one file's text into declarations (without the ownership checks).
-pub fn parse(text: &str, file: &str, owner: u32) -> Result<Vec<Declared>, Refusal> {
+pub(crate) fn parse(text: &str, file: &str, owner: u32) -> Result<Vec<Declared>, Refusal> {
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| (vec![], format!("not valid TOML: {}", e.message())))?;
@@ -186,11 +186,11 @@ fn loose(mode: u32) -> bool {
 }
 
 /// Largest drop-in read (§12 G-2): a bigger file is refused without being read.
-pub const MAX_DROPIN_BYTES: u64 = 64 * 1024;
+pub(crate) const MAX_DROPIN_BYTES: u64 = 64 * 1024;
 
 /// Why a file (or its declarations) is refused: the keys it declared, if any were read, and
 /// the reason.
-pub type Refusal = (Vec<String>, String);
+pub(crate) type Refusal = (Vec<String>, String);
 
 /// The files as last read, with the stamps they were read at.
 type Cached = (Vec<Stamp>, std::sync::Arc<Vec<FileRead>>);
@@ -198,7 +198,7 @@ type Cached = (Vec<Stamp>, std::sync::Arc<Vec<FileRead>>);
 /// One `*.toml` file of `guards.d/` as read: its owner and its declarations, or why it is
 /// refused on its own (before the files are weighed against each other).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileRead {
+pub(crate) struct FileRead {
     pub file: String,
     pub owner: u32,
     pub outcome: Result<Vec<Declared>, Refusal>,
@@ -236,7 +236,7 @@ impl Stamp {
 /// Reads `guards.d/` again only when it or one of its files changed (a new, removed, renamed,
 /// rewritten, chmodded or chowned file), so an evaluation costs a directory listing and one
 /// lstat per file, however large a file someone left there.
-pub struct Reader {
+pub(crate) struct Reader {
     dir: PathBuf,
     owner: u32,
     cache: std::sync::Mutex<Option<Cached>>,
@@ -246,7 +246,7 @@ pub struct Reader {
 
 impl Reader {
     /// `owner` is who must own the directory (root, or the agent's uid in user mode).
-    pub fn new(dir: &Path, owner: u32) -> Reader {
+    pub(crate) fn new(dir: &Path, owner: u32) -> Reader {
         Reader {
             dir: dir.to_path_buf(),
             owner,
@@ -256,13 +256,18 @@ impl Reader {
     }
 
     /// How many times the directory's files were read (not served from the cache).
-    pub fn reads(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn reads(&self) -> u64 {
         self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The drop-ins now: `builtin` tells built-in keys apart; `incumbent` is what was applied,
     /// whose declarations keep a contested key (below root-owned ones, G-2).
-    pub fn load(&self, builtin: &dyn Fn(&str) -> bool, incumbent: Option<&Dropins>) -> Dropins {
+    pub(crate) fn load(
+        &self,
+        builtin: &dyn Fn(&str) -> bool,
+        incumbent: Option<&Dropins>,
+    ) -> Dropins {
         let files = match self.stamps() {
             Err(rejected) => {
                 return Dropins {
@@ -320,7 +325,8 @@ impl Reader {
 }
 
 /// Read `dir` (`guards.d`) once, without a cache: see [`Reader`].
-pub fn load(dir: &Path, owner: u32, builtin: &dyn Fn(&str) -> bool) -> Dropins {
+#[cfg(test)]
+pub(crate) fn load(dir: &Path, owner: u32, builtin: &dyn Fn(&str) -> bool) -> Dropins {
     Reader::new(dir, owner).load(builtin, None)
 }
 
@@ -415,7 +421,7 @@ fn read_one(path: &Path) -> Result<(u32, String), Refusal> {
 /// claimant is refused whole (a non-root file never displaces a root-owned declaration, and a
 /// newcomer never displaces the holder); with no such file, every claimant is refused. A
 /// refused file's rows are its keys nobody holds (each shown once), else the file itself.
-pub fn resolve(
+pub(crate) fn resolve(
     files: &[FileRead],
     builtin: &dyn Fn(&str) -> bool,
     incumbent: Option<&Dropins>,

@@ -13,7 +13,7 @@ use crate::facts::{Facts, FsClass};
 use crate::queue::SharedQueue;
 
 /// A plain on or off.
-pub fn status(enabled: bool) -> RuntimeRead {
+pub(crate) fn status(enabled: bool) -> RuntimeRead {
     RuntimeRead::Status(Runtime {
         enabled,
         ..Runtime::default()
@@ -21,7 +21,7 @@ pub fn status(enabled: bool) -> RuntimeRead {
 }
 
 /// Off, for a reason of the closed vocabulary (G-6).
-pub fn off_because(reason: &str) -> RuntimeRead {
+pub(crate) fn off_because(reason: &str) -> RuntimeRead {
     RuntimeRead::Status(Runtime {
         enabled: false,
         reason_code: Some(reason.to_string()),
@@ -30,19 +30,19 @@ pub fn off_because(reason: &str) -> RuntimeRead {
 }
 
 /// A boottime instant as wall ms (for display).
-pub fn boot_to_wall(boot: u64) -> u64 {
+pub(crate) fn boot_to_wall(boot: u64) -> u64 {
     crate::clock::wall_ms().saturating_sub(crate::clock::boottime_ms().saturating_sub(boot))
 }
 
 /// How long the service manager may be unreachable before `queue.resume` reads
 /// `off-runtime-divergent` (`manager-unreachable`): max(2 × `drainer.interval_sec`, 30 s)
 /// (§12 D-6).
-pub fn manager_grace_ms(c: &Config) -> u64 {
+pub(crate) fn manager_grace_ms(c: &Config) -> u64 {
     (2 * c.drainer.interval_sec as u64 * 1000).max(30_000)
 }
 
 /// What `queue.resume` reads of the queue and the drainer.
-pub struct QueueResume {
+pub(crate) struct QueueResume {
     pub queue: SharedQueue,
     pub drainer: Handle,
     /// `--user` without lingering: revived runs would stop at logout.
@@ -54,7 +54,7 @@ pub struct QueueResume {
 impl QueueResume {
     /// `queue.resume`: on while the lock is held, the state is written, the service manager
     /// answers and the drainer ticks (its last tick is the row's).
-    pub fn read(&self, applied: &Config) -> RuntimeRead {
+    pub(crate) fn read(&self, applied: &Config) -> RuntimeRead {
         let s = self.queue.lock().snapshot();
         if !s.enabled {
             let code = if REASON_CODES.contains(&s.disabled_reason.as_str()) {
@@ -91,7 +91,7 @@ impl QueueResume {
 }
 
 /// `queue.lock.auto_heal`: on unless off, dry run while it only observes (L-4 row 11).
-pub fn auto_heal(queue: &SharedQueue) -> RuntimeRead {
+pub(crate) fn auto_heal(queue: &SharedQueue) -> RuntimeRead {
     let a = queue.lock().settings().auto_heal;
     RuntimeRead::Status(Runtime {
         enabled: a != AutoHeal::Off,
@@ -102,7 +102,7 @@ pub fn auto_heal(queue: &SharedQueue) -> RuntimeRead {
 
 /// `state.host_local`: the state directory classified on its own, outside the lock decision
 /// (H-4: `local-volatile` is host-local but not durable).
-pub fn state_host_local(facts: &Facts, dir: &Path) -> RuntimeRead {
+pub(crate) fn state_host_local(facts: &Facts, dir: &Path) -> RuntimeRead {
     match facts.classify_path(dir) {
         Ok(c) => match c.class {
             FsClass::LocalPersistent => status(true),

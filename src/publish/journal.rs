@@ -233,7 +233,10 @@ impl JournalWriter {
             self.accepted.fetch_add(1, Ordering::Relaxed);
             return Delivery::UnifiedLog;
         }
-        #[allow(unreachable_code)]
+        #[cfg_attr(
+            target_os = "macos",
+            expect(unreachable_code, reason = "macOS returns above")
+        )]
         let payload = serialize(ev);
         match self.send(&payload) {
             Ok(()) => {

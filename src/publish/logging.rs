@@ -12,7 +12,7 @@ const DEFAULT_JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 /// Install the global subscriber. `OUTLIVE_LOG` sets the level (error, warn, info, debug,
 /// trace; default info). Safe to call once; later calls do nothing.
-pub fn init(journal_socket: &Path) {
+pub(crate) fn init(journal_socket: &Path) {
     let level = std::env::var("OUTLIVE_LOG")
         .ok()
         .and_then(|l| l.parse::<LevelFilter>().ok())

@@ -20,7 +20,7 @@ use crate::posture::rows::{Effective, Row, Runtime, RuntimeRead};
 use crate::queue::entry::{Entry, Status};
 
 /// What the file says.
-pub struct Snapshot<'a> {
+pub(crate) struct Snapshot<'a> {
     pub rows: &'a [Row],
     pub entries: &'a [Entry],
     pub paused: bool,
@@ -50,7 +50,7 @@ fn label(v: &str) -> String {
 }
 
 /// The file's text.
-pub fn render(s: &Snapshot<'_>) -> String {
+pub(crate) fn render(s: &Snapshot<'_>) -> String {
     let mut o = String::new();
     o.push_str(
         "# HELP outlive_guard_state The effective state of each guard (1 for its current state).\n",
@@ -105,14 +105,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
 
 /// Why the metrics file was not written: a G-6 reason code and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WriteError {
+pub(crate) struct WriteError {
     /// `metrics-dir-unsafe` or `metrics-write-failed`.
     pub code: &'static str,
     pub message: String,
 }
 
 /// Write `text` to `path` atomically (see the module doc).
-pub fn write_atomic(path: &Path, text: &str) -> Result<(), WriteError> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), WriteError> {
     let failed = |e: String| WriteError {
         code: "metrics-write-failed",
         message: format!("cannot write {}: {e}", path.display()),
@@ -150,24 +150,24 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<(), WriteError> {
 
 /// How the writes go: the `metrics.textfile` guard's runtime.
 #[derive(Debug, Default)]
-pub struct Writes {
+pub(crate) struct Writes {
     inner: Mutex<WritesInner>,
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct WritesInner {
+pub(crate) struct WritesInner {
     /// (boottime, wall) of the last successful write.
     pub last_ok: Option<(u64, u64)>,
     pub last_error: Option<WriteError>,
 }
 
 impl Writes {
-    pub fn get(&self) -> WritesInner {
+    pub(crate) fn get(&self) -> WritesInner {
         self.inner.locked().clone()
     }
 
     /// Write and record the outcome; the error is returned when it is new (to audit once).
-    pub fn write(&self, path: &Path, text: &str) -> Option<WriteError> {
+    pub(crate) fn write(&self, path: &Path, text: &str) -> Option<WriteError> {
         let r = write_atomic(path, text);
         let mut i = self.inner.locked();
         match r {
@@ -187,7 +187,7 @@ impl Writes {
     /// One tick's textfile: the agent's own metrics directory is created first when the
     /// path is in it (`<runtime_dir>/metrics`, root 0755, for node_exporter's
     /// `--collector.textfile.directory`); returns the event to audit when a write fails anew.
-    pub fn publish(&self, path: &Path, runtime_dir: &Path, text: &str) -> Option<Event> {
+    pub(crate) fn publish(&self, path: &Path, runtime_dir: &Path, text: &str) -> Option<Event> {
         if path.parent() == Some(runtime_dir.join("metrics").as_path()) {
             let made = Dir::create(runtime_dir, 0o755).and_then(|d| d.subdir("metrics", 0o755));
             if let Err(e) = made {
@@ -212,7 +212,7 @@ impl Writes {
 impl Writes {
     /// The `metrics.textfile` guard (G-1): off unless configured; then on while the last write
     /// succeeded, off for the reason of the last failure otherwise.
-    pub fn guard_read(&self, configured: bool) -> RuntimeRead {
+    pub(crate) fn guard_read(&self, configured: bool) -> RuntimeRead {
         if !configured {
             return status(false);
         }

@@ -4,7 +4,7 @@
 
 pub mod dbus;
 pub mod journal;
-pub mod logging;
-pub mod metrics;
-pub mod notify;
-pub mod watchdog;
+pub(crate) mod logging;
+pub(crate) mod metrics;
+pub(crate) mod notify;
+pub(crate) mod watchdog;

@@ -9,7 +9,7 @@ use sd_notify::NotifyState;
 
 /// What supervises the agent (decides how a wedge is escalated, X-4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Supervisor {
+pub(crate) enum Supervisor {
     /// systemd (`NOTIFY_SOCKET` set); `watchdog_usec` when `WatchdogSec=` is on.
     Systemd { watchdog_usec: Option<u64> },
     /// launchd (macOS): no watchdog protocol.
@@ -20,7 +20,7 @@ pub enum Supervisor {
 
 impl Supervisor {
     /// Detect from the environment. Call once at start.
-    pub fn detect() -> Supervisor {
+    pub(crate) fn detect() -> Supervisor {
         if std::env::var_os("NOTIFY_SOCKET").is_some() {
             return Supervisor::Systemd {
                 watchdog_usec: sd_notify::watchdog_enabled().map(|d| d.as_micros() as u64),
@@ -35,7 +35,7 @@ impl Supervisor {
     }
 
     /// The watchdog period when systemd's watchdog is armed.
-    pub fn watchdog_usec(self) -> Option<u64> {
+    pub(crate) fn watchdog_usec(self) -> Option<u64> {
         match self {
             Supervisor::Systemd { watchdog_usec } => watchdog_usec,
             _ => None,
@@ -44,7 +44,7 @@ impl Supervisor {
 }
 
 /// Sends notifications; remembers the last status so unchanged lines are not re-sent.
-pub struct Notifier {
+pub(crate) struct Notifier {
     /// `NOTIFY_SOCKET`, read once at start.
     socket: Option<std::ffi::OsString>,
     last_status: Mutex<Option<String>>,
@@ -52,16 +52,11 @@ pub struct Notifier {
 
 impl Notifier {
     /// A notifier for this process (enabled iff `NOTIFY_SOCKET` is set).
-    pub fn from_env() -> Notifier {
+    pub(crate) fn from_env() -> Notifier {
         Notifier {
             socket: std::env::var_os("NOTIFY_SOCKET"),
             last_status: Mutex::new(None),
         }
-    }
-
-    /// Whether a service manager listens.
-    pub fn enabled(&self) -> bool {
-        self.socket.is_some()
     }
 
     fn send(&self, states: &[NotifyState<'_>]) {
@@ -71,11 +66,6 @@ impl Notifier {
         if let Err(e) = send_bounded(path, states) {
             tracing::warn!("cannot notify the service manager: {e}");
         }
-    }
-
-    /// The status line the service manager last got.
-    pub fn current_status(&self) -> Option<String> {
-        self.last_status.locked().clone()
     }
 
     fn swap_status(&self, s: &str) -> bool {
@@ -88,14 +78,14 @@ impl Notifier {
     }
 
     /// `STATUS=` + `READY=1`: startup (or a reload) is complete.
-    pub fn ready(&self, status: &str) {
+    pub(crate) fn ready(&self, status: &str) {
         let line = one_line(status);
         self.swap_status(&line);
         self.send(&[NotifyState::Status(&line), NotifyState::Ready]);
     }
 
     /// `STATUS=` only when it changed.
-    pub fn status(&self, status: &str) {
+    pub(crate) fn status(&self, status: &str) {
         let line = one_line(status);
         if self.swap_status(&line) {
             self.send(&[NotifyState::Status(&line)]);
@@ -103,13 +93,13 @@ impl Notifier {
     }
 
     /// Clear the status and send `STOPPING=1` (SIGTERM).
-    pub fn stopping(&self) {
+    pub(crate) fn stopping(&self) {
         self.swap_status("");
         self.send(&[NotifyState::Status(""), NotifyState::Stopping]);
     }
 
     /// `RELOADING=1` with `MONOTONIC_USEC` (SIGHUP).
-    pub fn reloading(&self) {
+    pub(crate) fn reloading(&self) {
         let usec = crate::clock::monotonic_usec() as i128;
         self.send(&[
             NotifyState::Reloading,
@@ -119,7 +109,7 @@ impl Notifier {
     }
 
     /// `STATUS=` + `ERRNO=` before a fatal exit.
-    pub fn fatal(&self, status: &str, errno: i32) {
+    pub(crate) fn fatal(&self, status: &str, errno: i32) {
         let line = one_line(status);
         self.swap_status(&line);
         self.send(&[
@@ -129,12 +119,12 @@ impl Notifier {
     }
 
     /// `WATCHDOG=1`.
-    pub fn watchdog(&self) {
+    pub(crate) fn watchdog(&self) {
         self.send(&[NotifyState::Watchdog]);
     }
 
     /// `STATUS=` + `WATCHDOG=trigger`: a loop is wedged.
-    pub fn watchdog_trigger(&self, status: &str) {
+    pub(crate) fn watchdog_trigger(&self, status: &str) {
         let line = one_line(status);
         self.swap_status(&line);
         self.send(&[NotifyState::Status(&line), NotifyState::WatchdogTrigger]);
@@ -148,11 +138,14 @@ fn one_line(s: &str) -> String {
 
 /// The longest a notification may block when the service manager does not read (its queue
 /// full): the agent's loops and its watchdog thread must never hang on it.
-pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+pub(crate) const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Send `states` to the socket at `path` (a path, or `@name` for an abstract socket on Linux),
 /// waiting at most [`SEND_TIMEOUT`].
-pub fn send_bounded(path: &std::ffi::OsStr, states: &[NotifyState<'_>]) -> std::io::Result<()> {
+pub(crate) fn send_bounded(
+    path: &std::ffi::OsStr,
+    states: &[NotifyState<'_>],
+) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::net::UnixDatagram;
     let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
@@ -187,7 +180,7 @@ pub fn send_bounded(path: &std::ffi::OsStr, states: &[NotifyState<'_>]) -> std::
 
 /// Where the bus stands, for the status line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BusLine {
+pub(crate) enum BusLine {
     /// `--no-bus`.
     NoBus,
     /// The name is owned (or the bus is still being reached at start).
@@ -201,7 +194,7 @@ pub enum BusLine {
 /// (`DEGRADED: queue.resume off-runtime-divergent (foreign-host) · 2 waiting`); otherwise the
 /// posture, the queue and the lock (`posture 7/9 on · queue: 3 waiting · lock held`), led by
 /// `observe-only:` while dry run is on (G-7).
-pub fn status_line(
+pub(crate) fn status_line(
     queue: &crate::queue::Snapshot,
     breaker_open_until: u64,
     posture: &crate::posture::Published,
@@ -262,6 +255,7 @@ mod tests {
 
     /// X-3 / G-7: what `systemctl status` shows, one row per shape of the line.
     #[test]
+    #[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
     fn x3_status_line_table() {
         use crate::posture::Published;
         use crate::queue::Snapshot;

@@ -271,6 +271,10 @@ fn recovery() -> &'static str {
 }
 
 /// L-4: decide. `lock` is the lock file's path (for messages).
+#[expect(
+    clippy::too_many_lines,
+    reason = "L-4's table: one arm per row, in the rule's order"
+)]
 pub fn decide(
     observed: &Observed,
     ours: &Ours,
@@ -643,6 +647,10 @@ const ATTEMPTS: usize = 5;
 
 /// Evaluate L-4 and carry the decision out. `facts` is asked only for what the rows need; on
 /// every disabled outcome nothing is held (the descriptor is closed).
+#[expect(
+    clippy::too_many_lines,
+    reason = "L-2's born-locked creation and L-4's effects, step by step"
+)]
 pub fn acquire(
     state_dir: &Path,
     ours: &Ours,
@@ -818,7 +826,10 @@ fn reclaim_events(
 }
 
 /// L-5: while holding the old flock, rename a born-locked file over the lock path.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "L-5's inputs: the directory, both records and the facts the audit event carries"
+)]
 fn takeover(
     dir: Dir,
     dir_meta: Meta,

@@ -914,6 +914,7 @@ impl Queue {
     /// checks run in the SPEC's order, so a disabled queue answers `QueueDisabled` first.
     /// `named` is what the user database says of the request's `user`, looked up before the
     /// queue was locked (None when it names none).
+    #[expect(clippy::too_many_lines, reason = "Q-4's checks in the rule's order")]
     pub fn enqueue(
         &mut self,
         caller: &Caller,

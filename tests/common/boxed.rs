@@ -31,21 +31,21 @@ const LOCK: &str = "/run/lock/outlive-box.lock";
 const CGROUP_ROOTS: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"];
 
 /// What the box will hold: an install tree, configuration, units, the state image.
-pub struct Stage {
-    pub dir: PathBuf,
-    pub root: PathBuf,
+pub(crate) struct Stage {
+    pub(crate) dir: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
 impl Stage {
     /// A fresh stage with outlive installed by the project's own `make install`
     /// (`PREFIX=/usr/local`), using the binaries this test run built.
-    pub fn new(name: &str) -> Stage {
+    pub(crate) fn new(name: &str) -> Stage {
         Stage::with_binaries(name, outlived(), outlivectl())
     }
 
     /// The same with the release binaries (`make test` builds them first), for what is
     /// measured: the debug build is ten times slower at dispatching calls.
-    pub fn new_release(name: &str) -> Stage {
+    pub(crate) fn new_release(name: &str) -> Stage {
         let (d, c) = (
             repo().join("target/release/outlived"),
             repo().join("target/release/outlivectl"),
@@ -70,7 +70,7 @@ impl Stage {
     }
 
     /// A fresh stage with nothing installed (a test installs a package inside the box).
-    pub fn empty(name: &str) -> Stage {
+    pub(crate) fn empty(name: &str) -> Stage {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("box-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -81,7 +81,7 @@ impl Stage {
     }
 
     /// Write a file into the box's tree (`rel` is absolute inside the box).
-    pub fn file(&self, rel: &str, contents: &str) {
+    pub(crate) fn file(&self, rel: &str, contents: &str) {
         let p = self.root.join(rel.trim_start_matches('/'));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, contents).unwrap();
@@ -90,15 +90,14 @@ impl Stage {
     /// Copy a file into the box's tree (`rel` is absolute inside the box). Only the stage's
     /// tree is seen inside the box: the stage directory itself may live under the machine's
     /// `/tmp`, which the box replaces with its own.
-    #[allow(dead_code)]
-    pub fn copy(&self, rel: &str, from: &Path) {
+    pub(crate) fn copy(&self, rel: &str, from: &Path) {
         let p = self.root.join(rel.trim_start_matches('/'));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::copy(from, &p).unwrap();
     }
 
     /// Put the state directory on a fresh ext4 image of `mib` MiB.
-    pub fn state_image(&self, mib: u64) {
+    pub(crate) fn state_image(&self, mib: u64) {
         let img = self.dir.join("state.img");
         let f = File::create(&img).unwrap();
         f.set_len(mib << 20).unwrap();
@@ -107,7 +106,7 @@ impl Stage {
     }
 
     /// Put a file into the state directory before boot (`mtime_ago` seconds old).
-    pub fn state_file(&self, name: &str, contents: &[u8], mtime_ago: u64) {
+    pub(crate) fn state_file(&self, name: &str, contents: &[u8], mtime_ago: u64) {
         let p = self.dir.join("state").join(name);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, contents).unwrap();
@@ -121,7 +120,7 @@ impl Stage {
     }
 
     /// Make the box's target want a unit.
-    pub fn want(&self, unit: &str) {
+    pub(crate) fn want(&self, unit: &str) {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -139,11 +138,11 @@ impl Drop for Stage {
 }
 
 /// A booted box.
-pub struct SystemdBox {
+pub(crate) struct SystemdBox {
     /// `unshare` of the watch's pid namespace, in which the box's own is nested.
     unshare: Child,
     /// systemd's pid as seen from the machine.
-    pub pid: i32,
+    pub(crate) pid: i32,
     cgroups_before: BTreeSet<PathBuf>,
     _lock: File,
     halted: bool,
@@ -157,7 +156,7 @@ static WATCH: Mutex<Option<Arc<MachineWatch>>> = Mutex::new(None);
 /// Run a box test and return what it changed on the machine (DESIGN §4.3): what its
 /// processes did to the machine's filesystems, as the watch saw it, and the difference of a
 /// snapshot before and after (see the module doc). Empty when the machine is as it was.
-pub fn machine_changes(test: impl FnOnce()) -> Vec<String> {
+pub(crate) fn machine_changes(test: impl FnOnce()) -> Vec<String> {
     let watch = MachineWatch::start().expect("fanotify (root, Linux >= 5.9)");
     *WATCH.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&watch));
     struct Clear;
@@ -182,7 +181,7 @@ pub fn machine_changes(test: impl FnOnce()) -> Vec<String> {
 }
 
 /// Run a box test and assert that the machine is as it was ([`machine_changes`]).
-pub fn unchanged_machine(test: impl FnOnce()) {
+pub(crate) fn unchanged_machine(test: impl FnOnce()) {
     let changes = machine_changes(test);
     assert!(
         changes.is_empty(),
@@ -210,7 +209,7 @@ fn cgroup_dirs() -> BTreeSet<PathBuf> {
 }
 
 /// Whether this machine can boot a box (root, systemd, unshare, nsenter).
-pub fn available() -> Result<(), String> {
+pub(crate) fn available() -> Result<(), String> {
     if !super::is_root() {
         return Err("root (booting systemd in namespaces)".into());
     }
@@ -230,7 +229,7 @@ pub fn available() -> Result<(), String> {
 
 impl SystemdBox {
     /// Boot a box from `stage` and wait until its boot has finished.
-    pub fn boot(stage: &Stage) -> SystemdBox {
+    pub(crate) fn boot(stage: &Stage) -> SystemdBox {
         std::fs::create_dir_all("/run/lock").unwrap();
         let lock = File::create(LOCK).expect("box lock file");
         lock.lock().expect("box lock");
@@ -323,7 +322,7 @@ impl SystemdBox {
     }
 
     /// Run a command inside the box (all namespaces; `nsenter` resets the cwd to /).
-    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn run(&self, args: &[&str]) -> (i32, String, String) {
         run(Command::new("nsenter")
             .arg("-t")
             .arg(self.pid.to_string())
@@ -332,12 +331,12 @@ impl SystemdBox {
     }
 
     /// Run a shell script inside the box.
-    pub fn sh(&self, script: &str) -> (i32, String, String) {
+    pub(crate) fn sh(&self, script: &str) -> (i32, String, String) {
         self.run(&["/bin/sh", "-c", script])
     }
 
     /// `systemctl show -p <prop> --value <unit>`.
-    pub fn show(&self, unit: &str, prop: &str) -> String {
+    pub(crate) fn show(&self, unit: &str, prop: &str) -> String {
         self.run(&["systemctl", "show", "-p", prop, "--value", unit])
             .1
             .trim()
@@ -345,7 +344,12 @@ impl SystemdBox {
     }
 
     /// Poll `f` until true; panics with `what` after `timeout`.
-    pub fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut(&SystemdBox) -> bool) {
+    pub(crate) fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&SystemdBox) -> bool,
+    ) {
         let end = Instant::now() + timeout;
         while !f(self) {
             if Instant::now() > end {
@@ -357,7 +361,7 @@ impl SystemdBox {
     }
 
     /// Halt the box and remove the empty cgroups it left.
-    pub fn halt(mut self) {
+    pub(crate) fn halt(mut self) {
         self.halt_inner();
     }
 
@@ -373,6 +377,7 @@ impl SystemdBox {
         while is_box_systemd(self.pid) {
             if Instant::now() > end {
                 // Killing PID 1 of the box kills every process in it.
+                // SAFETY: sending a signal to a pid we own; no memory is involved.
                 unsafe { libc::kill(self.pid, libc::SIGKILL) };
                 let stop = Instant::now() + Duration::from_secs(10);
                 while is_box_systemd(self.pid) && Instant::now() < stop {
@@ -444,12 +449,12 @@ fn find_box_systemd(unshare_pid: i32) -> Option<i32> {
 /// A listing of the machine's trees that a box must not change (DESIGN §4.3): path, type,
 /// mode, owner, size and mtime, not crossing into other mounts.
 #[derive(Debug, PartialEq, Eq)]
-pub struct HostSnapshot(BTreeSet<String>);
+pub(crate) struct HostSnapshot(BTreeSet<String>);
 
 impl HostSnapshot {
     /// Take it. Paths under `exclude` prefixes (and the ones in `OUTLIVE_BOX_SNAPSHOT_EXCLUDE`,
     /// colon-separated) are left out.
-    pub fn take(exclude: &[&Path]) -> HostSnapshot {
+    pub(crate) fn take(exclude: &[&Path]) -> HostSnapshot {
         let mut excl: Vec<PathBuf> = exclude.iter().map(|p| p.to_path_buf()).collect();
         excl.push(repo());
         excl.push(PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
@@ -537,7 +542,7 @@ impl HostSnapshot {
     }
 
     /// The lines that differ (removed with `-`, added with `+`).
-    pub fn diff(&self, after: &HostSnapshot) -> Vec<String> {
+    pub(crate) fn diff(&self, after: &HostSnapshot) -> Vec<String> {
         let mut d: Vec<String> = self
             .0
             .difference(&after.0)

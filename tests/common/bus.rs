@@ -14,27 +14,27 @@ use std::process::{Child, Command, Stdio};
 use super::{open_tempdir, repo, run};
 
 /// A member of group `outlive` (uid, gid), present only inside [`PrivateBus::with_users`].
-pub const MEMBER: (u32, u32) = (60001, 60001);
+pub(crate) const MEMBER: (u32, u32) = (60001, 60001);
 /// A user in no special group.
-pub const STRANGER: (u32, u32) = (60002, 60002);
+pub(crate) const STRANGER: (u32, u32) = (60002, 60002);
 /// A user whose primary group is root's (gid 0): a run as this uid gets gid 0 only when the
 /// enqueuer names the group explicitly (SPEC §12 Q-1).
-pub const ROOT_GROUP_USER: (u32, u32) = (60003, 0);
+pub(crate) const ROOT_GROUP_USER: (u32, u32) = (60003, 0);
 /// The gid of `outlive` inside the test namespace.
-pub const OUTLIVE_GID: u32 = 60000;
+pub(crate) const OUTLIVE_GID: u32 = 60000;
 
 /// A running private bus. Killed on drop.
-pub struct PrivateBus {
+pub(crate) struct PrivateBus {
     child: Child,
-    pub dir: tempfile::TempDir,
-    pub socket: PathBuf,
-    pub address: String,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) socket: PathBuf,
+    pub(crate) address: String,
     config: PathBuf,
     users: bool,
 }
 
 /// The system bus configuration, listening on `socket`, including `policy`.
-pub fn system_like_config(socket: &Path, policy: &Path) -> String {
+pub(crate) fn system_like_config(socket: &Path, policy: &Path) -> String {
     format!(
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -70,7 +70,7 @@ pub fn system_like_config(socket: &Path, policy: &Path) -> String {
 }
 
 /// A policy that lets everyone call everything (to show the agent enforces on its own).
-pub const PERMISSIVE_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+pub(crate) const PERMISSIVE_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <policy user="root"><allow own="org.outlive.Agent1"/></policy>
@@ -102,18 +102,18 @@ fn user_files(dir: &Path) {
 
 impl PrivateBus {
     /// Start a bus with the shipped policy.
-    pub fn start() -> PrivateBus {
+    pub(crate) fn start() -> PrivateBus {
         PrivateBus::start_with(&repo().join("systemd/org.outlive.Agent1.conf"), false)
     }
 
     /// Start a bus with the shipped policy in a mount namespace where the test users exist
     /// ([`MEMBER`] in group `outlive`, [`STRANGER`]). Needs root.
-    pub fn with_users() -> PrivateBus {
+    pub(crate) fn with_users() -> PrivateBus {
         PrivateBus::start_with(&repo().join("systemd/org.outlive.Agent1.conf"), true)
     }
 
     /// Start a bus with another policy file.
-    pub fn start_with(policy: &Path, users: bool) -> PrivateBus {
+    pub(crate) fn start_with(policy: &Path, users: bool) -> PrivateBus {
         let dir = open_tempdir();
         let socket = dir.path().join("system_bus_socket");
         let config = dir.path().join("bus.conf");
@@ -134,7 +134,7 @@ impl PrivateBus {
 
     /// A wrapper that runs a command in the bus's mount namespace (where the test users
     /// exist), for agents that must see them; empty without test users.
-    pub fn agent_wrapper(&self) -> Vec<String> {
+    pub(crate) fn agent_wrapper(&self) -> Vec<String> {
         if !self.users {
             return vec![];
         }
@@ -148,7 +148,7 @@ impl PrivateBus {
     }
 
     /// Kill the daemon and start a new one on the same socket (bus restart under the agent).
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
@@ -158,27 +158,27 @@ impl PrivateBus {
     }
 
     /// Stop the daemon.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// `busctl --address=… <args>` as the current user.
-    pub fn busctl(&self, args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn busctl(&self, args: &[&str]) -> (i32, String, String) {
         run(Command::new("busctl")
             .arg(format!("--address={}", self.address))
             .args(args))
     }
 
     /// `busctl --address=… <args>` as uid/gid nobody.
-    pub fn busctl_as_nobody(&self, args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn busctl_as_nobody(&self, args: &[&str]) -> (i32, String, String) {
         run(super::as_nobody("busctl")
             .arg(format!("--address={}", self.address))
             .args(args))
     }
 
     /// `busctl --address=… <args>` as `(uid, gid)` (with its login groups, see [`as_user`]).
-    pub fn busctl_as(&self, who: (u32, u32), args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn busctl_as(&self, who: (u32, u32), args: &[&str]) -> (i32, String, String) {
         run(as_user("busctl", who)
             .arg(format!("--address={}", self.address))
             .args(args))
@@ -187,7 +187,7 @@ impl PrivateBus {
     /// `outlivectl <args>` against this bus as `(uid, gid)`, with the supplementary groups a
     /// login session of that user would have (dbus-daemon takes a peer's groups from the
     /// process, SO_PEERGROUPS; the agent from the user database).
-    pub fn outlivectl_as(&self, who: (u32, u32), args: &[&str]) -> (i32, String, String) {
+    pub(crate) fn outlivectl_as(&self, who: (u32, u32), args: &[&str]) -> (i32, String, String) {
         let mut c = as_user(&super::exe_for_others(super::outlivectl()), who);
         c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .current_dir("/")
@@ -198,7 +198,7 @@ impl PrivateBus {
 
 /// A command run as `who` with the supplementary groups its login would have in the test
 /// namespace's user database.
-pub fn as_user(program: &str, who: (u32, u32)) -> Command {
+pub(crate) fn as_user(program: &str, who: (u32, u32)) -> Command {
     use std::os::unix::process::CommandExt;
     let groups: Vec<libc::gid_t> = if who == MEMBER {
         vec![OUTLIVE_GID, MEMBER.1]
@@ -273,7 +273,7 @@ impl Drop for PrivateBus {
     default_service = "org.outlive.Agent1",
     default_path = "/org/outlive/Agent1"
 )]
-pub trait Agent1 {
+pub(crate) trait Agent1 {
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -296,7 +296,7 @@ pub trait Agent1 {
 }
 
 /// A zbus connection to `address` as the current user.
-pub async fn connect(address: &str) -> zbus::Connection {
+pub(crate) async fn connect(address: &str) -> zbus::Connection {
     zbus::connection::Builder::address(address)
         .build()
         .await
@@ -304,7 +304,7 @@ pub async fn connect(address: &str) -> zbus::Connection {
 }
 
 /// Whether `name` has an owner on the bus.
-pub async fn has_owner(conn: &zbus::Connection, name: &str) -> bool {
+pub(crate) async fn has_owner(conn: &zbus::Connection, name: &str) -> bool {
     let proxy = zbus::fdo::DBusProxy::new(conn).await.unwrap();
     proxy
         .name_has_owner(name.try_into().unwrap())
@@ -313,6 +313,6 @@ pub async fn has_owner(conn: &zbus::Connection, name: &str) -> bool {
 }
 
 /// A variant as a string (or its debug text).
-pub fn text(v: &zbus::wire::OwnedVariant) -> String {
+pub(crate) fn text(v: &zbus::wire::OwnedVariant) -> String {
     String::try_from(v.try_clone().unwrap()).unwrap_or_else(|_| format!("{v:?}"))
 }

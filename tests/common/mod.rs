@@ -5,11 +5,14 @@
 //! A test that needs root, FUSE, a tool or systemd calls [`require`]: outside CI it prints why
 //! it skips; under `CI=true` a skip is a failure.
 
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness: what is dead differs per binary"
+)]
 
-pub mod boxed;
-pub mod bus;
-pub mod watch;
+pub(crate) mod boxed;
+pub(crate) mod bus;
+pub(crate) mod watch;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 /// The built agent, or the one `OUTLIVE_TEST_OUTLIVED` names (to show that a test fails on an
 /// older build: `OUTLIVE_TEST_OUTLIVED=/path/to/old/outlived cargo nextest run …`).
-pub fn outlived() -> &'static str {
+pub(crate) fn outlived() -> &'static str {
     static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         std::env::var("OUTLIVE_TEST_OUTLIVED")
@@ -31,7 +34,7 @@ pub fn outlived() -> &'static str {
 }
 
 /// The built CLI, or the one `OUTLIVE_TEST_OUTLIVECTL` names (as for the agent).
-pub fn outlivectl() -> &'static str {
+pub(crate) fn outlivectl() -> &'static str {
     static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         std::env::var("OUTLIVE_TEST_OUTLIVECTL")
@@ -42,7 +45,7 @@ pub fn outlivectl() -> &'static str {
 /// `bin` as a path any user may execute. Test users cannot reach a checkout under a private
 /// directory (a clone in `/root`), so there a copy is made once, by size and mtime, in a
 /// root-owned 0755 directory under the system temp dir.
-pub fn exe_for_others(bin: &str) -> String {
+pub(crate) fn exe_for_others(bin: &str) -> String {
     use std::os::unix::fs::MetadataExt;
     let reachable = Path::new(bin)
         .ancestors()
@@ -75,12 +78,12 @@ pub fn exe_for_others(bin: &str) -> String {
 }
 
 /// The repository root.
-pub fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The newest package `make deb` / `make rpm` built: `target/<dir>/<prefix>*<suffix>`.
-pub fn built_package(dir: &str, prefix: &str, suffix: &str) -> Option<PathBuf> {
+pub(crate) fn built_package(dir: &str, prefix: &str, suffix: &str) -> Option<PathBuf> {
     let d = repo().join("target").join(dir);
     std::fs::read_dir(d)
         .ok()?
@@ -94,15 +97,15 @@ pub fn built_package(dir: &str, prefix: &str, suffix: &str) -> Option<PathBuf> {
 }
 
 /// An unprivileged uid/gid for tests that must not be root (`nobody`).
-pub const NOBODY: u32 = 65534;
+pub(crate) const NOBODY: u32 = 65534;
 
 /// Whether this process is root.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
 /// Whether a command is on PATH.
-pub fn have(cmd: &str) -> bool {
+pub(crate) fn have(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
         .status()
@@ -111,7 +114,7 @@ pub fn have(cmd: &str) -> bool {
 
 /// Check a precondition. False (with a message) means "skip"; under CI=true it panics, since
 /// CI must run every test.
-pub fn require(ok: bool, why: &str) -> bool {
+pub(crate) fn require(ok: bool, why: &str) -> bool {
     if ok {
         return true;
     }
@@ -123,12 +126,12 @@ pub fn require(ok: bool, why: &str) -> bool {
 }
 
 /// Require root (and say why the test needs it).
-pub fn require_root(why: &str) -> bool {
+pub(crate) fn require_root(why: &str) -> bool {
     require(is_root(), &format!("root ({why})"))
 }
 
 /// Require commands on PATH.
-pub fn require_tools(tools: &[&str]) -> bool {
+pub(crate) fn require_tools(tools: &[&str]) -> bool {
     let missing: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
     require(
         missing.is_empty(),
@@ -137,7 +140,7 @@ pub fn require_tools(tools: &[&str]) -> bool {
 }
 
 /// A temporary directory readable by unprivileged test users (tempfile makes 0700 ones).
-pub fn open_tempdir() -> tempfile::TempDir {
+pub(crate) fn open_tempdir() -> tempfile::TempDir {
     let d = tempfile::Builder::new()
         .prefix("outlive-test-")
         .tempdir()
@@ -152,29 +155,29 @@ pub fn open_tempdir() -> tempfile::TempDir {
 
 /// One datagram received on a test socket.
 #[derive(Debug, Clone)]
-pub struct Datagram {
-    pub at: Instant,
-    pub fields: Vec<(String, String)>,
+pub(crate) struct Datagram {
+    pub(crate) at: Instant,
+    pub(crate) fields: Vec<(String, String)>,
 }
 
 impl Datagram {
     /// A field's value.
-    pub fn get(&self, k: &str) -> Option<&str> {
+    pub(crate) fn get(&self, k: &str) -> Option<&str> {
         self.fields
             .iter()
             .find(|(n, _)| n == k)
             .map(|(_, v)| v.as_str())
     }
     /// Whether a field is present with a value.
-    pub fn has(&self, k: &str, v: &str) -> bool {
+    pub(crate) fn has(&self, k: &str, v: &str) -> bool {
         self.get(k) == Some(v)
     }
 }
 
 /// A datagram socket a test binds to play systemd's notify socket or the journal.
-pub struct TestSocket {
+pub(crate) struct TestSocket {
     _dir: tempfile::TempDir,
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     sock: UnixDatagram,
     seen: std::cell::RefCell<Vec<Datagram>>,
     journal: bool,
@@ -197,20 +200,19 @@ impl TestSocket {
     }
 
     /// A socket speaking sd_notify's protocol (`KEY=VALUE` lines).
-    pub fn notify() -> TestSocket {
+    pub(crate) fn notify() -> TestSocket {
         TestSocket::bind("notify", false)
     }
 
     /// A socket speaking the journal's native protocol.
-    pub fn journal() -> TestSocket {
+    pub(crate) fn journal() -> TestSocket {
         TestSocket::bind("journal", true)
     }
 
     /// Read and drop everything sent from now on, on a thread of its own, as a journald that
     /// keeps up would (a flood of events must not wait on a full socket buffer). Nothing sent
     /// afterwards is seen by [`TestSocket::wait_for`].
-    #[allow(dead_code)]
-    pub fn discard(&self) {
+    pub(crate) fn discard(&self) {
         let sock = self.sock.try_clone().expect("clone the test socket");
         sock.set_read_timeout(None).unwrap();
         std::thread::spawn(move || {
@@ -234,7 +236,7 @@ impl TestSocket {
     }
 
     /// Receive everything that arrives within `d`.
-    pub fn drain(&self, d: Duration) {
+    pub(crate) fn drain(&self, d: Duration) {
         let end = Instant::now() + d;
         while Instant::now() < end {
             self.recv_one();
@@ -258,7 +260,7 @@ impl TestSocket {
 
     /// Wait until a datagram satisfies `pred`; returns it. Panics with what was seen after
     /// `timeout`.
-    pub fn wait_for(
+    pub(crate) fn wait_for(
         &self,
         what: &str,
         timeout: Duration,
@@ -285,38 +287,38 @@ impl TestSocket {
     }
 
     /// Everything received so far.
-    pub fn seen(&self) -> Vec<Datagram> {
+    pub(crate) fn seen(&self) -> Vec<Datagram> {
         self.seen.borrow().clone()
     }
 }
 
 /// The agent running as a child process.
-pub struct Agent {
-    pub child: Child,
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
-    pub state_dir: PathBuf,
-    pub runtime_dir: PathBuf,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) config: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) runtime_dir: PathBuf,
     stderr_path: PathBuf,
 }
 
 /// How to start an agent.
-pub struct AgentSpec {
-    pub args: Vec<String>,
-    pub env: HashMap<String, String>,
+pub(crate) struct AgentSpec {
+    pub(crate) args: Vec<String>,
+    pub(crate) env: HashMap<String, String>,
     /// Extra TOML appended to the generated configuration.
-    pub toml: String,
-    pub journal: Option<PathBuf>,
-    pub notify: Option<PathBuf>,
-    pub watchdog_usec: Option<u64>,
+    pub(crate) toml: String,
+    pub(crate) journal: Option<PathBuf>,
+    pub(crate) notify: Option<PathBuf>,
+    pub(crate) watchdog_usec: Option<u64>,
     /// Run the agent through this wrapper command (e.g. `unshare --uts`).
-    pub wrapper: Vec<String>,
+    pub(crate) wrapper: Vec<String>,
     /// The state directory (default: `state` in the agent's temp dir).
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     /// Drop-ins for `guards.d/` beside the configuration: (file name, text, owner uid).
-    pub dropins: Vec<(String, String, u32)>,
+    pub(crate) dropins: Vec<(String, String, u32)>,
     /// The runtime directory (default: `run` in the agent's temp dir).
-    pub runtime_dir: Option<PathBuf>,
+    pub(crate) runtime_dir: Option<PathBuf>,
 }
 
 impl Default for AgentSpec {
@@ -338,7 +340,7 @@ impl Default for AgentSpec {
 
 impl Agent {
     /// Start an agent with a private state and runtime directory.
-    pub fn start(spec: AgentSpec) -> Agent {
+    pub(crate) fn start(spec: AgentSpec) -> Agent {
         let dir = open_tempdir();
         let state_dir = spec
             .state_dir
@@ -413,18 +415,18 @@ impl Agent {
     }
 
     /// The agent's pid.
-    pub fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
     /// Send a signal.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+    pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
     }
 
     /// The agent's own pid when it runs under a wrapper that forks (`unshare --fork`): the
     /// wrapper's first child.
-    pub fn inner_pid(&self) -> i32 {
+    pub(crate) fn inner_pid(&self) -> i32 {
         let pid = self.pid();
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
             .ok()
@@ -433,7 +435,7 @@ impl Agent {
     }
 
     /// Wait for the agent to exit; its exit code (or 128+signal).
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let end = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -448,12 +450,12 @@ impl Agent {
     }
 
     /// What the agent wrote on stderr so far.
-    pub fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
     /// Append to the configuration file (for reload tests).
-    pub fn append_config(&self, toml: &str) {
+    pub(crate) fn append_config(&self, toml: &str) {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.config)
@@ -473,7 +475,7 @@ impl Drop for Agent {
 }
 
 /// Run a command and return (status code, stdout, stderr).
-pub fn run(cmd: &mut Command) -> (i32, String, String) {
+pub(crate) fn run(cmd: &mut Command) -> (i32, String, String) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
@@ -485,7 +487,7 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
 }
 
 /// A command that runs as uid/gid `NOBODY`.
-pub fn as_nobody(program: &str) -> Command {
+pub(crate) fn as_nobody(program: &str) -> Command {
     let mut c = Command::new(program);
     // std drops supplementary groups when root changes uid.
     c.uid(NOBODY).gid(NOBODY);
@@ -493,7 +495,7 @@ pub fn as_nobody(program: &str) -> Command {
 }
 
 /// `outlivectl host --json [--path P]` parsed.
-pub fn host_json(path: Option<&Path>) -> serde_json::Value {
+pub(crate) fn host_json(path: Option<&Path>) -> serde_json::Value {
     let mut c = Command::new(outlivectl());
     c.args(["host", "--json"]);
     if let Some(p) = path {
@@ -505,7 +507,7 @@ pub fn host_json(path: Option<&Path>) -> serde_json::Value {
 }
 
 /// An agent on `bus` (system mode as root, in the bus's namespace when it has test users).
-pub fn bus_agent(
+pub(crate) fn bus_agent(
     bus: &bus::PrivateBus,
     notify: &TestSocket,
     journal: &TestSocket,
@@ -528,13 +530,13 @@ pub fn bus_agent(
 /// script mounts what the test needs, then the namespace idles. Dropping it kills the whole
 /// process group (FUSE daemons included), which ends the namespace and its mounts; loop
 /// devices mounted with `-o loop` detach themselves.
-pub struct MountNs {
+pub(crate) struct MountNs {
     child: Child,
 }
 
 impl MountNs {
     /// Run `script` (sh) in a new mount namespace; `$D` is `dir`.
-    pub fn start(dir: &Path, script: &str) -> MountNs {
+    pub(crate) fn start(dir: &Path, script: &str) -> MountNs {
         use std::io::BufRead;
         let full = format!(
             "set -eu\nD={}\n{script}\necho mounted\nexec sleep 100000\n",
@@ -560,7 +562,7 @@ impl MountNs {
     }
 
     /// A wrapper that runs a command inside the namespace.
-    pub fn wrapper(&self) -> Vec<String> {
+    pub(crate) fn wrapper(&self) -> Vec<String> {
         vec![
             "nsenter".into(),
             "-t".into(),
@@ -571,7 +573,7 @@ impl MountNs {
     }
 
     /// Run a shell command inside the namespace.
-    pub fn sh(&self, script: &str) -> (i32, String, String) {
+    pub(crate) fn sh(&self, script: &str) -> (i32, String, String) {
         let mut args = self.wrapper();
         args.extend(["sh".to_string(), "-c".to_string(), script.to_string()]);
         run(Command::new(&args[0]).args(&args[1..]))
@@ -589,12 +591,12 @@ impl Drop for MountNs {
 }
 
 /// Quote for sh.
-pub fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// A sparse image file formatted with `mkfs` (e.g. `["mkfs.ext4", "-q", "-F"]`).
-pub fn fs_image(path: &Path, mib: u64, mkfs: &[&str]) {
+pub(crate) fn fs_image(path: &Path, mib: u64, mkfs: &[&str]) {
     std::fs::File::create(path)
         .unwrap()
         .set_len(mib << 20)

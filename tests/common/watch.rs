@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The trees whose filesystems are watched.
-pub const WATCHED: [&str; 9] = [
+pub(crate) const WATCHED: [&str; 9] = [
     "/tmp",
     "/run/lock",
     "/run",
@@ -48,16 +48,17 @@ struct Fs {
 }
 
 /// The watch: the fanotify group and what its reader found so far.
-pub struct MachineWatch {
+pub(crate) struct MachineWatch {
     fan: OwnedFd,
     filesystems: Vec<Fs>,
     /// Trees whose filesystem could not be marked (the snapshot covers them instead).
-    pub unwatched: Vec<PathBuf>,
+    pub(crate) unwatched: Vec<PathBuf>,
     findings: Mutex<Vec<String>>,
 }
 
 fn fsid_of(path: &Path) -> std::io::Result<[i32; 2]> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a statfs is plain integers, for which all zeroes is a valid value.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid C string and `s` a valid out-pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut s) } != 0 {
@@ -69,7 +70,7 @@ fn fsid_of(path: &Path) -> std::io::Result<[i32; 2]> {
 
 impl MachineWatch {
     /// Start watching (root only).
-    pub fn start() -> std::io::Result<Arc<MachineWatch>> {
+    pub(crate) fn start() -> std::io::Result<Arc<MachineWatch>> {
         // SAFETY: plain system call.
         let fd = unsafe {
             libc::fanotify_init(
@@ -134,18 +135,18 @@ impl MachineWatch {
     }
 
     /// The group's descriptor, for the reader.
-    pub fn raw_fd(&self) -> RawFd {
+    pub(crate) fn raw_fd(&self) -> RawFd {
         self.fan.as_raw_fd()
     }
 
     /// Whether `path` lies on a watched filesystem.
-    pub fn covers(&self, path: &Path) -> bool {
+    pub(crate) fn covers(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path)
             .is_ok_and(|m| self.filesystems.iter().any(|f| f.dev == m.dev()))
     }
 
     /// What the box did, so far.
-    pub fn findings(&self) -> Vec<String> {
+    pub(crate) fn findings(&self) -> Vec<String> {
         self.findings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -153,7 +154,7 @@ impl MachineWatch {
     }
 
     /// The reader lost track (its sentinel never came): that is a finding too.
-    pub fn lost(&self) {
+    pub(crate) fn lost(&self) {
         self.findings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -275,7 +276,7 @@ impl MachineWatch {
 }
 
 /// The reader's end: what `cat` copies from the fanotify group, collected by a thread.
-pub struct Reader {
+pub(crate) struct Reader {
     watch: Arc<MachineWatch>,
     buf: Arc<Mutex<Vec<u8>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -283,7 +284,7 @@ pub struct Reader {
 
 impl Reader {
     /// Collect from `pipe` (the read end of the pipe `cat` writes to).
-    pub fn new(watch: Arc<MachineWatch>, pipe: File) -> Reader {
+    pub(crate) fn new(watch: Arc<MachineWatch>, pipe: File) -> Reader {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let b = Arc::clone(&buf);
         let thread = std::thread::spawn(move || {
@@ -308,7 +309,7 @@ impl Reader {
 
     /// The box is gone: write a sentinel file (as the machine, pid 0) and absorb everything
     /// the reader copied up to it. False when the sentinel never came through.
-    pub fn finish(&mut self) -> bool {
+    pub(crate) fn finish(&mut self) -> bool {
         let name = format!(".outlive-box-watch-{}", std::process::id());
         let path = Path::new("/tmp").join(&name);
         let _ = std::fs::write(&path, b"");

@@ -22,7 +22,7 @@ use crate::facts::{self, ClassifyError, Facts, Identity};
 use crate::sync::RwLockExt;
 
 /// Most bytes in a path argument (X-1 input limits).
-pub const MAX_PATH: usize = 4096;
+pub(crate) const MAX_PATH: usize = 4096;
 
 /// What the agent's main object shows.
 pub struct HostState {
@@ -120,7 +120,7 @@ pub struct Agent1 {
 }
 
 /// Validate a path argument (X-1 input limits).
-pub fn check_path(field: &str, p: &str) -> Result<PathBuf, OutliveError> {
+pub(crate) fn check_path(field: &str, p: &str) -> Result<PathBuf, OutliveError> {
     if p.is_empty() {
         return Err(OutliveError::invalid(field, "empty path"));
     }

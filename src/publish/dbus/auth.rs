@@ -11,7 +11,7 @@ use zbus::message::Header;
 
 use super::errors::OutliveError;
 
-pub use crate::facts::users::{GROUP, is_member};
+pub(crate) use crate::facts::users::{GROUP, is_member};
 
 /// Who may do what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +84,7 @@ impl Caller {
 
 /// The uid of the sender of `hdr`: from the bus daemon on a bus connection, from the socket's
 /// peer credentials on a peer-to-peer one.
-pub async fn caller_uid(conn: &Connection, hdr: &Header<'_>) -> Result<u32, OutliveError> {
+pub(crate) async fn caller_uid(conn: &Connection, hdr: &Header<'_>) -> Result<u32, OutliveError> {
     if conn.is_bus() {
         let sender = hdr
             .sender()
@@ -112,7 +112,7 @@ pub async fn caller_uid(conn: &Connection, hdr: &Header<'_>) -> Result<u32, Outl
 }
 
 /// A caller by uid, with membership from the user database.
-pub fn identify(uid: u32) -> Caller {
+pub(crate) fn identify(uid: u32) -> Caller {
     match crate::facts::users::account(uid) {
         crate::facts::users::Lookup::Found(a) => Caller {
             uid,

@@ -40,17 +40,17 @@ use crate::clock::boottime_ms;
 use crate::sync::MutexExt;
 
 /// Most calls in flight at once.
-pub const MAX_IN_FLIGHT: usize = 64;
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
 /// Threads of the bus runtime's blocking pool.
-pub const BLOCKING_THREADS: usize = 4;
+pub(crate) const BLOCKING_THREADS: usize = 4;
 /// Unprivileged callers: calls per second per uid, and the burst allowed.
-pub const READS_PER_SEC: u32 = 20;
-pub const READ_BURST: u32 = 40;
+pub(crate) const READS_PER_SEC: u32 = 20;
+pub(crate) const READ_BURST: u32 = 40;
 /// Members' mutations: per second per uid, and the burst allowed.
-pub const MUTATIONS_PER_SEC: u32 = 10;
-pub const MUTATION_BURST: u32 = 20;
+pub(crate) const MUTATIONS_PER_SEC: u32 = 10;
+pub(crate) const MUTATION_BURST: u32 = 20;
 /// The largest `ReportGuard` options dictionary accepted (its keys and string values).
-pub const MAX_REPORT_OPTIONS_BYTES: usize = 4096;
+pub(crate) const MAX_REPORT_OPTIONS_BYTES: usize = 4096;
 /// Identities cached at most (the cache is cleared when it would grow past this).
 const MAX_CACHED_CALLERS: usize = 4096;
 
@@ -222,7 +222,7 @@ impl Gate {
 
 /// Run `f`, which may block (a file, an fsync, an NSS lookup), on the bus runtime's blocking
 /// pool, off the dispatch thread; the handler awaits it.
-pub async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, OutliveError> {
     tokio::task::spawn_blocking(f)

@@ -2,7 +2,7 @@
 //! connection's life.
 //!
 //! The connection lives on a thread and a runtime of its own, which only dispatches calls and
-//! never blocks ([`gate`] describes how calls are bounded and what runs where); the rest of the
+//! never blocks (`gate` describes how calls are bounded and what runs where); the rest of the
 //! agent asks it for PropertiesChanged and posture signals through a channel ([`Bus::sync`],
 //! [`Bus::posture_signals`]). The name is requested without queueing after the startup
 //! decisions; if another connection owns it, start fails (exit 75, `ERRNO=EADDRINUSE`). While
@@ -12,10 +12,10 @@
 //! object and re-requests the name; the gap is recorded for the posture (`publish.dbus` reads
 //! `off-runtime-divergent` meanwhile).
 
-pub mod agent1;
-pub mod auth;
-pub mod errors;
-pub mod gate;
+pub(crate) mod agent1;
+pub(crate) mod auth;
+pub(crate) mod errors;
+pub(crate) mod gate;
 pub mod guards1;
 pub mod queue1;
 pub mod variant;

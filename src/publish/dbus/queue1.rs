@@ -276,6 +276,7 @@ fn strings(key: &str, v: &OwnedVariant, limit: usize) -> Result<Vec<String>, Fie
 
 /// Decode `Enqueue`'s dictionary. Unknown keys and wrong types are `(key, why)`.
 /// Evidence may be `as`, or `av` whose non-strings are dropped.
+#[expect(clippy::too_many_lines, reason = "X-1's Enqueue keys, one arm each")]
 pub fn decode_enqueue(dict: &HashMap<String, OwnedVariant>) -> Result<Request, Field> {
     let mut keys: Vec<&String> = dict.keys().collect();
     keys.sort();

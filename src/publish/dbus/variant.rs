@@ -107,7 +107,6 @@ pub fn to_json(v: &Variant<'_>) -> serde_json::Value {
             J::Object(m)
         }
         Variant::Structure(s) => J::Array(s.fields().iter().map(to_json).collect()),
-        #[allow(unreachable_patterns)]
         _ => J::Null,
     }
 }
