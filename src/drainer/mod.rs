@@ -4,6 +4,7 @@
 //! while the queue is idle. What a tick does is the caller's (`agent.rs` wires the queue in).
 
 pub(crate) mod continuation;
+pub(crate) mod decide;
 pub mod gauge;
 pub mod manager;
 pub(crate) mod spawn;

@@ -5,6 +5,12 @@
 //! off ⇒ `queue-off`; (3) paused ⇒ §5; (4) pressure and calm accounting; (5) TTL sweep;
 //! (6) breaker; (7) gates: calm (skipped by a manual drain), quota, session cap; (8) the head
 //! candidate; (9) validation; (10) dry run; (11) the attempt. At most one decision per tick.
+//!
+//! Decide, then act: a tick first verifies what is due (`wake`, `reconcile`), then gathers
+//! what [`decide`](super::decide::decide) asks for (the queue's snapshot, the pressure, the
+//! candidates, the count of revived runs alive, one validation at a time), carries out the
+//! actions it returns (`act`) and ends the way it says (`carry_out`: a report, an
+//! invalidation or an attempt). The decision is a pure function; the I/O is here.
 //! Verification of an attempt runs on every wake once its grace has elapsed, before the next
 //! decision; a tick never waits a grace out. Outcome words are audited when they change.
 
@@ -14,6 +20,7 @@ use std::process::Child;
 use std::sync::{Arc, Mutex};
 
 use super::continuation;
+use super::decide::{Action, Decision, Fact, Finish, Step, View, decide};
 use super::gauge::{Gauge, Tier, tier};
 use super::manager::{
     CALL_TIMEOUT, ServiceManager, StartError, Transient, Verdict, attempt_verdict,
@@ -121,14 +128,14 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(outcome: Outcome) -> Report {
+    pub(crate) fn new(outcome: Outcome) -> Report {
         Report {
             outcome,
             entry_id: None,
             detail: None,
         }
     }
-    fn with(outcome: Outcome, id: Option<&str>, detail: impl Into<String>) -> Report {
+    pub(crate) fn with(outcome: Outcome, id: Option<&str>, detail: impl Into<String>) -> Report {
         Report {
             outcome,
             entry_id: id.map(str::to_string),
@@ -251,6 +258,23 @@ struct Attempt {
 struct Tracked {
     key: String,
     child: Child,
+}
+
+/// What a tick has gathered for its decision ([`View`] borrows it).
+#[derive(Default)]
+struct Gathered {
+    now_boot: u64,
+    snapshot: crate::queue::Snapshot,
+    stale_pause: Option<String>,
+    lift_failed: Option<String>,
+    pressure: Option<(Tier, String)>,
+    candidates: Option<Vec<Entry>>,
+    stops: Vec<crate::queue::store::RunStop>,
+    global_stop: Option<u64>,
+    revived_alive: Option<Result<usize, String>>,
+    checks: Vec<(String, Check)>,
+    checking: Option<std::time::Instant>,
+    out_of_time: bool,
 }
 
 /// The drainer.
@@ -383,291 +407,257 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         r
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "FIXME(issue 13): to become gather, a pure decide, and act"
-    )]
+    /// D-2 steps 2–11: verify what is due, then gather, decide ([`decide`]) and act until the
+    /// decision is made.
     async fn tick_inner(&mut self, queue: &SharedQueue, manual: bool) -> Report {
         self.wake(queue).await;
         if !self.reconciled {
             self.reconcile(queue).await;
         }
-        // (2)
-        let snap = queue.lock().snapshot();
-        if !snap.enabled {
-            let o = if snap.disabled_reason == "queue-off" {
-                Outcome::QueueOff
-            } else {
-                Outcome::QueueDisabled
-            };
-            return Report::with(
-                o,
-                None,
-                format!("{}: {}", snap.disabled_reason, snap.disabled_detail),
-            );
+        let mut g = Gathered {
+            now_boot: self.clock.boot_ms(),
+            ..Gathered::default()
+        };
+        self.refresh(queue, &mut g);
+        loop {
+            let step = decide(&self.view(&g, manual));
+            match step {
+                Step::Need(fact) => self.gather(queue, fact, &mut g).await,
+                Step::Then(actions, fact) => {
+                    for a in actions {
+                        if let Err(e) = self.act(queue, a) {
+                            g.lift_failed = Some(e);
+                        }
+                    }
+                    self.refresh(queue, &mut g);
+                    if g.lift_failed.is_none() {
+                        self.gather(queue, fact, &mut g).await;
+                    }
+                }
+                Step::Done(d) => return self.carry_out(queue, d).await,
+            }
         }
-        let now_boot = self.clock.boot_ms();
-        let now_wall = self.clock.wall_ms();
-        // D-7: the queue's own setting (one source, reloaded with it).
-        let live = !snap.dry_run;
-        // (3) §5
-        if let Some(p) = &snap.pause {
-            // Paused time is waiting time (the unpause credits it to `frozen_ms`, Q-12), never
-            // calm time.
-            queue.lock().advance_waiting(false);
-            self.calm_streak = 0;
-            self.held_since = None;
-            if !live {
-                // P-4: a paused dry-run queue does nothing else.
-                return Report::with(
-                    Outcome::Paused,
-                    None,
-                    format!("{}: {}", p.kind.as_str(), p.reason),
+    }
+
+    /// What the decision sees now.
+    fn view<'a>(&'a self, g: &'a Gathered, manual: bool) -> View<'a> {
+        View {
+            settings: &self.settings,
+            manual,
+            now_boot: g.now_boot,
+            queue: &g.snapshot,
+            stale_pause: g.stale_pause.as_deref(),
+            lift_failed: g.lift_failed.as_deref(),
+            headsup: self.headsup,
+            calm_streak: self.calm_streak,
+            held_since: self.held_since,
+            held_notified: self.held_notified,
+            breaker_until: self.breaker_until.map(|(boot, _)| boot),
+            quota: self.handle.fresh_quota(),
+            seen: &self.seen,
+            pressure: g.pressure.as_ref().map(|(t, why)| (*t, why.as_str())),
+            candidates: g.candidates.as_deref(),
+            revived_alive: g
+                .revived_alive
+                .as_ref()
+                .map(|r| r.as_ref().copied().map_err(String::as_str)),
+            checks: &g.checks,
+            out_of_time: g.out_of_time,
+        }
+    }
+
+    /// The queue's snapshot, and whether its pause is a stale emergency pause (P-5).
+    fn refresh(&self, queue: &SharedQueue, g: &mut Gathered) {
+        g.snapshot = queue.lock().snapshot();
+        g.stale_pause = g
+            .snapshot
+            .pause
+            .as_ref()
+            .and_then(|p| self.stale_pause(queue, p));
+    }
+
+    /// Gather what the decision asked for.
+    async fn gather(&mut self, queue: &SharedQueue, fact: Fact, g: &mut Gathered) {
+        match fact {
+            Fact::Pressure => {
+                let (t, why) = tier(&self.gauge.sample());
+                g.pressure = Some((t, why));
+            }
+            Fact::Candidates => {
+                let q = queue.lock();
+                let state = q.state();
+                g.candidates = Some(
+                    rules::candidates(&state.entries, g.now_boot)
+                        .into_iter()
+                        .map(|i| state.entries[i].clone())
+                        .collect(),
                 );
+                g.stops = state.stops.clone();
+                g.global_stop = state.global_stop;
             }
-            let stale = self.stale_pause(queue, p);
-            match stale {
-                Some(why) => {
-                    if let Err(e) = queue.lock().auto_resume_stale(&why) {
-                        return Report::with(
-                            Outcome::Paused,
-                            None,
-                            format!("the stale pause could not be lifted: {e}"),
-                        );
-                    }
-                    self.headsup = None;
+            Fact::RevivedAlive => g.revived_alive = Some(self.revived_alive(queue).await),
+            Fact::Check(id) => {
+                let started = *g.checking.get_or_insert_with(std::time::Instant::now);
+                let entry = g
+                    .candidates
+                    .as_ref()
+                    .and_then(|c| c.iter().find(|e| e.id == id))
+                    .cloned();
+                let check = match entry {
+                    Some(e) => self.check(&e, &g.stops, g.global_stop).await,
+                    None => Check::Undecided("the entry is no longer a candidate".into()),
+                };
+                // Each undecided check may have waited out a timeout.
+                if matches!(check, Check::Undecided(_)) && started.elapsed() >= CALL_TIMEOUT {
+                    g.out_of_time = true;
                 }
-                None => {
-                    // P-3: once per (paused_at, open-entry count).
-                    if snap.waiting > 0 && self.headsup != Some((p.paused_at, snap.waiting)) {
-                        self.headsup = Some((p.paused_at, snap.waiting));
-                        self.audit.record(
-                            &Event::new(
-                                "paused-waiting",
-                                format!(
-                                    "revival is paused ({}: {}); {} runs are waiting; run `outlivectl resume` to let them come back",
-                                    p.kind.as_str(),
-                                    p.reason,
-                                    snap.waiting
-                                ),
-                            )
-                            .alert(Alert::PausedWithRunsWaiting)
-                            .field("kind", p.kind.as_str())
-                            .field("waiting", snap.waiting),
-                        );
-                    }
-                    return Report::with(
-                        Outcome::Paused,
-                        None,
-                        format!("{}: {}", p.kind.as_str(), p.reason),
-                    );
-                }
+                g.checks.push((id, check));
             }
         }
-        // (4)
-        let sample = self.gauge.sample();
-        let (t, why) = tier(&sample);
-        self.handle.update(|p| p.tier = Some(t));
-        if t == Tier::Normal {
-            self.calm_streak += 1;
+    }
+
+    /// D-6 for one entry: the agent's own runs are checked as the agent, anyone else's as them.
+    async fn check(
+        &mut self,
+        e: &Entry,
+        stops: &[crate::queue::store::RunStop],
+        global_stop: Option<u64>,
+    ) -> Check {
+        let tracked_alive = self.tracked_alive(&e.key());
+        let owner = if e.uid == nix::unistd::geteuid().as_raw() {
+            Owner::Agent
         } else {
-            self.calm_streak = 0;
-        }
-        queue.lock().advance_waiting(t == Tier::Normal);
-        // (5)
-        queue.lock().sweep_ttl();
-        // (6)
-        if let Some((until, _)) = self.breaker_until {
-            if now_boot < until {
-                return Report::with(
-                    Outcome::BreakerOpen,
-                    None,
-                    format!("open for {} s more", (until - now_boot) / 1000),
-                );
-            }
-            self.breaker_until = None;
-            self.audit.record(
-                &Event::new(
-                    "breaker-closed",
-                    "the breaker closed after its cooldown: revival attempts resume",
-                )
-                .priority(priority::NOTICE),
-            );
-        }
-        // (7) gates
-        let cands: Vec<Entry> = {
-            let g = queue.lock();
-            let state = g.state();
-            rules::candidates(&state.entries, now_boot)
-                .into_iter()
-                .map(|i| state.entries[i].clone())
-                .collect()
+            self.paths.owner(e.uid, e.gid).await
         };
-        if cands.is_empty() {
-            // Nothing to gate: the gates hold entries, and an idle tick asks nothing of the
-            // service manager.
-            self.held_since = None;
-            self.held_notified = false;
-            return Report::new(Outcome::Empty);
-        }
-        if self.settings.calm_gate
-            && !manual
-            && self.calm_streak < self.settings.required_calm_ticks
-        {
-            if live && !cands.is_empty() {
-                let since = *self.held_since.get_or_insert(now_boot);
-                let notice = self.settings.pressure_held_notice_ms;
-                if notice > 0 && !self.held_notified && now_boot.saturating_sub(since) > notice {
-                    self.held_notified = true;
-                    self.audit.record(
-                        &Event::new(
-                            "pressure-held",
-                            format!(
-                                "{} is held under memory/CPU pressure ({why}); will revive when there is headroom",
-                                cands[0].label()
-                            ),
-                        )
-                        .alert(Alert::QueueNotice)
-                        .field("entry_id", &cands[0].id)
-                        .field("tier", t.as_str()),
-                    );
+        let cx = Context {
+            owner: &owner,
+            allowed_units: &self.settings.allowed_units,
+            stops,
+            global_stop,
+            manager: self.manager.as_ref(),
+            tracked_alive,
+        };
+        validate(e, &cx, &self.paths).await
+    }
+
+    /// Carry out one action; only lifting a stale pause can fail (why, for the report).
+    fn act(&mut self, queue: &SharedQueue, a: Action) -> Result<(), String> {
+        match a {
+            Action::SetCalm { streak, tier } => {
+                self.calm_streak = streak;
+                if let Some(t) = tier {
+                    self.handle.update(|p| p.tier = Some(t));
                 }
             }
-            return Report::with(
-                Outcome::Calm,
-                None,
-                format!(
-                    "{} ({} of {} calm ticks)",
-                    why, self.calm_streak, self.settings.required_calm_ticks
-                ),
-            );
-        }
-        self.held_since = None;
-        self.held_notified = false;
-        if self.handle.fresh_quota() == Some(false) {
-            return Report::with(
-                Outcome::Quota,
-                None,
-                "the quota tracker reported no headroom",
-            );
-        }
-        match self.revived_alive(queue).await {
-            Ok(n) if n >= self.settings.max_revived_alive as usize => {
-                return Report::with(
-                    Outcome::SessionCap,
-                    None,
-                    format!(
-                        "{n} revived runs are alive (limit {})",
-                        self.settings.max_revived_alive
-                    ),
-                );
+            Action::AdvanceWaiting { calm } => {
+                queue.lock().advance_waiting(calm);
             }
-            Ok(_) => {}
-            Err(why) => {
-                return Report::with(
-                    Outcome::SessionCap,
-                    None,
-                    format!("cannot count the revived runs: {why}"),
-                );
+            Action::SweepTtl => {
+                queue.lock().sweep_ttl();
             }
-        }
-        // (8) and (9)
-        let (stops, global_stop) = {
-            let g = queue.lock();
-            (g.state().stops.clone(), g.state().global_stop)
-        };
-        let mut chosen = None;
-        let mut undecided = 0usize;
-        let mut last_undecided = String::new();
-        let checking = std::time::Instant::now();
-        let unseen: Vec<&Entry> = cands
-            .iter()
-            .filter(|e| live || !self.seen.contains(&e.id))
-            .collect();
-        for e in unseen {
-            let tracked_alive = self.tracked_alive(&e.key());
-            // The agent's own runs are checked as the agent; anyone else's as them.
-            let owner = if e.uid == nix::unistd::geteuid().as_raw() {
-                Owner::Agent
-            } else {
-                self.paths.owner(e.uid, e.gid).await
-            };
-            let cx = Context {
-                owner: &owner,
-                allowed_units: &self.settings.allowed_units,
-                stops: &stops,
-                global_stop,
-                manager: self.manager.as_ref(),
-                tracked_alive,
-            };
-            match validate(e, &cx, &self.paths).await {
-                Check::Pass => {
-                    chosen = Some(e.clone());
-                    break;
-                }
-                Check::Invalid(why, detail) => {
-                    return match queue.lock().invalidate(&e.id, why, &detail, live) {
-                        Ok(()) => Report::with(
-                            Outcome::Invalidated,
-                            Some(&e.id),
-                            format!("{why}: {detail}"),
+            Action::LiftStalePause(why) => {
+                queue
+                    .lock()
+                    .auto_resume_stale(&why)
+                    .map_err(|e| e.to_string())?;
+                self.headsup = None;
+            }
+            Action::HeadsUp {
+                paused_at,
+                waiting,
+                kind,
+                reason,
+            } => {
+                self.headsup = Some((paused_at, waiting));
+                self.audit.record(
+                    &Event::new(
+                        "paused-waiting",
+                        format!(
+                            "revival is paused ({kind}: {reason}); {waiting} runs are waiting; run `outlivectl resume` to let them come back"
                         ),
-                        Err(err) => Report::with(
-                            Outcome::Invalidated,
-                            Some(&e.id),
-                            format!("{why}: {detail} (not recorded: {err})"),
+                    )
+                    .alert(Alert::PausedWithRunsWaiting)
+                    .field("kind", kind)
+                    .field("waiting", waiting),
+                );
+            }
+            Action::CloseBreaker => {
+                self.breaker_until = None;
+                self.audit.record(
+                    &Event::new(
+                        "breaker-closed",
+                        "the breaker closed after its cooldown: revival attempts resume",
+                    )
+                    .priority(priority::NOTICE),
+                );
+            }
+            Action::HoldSince(t) => self.held_since = Some(t),
+            Action::PressureHeld {
+                entry_id,
+                label,
+                why,
+                tier,
+            } => {
+                self.held_notified = true;
+                self.audit.record(
+                    &Event::new(
+                        "pressure-held",
+                        format!(
+                            "{label} is held under memory/CPU pressure ({why}); will revive when there is headroom"
                         ),
-                    };
-                }
-                Check::Undecided(w) => {
-                    let _ = queue
-                        .lock()
-                        .defer(&e.id, self.settings.undecided_backoff_ms(), &w);
-                    undecided += 1;
-                    last_undecided = w;
-                    // Each undecided check may have waited out a timeout: keep the tick short
-                    // (the others are checked on later ticks).
-                    if checking.elapsed() >= CALL_TIMEOUT {
-                        break;
-                    }
-                }
-            }
-        }
-        let Some(e) = chosen else {
-            if undecided > 0 {
-                return Report::with(
-                    Outcome::Empty,
-                    None,
-                    format!(
-                        "{undecided} ready entries could not be checked ({last_undecided}); they stay queued and are checked again"
-                    ),
+                    )
+                    .alert(Alert::QueueNotice)
+                    .field("entry_id", &entry_id)
+                    .field("tier", tier.as_str()),
                 );
             }
-            if !live && !cands.is_empty() {
-                return Report::with(
-                    Outcome::DryRun,
-                    None,
-                    "every ready entry was already reported",
-                );
+            Action::ReleaseHold => {
+                self.held_since = None;
+                self.held_notified = false;
             }
-            return Report::new(Outcome::Empty);
-        };
-        // (10) D-7
-        if !live {
-            self.seen.insert(e.id.clone());
-            self.audit.record(
-                &Event::new(
-                    "would-revive",
-                    format!("dry run: would revive {} ({}); nothing is started while queue.dry_run is on", e.label(), e.id),
-                )
-                .priority(priority::INFO)
-                .field("entry_id", &e.id),
-            );
-            return Report::with(Outcome::DryRun, Some(&e.id), "would revive");
+            Action::RestartHold => self.held_since = None,
+            Action::Defer { entry_id, why } => {
+                let _ = queue
+                    .lock()
+                    .defer(&entry_id, self.settings.undecided_backoff_ms(), &why);
+            }
+            Action::WouldRevive { entry_id, label } => {
+                self.audit.record(
+                    &Event::new(
+                        "would-revive",
+                        format!("dry run: would revive {label} ({entry_id}); nothing is started while queue.dry_run is on"),
+                    )
+                    .priority(priority::INFO)
+                    .field("entry_id", &entry_id),
+                );
+                self.seen.insert(entry_id);
+            }
         }
-        // (11)
-        let _ = now_wall;
-        self.attempt(queue, e).await
+        Ok(())
+    }
+
+    /// Carry out the decision and end the tick.
+    async fn carry_out(&mut self, queue: &SharedQueue, d: Decision) -> Report {
+        for a in d.actions {
+            let _ = self.act(queue, a);
+        }
+        match d.finish {
+            Finish::Report(r) => r,
+            Finish::Invalidate {
+                entry_id,
+                why,
+                detail,
+            } => {
+                let live = !queue.lock().snapshot().dry_run;
+                let recorded = queue.lock().invalidate(&entry_id, why, &detail, live);
+                let detail = match recorded {
+                    Ok(()) => format!("{why}: {detail}"),
+                    Err(err) => format!("{why}: {detail} (not recorded: {err})"),
+                };
+                Report::with(Outcome::Invalidated, Some(&entry_id), detail)
+            }
+            Finish::Attempt(e) => self.attempt(queue, *e).await,
+        }
     }
 
     /// P-5: a stale emergency pause, and why.
