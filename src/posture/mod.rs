@@ -465,20 +465,76 @@ impl Posture {
         }
     }
 
-    /// G-8: evaluate now.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "FIXME(issue 13): to become read inputs, a pure derivation, publish"
-    )]
+    /// G-8: evaluate now: read the inputs (the file on disk, the drop-ins, every runtime
+    /// read), derive the rows and anomalies from them, and publish.
     pub fn evaluate(&mut self, q: &QueueFacts) -> Outcome {
-        let (now_boot, now_wall) = (self.clock.boot_ms(), self.clock.wall_ms());
         let mut out = Outcome::default();
-        // G-4: the configuration on disk, read once.
-        let disk = Config::load(&self.config_file, self.must_exist, &self.paths);
-        match (&disk, &self.config_error) {
+        let reading = self.read();
+        out.events.extend(self.note_config(&reading.disk));
+        let now_wall = reading.now_wall;
+        let rows: Vec<(Row, Derived)> = self
+            .row_inputs(&reading)
+            .into_iter()
+            .map(|r| {
+                let d = rows::derive(&r.input);
+                self.row(&r, d, now_wall)
+            })
+            .collect();
+        // Rows that no longer exist stop being tracked.
+        let keys: HashSet<&str> = rows.iter().map(|(r, _)| r.key.as_str()).collect();
+        self.track.retain(|k, _| keys.contains(k.as_str()));
+        let flapping: HashSet<String> = rows
+            .iter()
+            .filter(|(r, _)| self.track[&r.key].flaps())
+            .map(|(r, _)| r.key.clone())
+            .collect();
+        let anomalies = anomalies(&rows, &flapping, &self.settings, q, now_wall);
+        let attention = self.attend(&anomalies, &flapping, q, &mut out);
+        let rows: Vec<Row> = rows.into_iter().map(|(r, _)| r).collect();
+        out.changed_rows = changed(&self.published.rows, &rows);
+        self.published = published(rows, &anomalies, attention);
+        out
+    }
+
+    /// Everything an evaluation reads (the only I/O of an evaluation): the configuration on
+    /// disk, read once (G-4); the drop-ins (read again only if they changed), weighed with
+    /// what was applied holding its keys; every built-in guard's runtime read and every
+    /// external report (G-3).
+    fn read(&self) -> Reading {
+        let disk = Config::load(&self.config_file, self.must_exist, &self.paths)
+            .map_err(|e| e.to_string());
+        let applied_dropins = self.book.dropins();
+        let disk_dropins = self
+            .reader
+            .load(&|k| manifest::builtin(k).is_some(), Some(&applied_dropins));
+        let reads = BUILTIN
+            .iter()
+            .map(|g| {
+                let r = self
+                    .getters
+                    .get(g.key)
+                    .map(|f| f())
+                    .unwrap_or(RuntimeRead::Absent);
+                (g.key, r)
+            })
+            .collect();
+        Reading {
+            disk,
+            disk_dropins,
+            applied_dropins,
+            reads,
+            reports: self.book.reports(),
+            now_boot: self.clock.boot_ms(),
+            now_wall: self.clock.wall_ms(),
+        }
+    }
+
+    /// G-4: one notice when the file on disk stops parsing; cleared when it parses again.
+    fn note_config(&mut self, disk: &Result<Config, String>) -> Option<Event> {
+        match (disk, &self.config_error) {
             (Err(e), None) => {
-                self.config_error = Some(e.to_string());
-                out.events.push(
+                self.config_error = Some(e.clone());
+                Some(
                     Event::new(
                         "config-unreadable",
                         format!(
@@ -487,248 +543,147 @@ impl Posture {
                     )
                     .alert(crate::audit::Alert::QueueNotice)
                     .field("reason", "config-unreadable"),
-                );
+                )
             }
-            (Ok(_), Some(_)) => self.config_error = None,
-            _ => {}
+            (Ok(_), Some(_)) => {
+                self.config_error = None;
+                None
+            }
+            _ => None,
         }
-        // What the files say now (read again only if they changed), weighed with what was
-        // applied holding its keys.
-        let disk_dropins = self.reader.load(
-            &|k| manifest::builtin(k).is_some(),
-            Some(&self.book.dropins()),
-        );
+    }
+
+    /// Every row's inputs (G-3 to G-6): the built-in guards, the drop-ins' guards, and the
+    /// keys of rejected drop-ins (errored).
+    fn row_inputs(&self, r: &Reading) -> Vec<RowInput> {
+        let input = |runtime: RuntimeRead, cadence_ms: Option<u64>| Input {
+            config_enabled: Ok(true),
+            config_dry_run: false,
+            default_enabled: true,
+            diverged: false,
+            applied_enabled: true,
+            expect_runtime: true,
+            boot_had_it_off: false,
+            runtime,
+            cadence_ms,
+            now_boot: r.now_boot,
+            started_boot: self.started_boot,
+        };
+        let boot_off = |key: &str| self.boot.get(key).is_some_and(|b| !b.0);
         let no_bus = self.settings.no_bus;
-        let mut rows: Vec<(Row, Derived)> = Vec::new();
+        let mut out = Vec::new();
         for g in &BUILTIN {
             let (applied_on, applied_dry) = Self::applied_value(&self.applied, g, no_bus);
-            let (config_enabled, config_dry_run, diverged) = match (g.kind, &disk) {
+            let (config_enabled, config_dry_run, diverged) = match (g.kind, &r.disk) {
                 (GuardKind::CodeDefault, _) => (Ok(applied_on), applied_dry, false),
                 (GuardKind::Config, Err(_)) => (Err(()), applied_dry, false),
                 (GuardKind::Config, Ok(c)) => {
                     let (on, dry) = Self::applied_value(c, g, no_bus);
-                    (
-                        Ok(on),
-                        dry,
-                        !g.live_config && (on, dry) != (applied_on, applied_dry),
-                    )
+                    let diverged = !g.live_config && (on, dry) != (applied_on, applied_dry);
+                    (Ok(on), dry, diverged)
                 }
             };
-            let input = Input {
-                config_enabled,
-                config_dry_run,
-                default_enabled: g.default_enabled && !(g.key == "publish.dbus" && no_bus),
-                diverged,
-                applied_enabled: applied_on,
-                expect_runtime: g.expect_runtime,
-                boot_had_it_off: self.boot.get(g.key).is_some_and(|b| !b.0),
-                runtime: self
-                    .getters
-                    .get(g.key)
-                    .map(|f| f())
-                    .unwrap_or(RuntimeRead::Absent),
-                cadence_ms: self.cadence_ms(g.cadence),
-                now_boot,
-                started_boot: self.started_boot,
-            };
-            let d = rows::derive(&input);
-            rows.push(self.row(
-                g.key,
-                g.description,
-                "builtin",
-                &input,
-                g.load_bearing,
-                d,
-                now_wall,
-            ));
+            out.push(RowInput {
+                key: g.key.to_string(),
+                description: g.description.to_string(),
+                source: "builtin".to_string(),
+                load_bearing: g.load_bearing,
+                input: Input {
+                    config_enabled,
+                    config_dry_run,
+                    default_enabled: g.default_enabled && !(g.key == "publish.dbus" && no_bus),
+                    diverged,
+                    applied_enabled: applied_on,
+                    expect_runtime: g.expect_runtime,
+                    boot_had_it_off: boot_off(g.key),
+                    ..input(r.reads[g.key].clone(), self.cadence_ms(g.cadence))
+                },
+            });
         }
-        let applied_dropins = self.book.dropins();
-        let reports = self.book.reports();
-        for dg in applied_dropins.guards.clone() {
-            let on_disk = disk_dropins.find(&dg.key);
+        for dg in &r.applied_dropins.guards {
+            let on_disk = r.disk_dropins.find(&dg.key);
             let (config_enabled, config_dry_run) = on_disk
                 .map(|x| (x.enabled, x.dry_run))
                 .unwrap_or((dg.enabled, dg.dry_run));
-            let input = Input {
-                config_enabled: Ok(config_enabled),
-                config_dry_run,
-                default_enabled: dg.default_enabled,
-                diverged: on_disk
-                    .is_none_or(|x| (x.enabled, x.dry_run) != (dg.enabled, dg.dry_run)),
-                applied_enabled: dg.enabled,
-                expect_runtime: true,
-                boot_had_it_off: self.boot.get(&dg.key).is_some_and(|b| !b.0),
-                runtime: reports.get(&dg.key).cloned().unwrap_or(RuntimeRead::Absent),
-                cadence_ms: dg.cadence_ms,
-                now_boot,
-                started_boot: self.started_boot,
-            };
-            let d = rows::derive(&input);
-            rows.push(self.row(
-                &dg.key,
-                &dg.description,
-                &dg.file,
-                &input,
-                dg.load_bearing,
-                d,
-                now_wall,
-            ));
+            let runtime = r
+                .reports
+                .get(&dg.key)
+                .cloned()
+                .unwrap_or(RuntimeRead::Absent);
+            out.push(RowInput {
+                key: dg.key.clone(),
+                description: dg.description.clone(),
+                source: dg.file.clone(),
+                load_bearing: dg.load_bearing,
+                input: Input {
+                    config_enabled: Ok(config_enabled),
+                    config_dry_run,
+                    default_enabled: dg.default_enabled,
+                    diverged: on_disk
+                        .is_none_or(|x| (x.enabled, x.dry_run) != (dg.enabled, dg.dry_run)),
+                    applied_enabled: dg.enabled,
+                    boot_had_it_off: boot_off(&dg.key),
+                    ..input(runtime, dg.cadence_ms)
+                },
+            });
         }
-        for r in applied_dropins.rejected.clone() {
-            for key in &r.keys {
-                let input = Input {
-                    config_enabled: Ok(true),
-                    config_dry_run: false,
-                    default_enabled: true,
-                    diverged: false,
-                    applied_enabled: true,
-                    expect_runtime: true,
-                    boot_had_it_off: false,
-                    runtime: RuntimeRead::Errored(r.why.clone()),
-                    cadence_ms: None,
-                    now_boot,
-                    started_boot: self.started_boot,
-                };
-                let d = rows::derive(&input);
-                let desc = format!("ignored drop-in: {}", r.why);
-                rows.push(self.row(key, &desc, &r.file, &input, false, d, now_wall));
-            }
-        }
-        // Rows that no longer exist stop being tracked.
-        let keys: HashSet<String> = rows.iter().map(|(r, _)| r.key.clone()).collect();
-        self.track.retain(|k, _| keys.contains(k));
-        // G-7 anomalies.
-        let mut anomalies = Vec::new();
-        let mut flapping = HashSet::new();
-        for (row, d) in &rows {
-            let t = &self.track[&row.key];
-            let changes = t
-                .history
-                .iter()
-                .zip(t.history.iter().skip(1))
-                .filter(|(a, b)| a != b)
-                .count();
-            let mut kinds = Vec::new();
-            match d.effective {
-                Effective::Off if d.off_class == Some(OffClass::DivergedFromDefault) => {
-                    kinds.push(AnomalyKind::DivergedFromDefault)
-                }
-                Effective::OffRuntimeDivergent => kinds.push(AnomalyKind::OffRuntimeDivergent),
-                Effective::OnStale => kinds.push(AnomalyKind::OnStale),
-                Effective::Missing => kinds.push(AnomalyKind::Missing),
-                Effective::Errored => kinds.push(AnomalyKind::Errored),
-                _ => {}
-            }
-            if changes > FLAP_CHANGES {
-                kinds.push(AnomalyKind::Flapping);
-                flapping.insert(row.key.clone());
-            }
-            if row.load_bearing && !self.settings.accepted_gaps.contains(&row.key) {
-                let dry_since = if row.key == "queue.resume" {
-                    q.dry_run_since.unwrap_or(row.since)
-                } else {
-                    row.since
-                };
-                let gap = match d.effective {
-                    Effective::Off => true,
-                    Effective::OnDryRun => {
-                        now_wall.saturating_sub(dry_since) > self.settings.soak_ms
-                    }
-                    _ => false,
-                };
-                if gap {
-                    kinds.push(AnomalyKind::LoadBearingGap);
-                }
-            }
-            for kind in kinds {
-                anomalies.push(Anomaly {
-                    key: row.key.clone(),
-                    kind,
-                    reason_code: row.reason_code.clone(),
+        for rej in &r.applied_dropins.rejected {
+            for key in &rej.keys {
+                out.push(RowInput {
+                    key: key.clone(),
+                    description: format!("ignored drop-in: {}", rej.why),
+                    source: rej.file.clone(),
+                    load_bearing: false,
+                    input: input(RuntimeRead::Errored(rej.why.clone()), None),
                 });
             }
         }
-        let (att_json, att_public, degraded, headline) = {
-            let mut a = self.attention.locked();
-            out.events
-                .extend(a.evaluate(&anomalies, &flapping, &q.causes));
-            out.raised = a.take_raised();
-            // What DEGRADED: names: an alertable anomaly; else the row a notice is about
-            // (same reason code), as the operator will see it in `outlivectl guards`; else
-            // the latest notice.
-            let describe = |x: &Anomaly| match &x.reason_code {
-                Some(r) => format!("{} {} ({r})", x.key, x.kind.as_str()),
-                None => format!("{} {}", x.key, x.kind.as_str()),
-            };
-            let reasons = a.notice_reasons();
-            let headline = a
-                .anomalies()
-                .first()
-                .map(describe)
-                .or_else(|| {
-                    anomalies
-                        .iter()
-                        .find(|x| x.reason_code.as_ref().is_some_and(|r| reasons.contains(r)))
-                        .map(describe)
-                })
-                .or_else(|| a.latest_notice().map(|(k, m)| format!("{k}: {}", short(m))));
-            (a.to_json(true), a.to_json(false), a.is_open(), headline)
-        };
-        let new_rows: Vec<Row> = rows.into_iter().map(|(r, _)| r).collect();
-        out.changed_rows = new_rows
-            .iter()
-            .filter(|r| {
-                self.published
-                    .rows
-                    .iter()
-                    .find(|o| o.key == r.key)
-                    .is_none_or(|o| r.changed_from(o))
-            })
-            .cloned()
-            .collect();
-        let mut summary: BTreeMap<String, u32> = Effective::ALL
-            .iter()
-            .map(|e| (e.as_str().to_string(), 0))
-            .collect();
-        for r in &new_rows {
-            *summary.entry(r.effective.to_string()).or_default() += 1;
-        }
-        let on = new_rows
-            .iter()
-            .filter(|r| {
-                Effective::ALL
-                    .iter()
-                    .any(|e| e.as_str() == r.effective && e.counts_on())
-            })
-            .count() as u32;
-        self.published = Published {
-            on: (on, new_rows.len() as u32),
-            rows: new_rows,
-            summary,
-            anomalies: anomalies.iter().map(Anomaly::describe).collect(),
-            attention: att_json,
-            attention_public: att_public,
-            degraded,
-            headline,
-        };
         out
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one row's inputs, gathered by evaluate; to become one struct with the decide/act split"
-    )]
-    fn row(
-        &mut self,
-        key: &str,
-        description: &str,
-        source: &str,
-        input: &Input,
-        load_bearing: bool,
-        d: rows::Derived,
-        now_wall: u64,
-    ) -> (Row, Derived) {
-        let t = self.track.entry(key.to_string()).or_insert(Track {
+    /// G-9: the attention item takes the anomalies and the persistent causes; returns what
+    /// is published of it and what `DEGRADED:` names first.
+    fn attend(
+        &self,
+        anomalies: &[Anomaly],
+        flapping: &HashSet<String>,
+        q: &QueueFacts,
+        out: &mut Outcome,
+    ) -> AttentionView {
+        let mut a = self.attention.locked();
+        out.events
+            .extend(a.evaluate(anomalies, flapping, &q.causes));
+        out.raised = a.take_raised();
+        // What DEGRADED: names: an alertable anomaly; else the row a notice is about (same
+        // reason code), as the operator will see it in `outlivectl guards`; else the latest
+        // notice.
+        let describe = |x: &Anomaly| match &x.reason_code {
+            Some(r) => format!("{} {} ({r})", x.key, x.kind.as_str()),
+            None => format!("{} {}", x.key, x.kind.as_str()),
+        };
+        let reasons = a.notice_reasons();
+        let headline = a
+            .anomalies()
+            .first()
+            .map(describe)
+            .or_else(|| {
+                anomalies
+                    .iter()
+                    .find(|x| x.reason_code.as_ref().is_some_and(|r| reasons.contains(r)))
+                    .map(describe)
+            })
+            .or_else(|| a.latest_notice().map(|(k, m)| format!("{k}: {}", short(m))));
+        AttentionView {
+            full: a.to_json(true),
+            public: a.to_json(false),
+            degraded: a.is_open(),
+            headline,
+        }
+    }
+
+    /// Track a row's state (since when, its recent history) and project it (G-10).
+    fn row(&mut self, r: &RowInput, d: rows::Derived, now_wall: u64) -> (Row, Derived) {
+        let t = self.track.entry(r.key.clone()).or_insert(Track {
             effective: d.effective,
             since: now_wall,
             history: VecDeque::new(),
@@ -742,21 +697,21 @@ impl Posture {
             t.history.pop_front();
         }
         let row = Row {
-            key: key.to_string(),
-            description: description.to_string(),
+            key: r.key.clone(),
+            description: r.description.clone(),
             effective: d.effective.as_str(),
             off_class: d.off_class.map(OffClass::as_str),
-            config_enabled: input.config_enabled.unwrap_or(false),
-            default_enabled: input.default_enabled,
+            config_enabled: r.input.config_enabled.unwrap_or(false),
+            default_enabled: r.input.default_enabled,
             runtime_enabled: d.runtime_enabled,
             dry_run: d.dry_run,
             stale: d.stale,
             last_tick_at: d.last_tick_wall,
             reason_code: d.reason_code.clone(),
-            diverged: input.diverged,
-            load_bearing,
+            diverged: r.input.diverged,
+            load_bearing: r.load_bearing,
             since: t.since,
-            source: source.to_string(),
+            source: r.source.clone(),
         };
         (
             row,
@@ -765,6 +720,137 @@ impl Posture {
                 off_class: d.off_class,
             },
         )
+    }
+}
+
+/// What an evaluation read.
+struct Reading {
+    disk: Result<Config, String>,
+    disk_dropins: Dropins,
+    applied_dropins: Dropins,
+    reads: HashMap<&'static str, RuntimeRead>,
+    reports: HashMap<String, RuntimeRead>,
+    now_boot: u64,
+    now_wall: u64,
+}
+
+/// One row's inputs and what the row is.
+struct RowInput {
+    key: String,
+    description: String,
+    source: String,
+    load_bearing: bool,
+    input: Input,
+}
+
+/// The attention item as published.
+struct AttentionView {
+    full: serde_json::Value,
+    public: serde_json::Value,
+    degraded: bool,
+    headline: Option<String>,
+}
+
+impl Track {
+    /// G-7: more state changes than allowed within the window.
+    fn flaps(&self) -> bool {
+        let h = &self.history;
+        h.iter()
+            .zip(h.iter().skip(1))
+            .filter(|(a, b)| a != b)
+            .count()
+            > FLAP_CHANGES
+    }
+}
+
+/// G-7: the anomalies of the rows (pure).
+fn anomalies(
+    rows: &[(Row, Derived)],
+    flapping: &HashSet<String>,
+    settings: &Settings,
+    q: &QueueFacts,
+    now_wall: u64,
+) -> Vec<Anomaly> {
+    let mut out = Vec::new();
+    for (row, d) in rows {
+        let mut kinds = Vec::new();
+        match d.effective {
+            Effective::Off if d.off_class == Some(OffClass::DivergedFromDefault) => {
+                kinds.push(AnomalyKind::DivergedFromDefault)
+            }
+            Effective::OffRuntimeDivergent => kinds.push(AnomalyKind::OffRuntimeDivergent),
+            Effective::OnStale => kinds.push(AnomalyKind::OnStale),
+            Effective::Missing => kinds.push(AnomalyKind::Missing),
+            Effective::Errored => kinds.push(AnomalyKind::Errored),
+            _ => {}
+        }
+        if flapping.contains(&row.key) {
+            kinds.push(AnomalyKind::Flapping);
+        }
+        if row.load_bearing && !settings.accepted_gaps.contains(&row.key) {
+            let dry_since = if row.key == "queue.resume" {
+                q.dry_run_since.unwrap_or(row.since)
+            } else {
+                row.since
+            };
+            let gap = match d.effective {
+                Effective::Off => true,
+                Effective::OnDryRun => now_wall.saturating_sub(dry_since) > settings.soak_ms,
+                _ => false,
+            };
+            if gap {
+                kinds.push(AnomalyKind::LoadBearingGap);
+            }
+        }
+        out.extend(kinds.into_iter().map(|kind| Anomaly {
+            key: row.key.clone(),
+            kind,
+            reason_code: row.reason_code.clone(),
+        }));
+    }
+    out
+}
+
+/// The rows whose projection changed since `before` (PostureChanged).
+fn changed(before: &[Row], now: &[Row]) -> Vec<Row> {
+    now.iter()
+        .filter(|r| {
+            before
+                .iter()
+                .find(|o| o.key == r.key)
+                .is_none_or(|o| r.changed_from(o))
+        })
+        .cloned()
+        .collect()
+}
+
+/// What is published: the rows, their count per state, the anomalies and the
+/// attention item.
+fn published(rows: Vec<Row>, anomalies: &[Anomaly], a: AttentionView) -> Published {
+    let mut summary: BTreeMap<String, u32> = Effective::ALL
+        .iter()
+        .map(|e| (e.as_str().to_string(), 0))
+        .collect();
+    for r in &rows {
+        *summary.entry(r.effective.to_string()).or_default() += 1;
+    }
+    let on = rows
+        .iter()
+        .filter(|r| {
+            Effective::ALL
+                .iter()
+                .any(|e| e.as_str() == r.effective && e.counts_on())
+        })
+        .count() as u32;
+    Published {
+        on: (on, rows.len() as u32),
+        rows,
+        summary,
+        anomalies: anomalies.iter().map(Anomaly::describe).collect(),
+        attention: a.full,
+        attention_public: a.public,
+        degraded: a.degraded,
+        headline: a.headline,
     }
 }
 
