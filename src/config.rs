@@ -426,6 +426,12 @@ pub enum AutoHeal {
     On,
 }
 
+/// The configuration as applied, as every component holds it: one channel, to which start
+/// and each reload (SIGHUP) send one new configuration. A component derives its settings
+/// from it at the start of its step (a tick, a queue operation, an evaluation, a probe), so a
+/// reloadable key reaches its component through the key table and that component only.
+pub type Applied = tokio::sync::watch::Receiver<std::sync::Arc<Config>>;
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -547,6 +553,11 @@ impl Config {
                 .unwrap_or_else(|| default_value(k, paths));
             values.insert(k.key, v);
         }
+        Config::typed(source, values)
+    }
+
+    /// The typed configuration from every key's value.
+    fn typed(source: Option<PathBuf>, values: BTreeMap<&'static str, Value>) -> Config {
         let b = |k: &str| matches!(values.get(k), Some(Value::Bool(true)));
         let n = |k: &str| match values.get(k) {
             Some(Value::Int(i)) => *i as u32,
@@ -627,16 +638,13 @@ impl Config {
     /// running values; returns it and the names of those keys that differ (to be audited).
     pub fn apply_reload(&self, newer: &Config) -> (Config, Vec<&'static str>) {
         let pending = self.pending_on_reload(newer);
-        let mut applied = newer.clone();
+        let mut values = newer.values.clone();
         for k in &pending {
             if let Some(v) = self.values.get(k) {
-                applied.values.insert(k, v.clone());
+                values.insert(k, v.clone());
             }
         }
-        applied.state_dir = self.state_dir.clone();
-        applied.runtime_dir = self.runtime_dir.clone();
-        applied.journal_socket = self.journal_socket.clone();
-        (applied, pending)
+        (Config::typed(newer.source.clone(), values), pending)
     }
 
     /// The effective configuration as TOML (`outlived --check-config`).

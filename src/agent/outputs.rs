@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use crate::audit::AuditSink;
+use crate::config::{Applied, Config};
 use crate::drainer::tick::Handle;
 use crate::posture::attention::Causes;
-use crate::posture::{Posture, Published, QueueFacts};
+use crate::posture::{Posture, Published, QueueFacts, Settings as PostureSettings};
 use crate::publish::dbus::{Bus, HostState, SharedQueue};
 use crate::publish::notify::{BusLine, Notifier, status_line};
 use crate::sync::{MutexExt, RwLockExt};
@@ -22,24 +23,48 @@ pub(super) struct Evaluator {
     pub(super) audit: Arc<dyn AuditSink>,
     /// The service manager unreachable past its grace (a persistent cause, G-9).
     pub(super) manager_down: Arc<AtomicBool>,
+    /// The applied configuration, and the one the posture last took (a new one is taken
+    /// before the next evaluation: G-4's boot snapshot, the drop-ins read again).
+    pub(super) applied: Applied,
+    pub(super) posture_applied: Mutex<Arc<Config>>,
+    pub(super) no_bus: bool,
+    pub(super) watchdog: Option<Duration>,
 }
 
 impl Evaluator {
     pub(super) async fn evaluate(&self) {
         let mut facts = queue_facts(&self.queue);
         facts.causes.manager_unreachable = self.manager_down.load(Ordering::Relaxed);
-        let posture = Arc::clone(&self.posture);
+        let config = Arc::clone(&self.applied.borrow());
+        let newer = {
+            let mut last = self.posture_applied.locked();
+            (!Arc::ptr_eq(&last, &config)).then(|| {
+                *last = Arc::clone(&config);
+                config
+            })
+        };
+        let settings = newer
+            .as_ref()
+            .map(|c| PostureSettings::from_config(c, self.no_bus, self.watchdog));
+        let (posture, queue) = (Arc::clone(&self.posture), Arc::clone(&self.queue));
         let done = tokio::task::spawn_blocking(move || {
             let mut p = posture.locked();
+            let mut events = Vec::new();
+            if let (Some(c), Some(s)) = (newer, settings) {
+                tracing::debug!(target: "outlive::config", "posture uses {s:?}");
+                p.reload((*c).clone(), s);
+                events = p.rejected_dropins();
+                super::posture::write_boot_snapshot(&queue, &p);
+            }
             let o = p.evaluate(&facts);
-            (o, p.published().clone())
+            (events, o, p.published().clone())
         })
         .await;
-        let Ok((outcome, published)) = done else {
+        let Ok((reloaded, outcome, published)) = done else {
             tracing::warn!("the posture evaluation panicked; the last posture stays published");
             return;
         };
-        for e in &outcome.events {
+        for e in reloaded.iter().chain(&outcome.events) {
             self.audit.record(e);
         }
         self.out

@@ -4,7 +4,7 @@
 //! applied. The reads live next to what they read (`posture::getters`, `publish::watchdog`,
 //! `publish::journal`, `publish::metrics`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::Agent;
 use super::runner::Runner;
@@ -13,12 +13,13 @@ use crate::config::Mode;
 use crate::posture::getters::{self, QueueResume, status};
 use crate::posture::{Posture, Settings as PostureSettings};
 use crate::publish::watchdog;
-use crate::sync::{MutexExt, RwLockExt};
+use crate::queue::SharedQueue;
 
 impl Agent {
     /// The posture with a read for every built-in guard.
     pub(super) fn posture(&self, runner: &Runner) -> Posture {
-        let settings = PostureSettings::from_config(&self.config, self.opts.no_bus, self.watchdog);
+        let config = self.config();
+        let settings = PostureSettings::from_config(&config, self.opts.no_bus, self.watchdog);
         let owner = if self.mode == Mode::User {
             nix::unistd::getuid().as_raw()
         } else {
@@ -28,7 +29,7 @@ impl Agent {
             &self.config_path,
             self.opts.config.is_some(),
             self.paths.clone(),
-            self.config.clone(),
+            (*config).clone(),
             settings,
             owner,
             Arc::clone(&self.attention),
@@ -40,10 +41,10 @@ impl Agent {
             no_linger: runner.no_linger,
             systemd: runner.systemd.clone(),
         };
-        let applied = Arc::clone(&self.applied);
+        let applied = self.applied();
         p.register(
             "queue.resume",
-            Box::new(move || resume.read(&applied.reading())),
+            Box::new(move || resume.read(&applied.borrow())),
         );
         let q = Arc::clone(&self.queue);
         p.register(
@@ -51,17 +52,17 @@ impl Agent {
             Box::new(move || getters::auto_heal(&q)),
         );
         // The drainer applies these on start and reload.
-        let applied = Arc::clone(&self.applied);
+        let applied = self.applied();
         p.register(
             "drainer.auto_resume_stale_pause",
-            Box::new(move || status(applied.reading().drainer.auto_resume_stale_pause)),
+            Box::new(move || status(applied.borrow().drainer.auto_resume_stale_pause)),
         );
-        let applied = Arc::clone(&self.applied);
+        let applied = self.applied();
         p.register(
             "drainer.calm_gate",
-            Box::new(move || status(applied.reading().drainer.calm_gate)),
+            Box::new(move || status(applied.borrow().drainer.calm_gate)),
         );
-        let (host, dir) = (Arc::clone(&self.host), self.config.state_dir.clone());
+        let (host, dir) = (Arc::clone(&self.host), config.state_dir.clone());
         p.register(
             "state.host_local",
             Box::new(move || getters::state_host_local(&host.facts, &dir)),
@@ -78,30 +79,26 @@ impl Agent {
         );
         let journal = Arc::clone(&self.journal);
         p.register("publish.journal", Box::new(move || journal.guard_read()));
-        let (applied, writes) = (Arc::clone(&self.applied), Arc::clone(&runner.metrics));
+        let (applied, writes) = (self.applied(), Arc::clone(&runner.metrics));
         p.register(
             "metrics.textfile",
-            Box::new(move || writes.guard_read(applied.reading().metrics_textfile.is_some())),
+            Box::new(move || writes.guard_read(applied.borrow().metrics_textfile.is_some())),
         );
         p
     }
+}
 
-    /// `posture-boot.json` (G-4): what was applied, in the state directory while the lock is
-    /// held (checked to still be ours), else in the runtime directory (L-6).
-    pub(super) fn write_boot_snapshot(&self, posture: &Mutex<Posture>) {
-        let text = {
-            let p = posture.locked();
-            format!(
-                "{}\n",
-                serde_json::to_string_pretty(&p.boot_snapshot_json()).unwrap_or_default()
-            )
-        };
-        if let Err(e) = self
-            .queue
-            .lock()
-            .write_file(None, "posture-boot.json", text.as_bytes())
-        {
-            tracing::warn!("cannot write posture-boot.json: {e}");
-        }
+/// `posture-boot.json` (G-4): what was applied, in the state directory while the lock is held
+/// (checked to still be ours), else in the runtime directory (L-6).
+pub(super) fn write_boot_snapshot(queue: &SharedQueue, p: &Posture) {
+    let text = format!(
+        "{}\n",
+        serde_json::to_string_pretty(&p.boot_snapshot_json()).unwrap_or_default()
+    );
+    if let Err(e) = queue
+        .lock()
+        .write_file(None, "posture-boot.json", text.as_bytes())
+    {
+        tracing::warn!("cannot write posture-boot.json: {e}");
     }
 }

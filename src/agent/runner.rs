@@ -13,7 +13,7 @@ use super::outputs::Outputs;
 use super::{Agent, lock_env};
 use crate::audit::{Alert, AuditSink, Event, priority};
 use crate::clock::SystemClock;
-use crate::config::{Config, Mode};
+use crate::config::{Applied, Mode};
 use crate::drainer::Wake;
 use crate::drainer::gauge::HostGauge;
 use crate::drainer::manager::Systemd;
@@ -25,7 +25,6 @@ use crate::publish::dbus::queue1::DrainService;
 use crate::publish::dbus::{HostState, SharedQueue};
 use crate::publish::metrics;
 use crate::publish::watchdog;
-use crate::sync::RwLockExt;
 
 impl Agent {
     /// The drainer and what runs it. The service manager is systemd when it runs here (the
@@ -64,7 +63,7 @@ impl Agent {
         }
         let systemd = manager.clone();
         let d = Drainer::new(
-            DrainerSettings::from_config(&self.config, user_mode),
+            DrainerSettings::from_config(&self.config(), user_mode),
             manager,
             WorkerPaths {
                 facts: self.host.facts.clone(),
@@ -73,7 +72,7 @@ impl Agent {
             Box::new(HostGauge),
             Arc::new(SystemClock),
             Arc::clone(&self.audit),
-            &self.config.runtime_dir,
+            &self.config().runtime_dir,
         );
         let out = Arc::new(Outputs {
             rows_wire: Arc::default(),
@@ -94,7 +93,8 @@ impl Agent {
             last_tick_at: Arc::clone(&self.last_tick_at),
             poke: Arc::new(tokio::sync::Notify::new()),
             posture_poke: Arc::clone(&self.posture_poke),
-            applied: Arc::clone(&self.applied),
+            applied: self.applied(),
+            user_mode,
             metrics: Arc::new(metrics::Writes::default()),
             audit: Arc::clone(&self.audit),
             no_linger,
@@ -121,7 +121,9 @@ pub(super) struct Runner {
     pub(super) poke: Arc<tokio::sync::Notify>,
     /// Asks the posture for an evaluation (every tick, G-8).
     posture_poke: Arc<tokio::sync::Notify>,
-    applied: Arc<RwLock<Config>>,
+    /// The applied configuration: the drainer takes its settings from it at every wake.
+    applied: Applied,
+    user_mode: bool,
     pub(super) metrics: Arc<metrics::Writes>,
     audit: Arc<dyn AuditSink>,
     /// `--user` without lingering (the queue's row reads `no-linger`).
@@ -133,6 +135,11 @@ pub(super) struct Runner {
 }
 
 impl Runner {
+    /// The drainer's settings from the configuration applied now.
+    fn settings(&self) -> DrainerSettings {
+        DrainerSettings::from_config(&self.applied.borrow(), self.user_mode)
+    }
+
     /// D-2 step 1: on a tick record `last_tick_at` and refresh the hostname; always touch the
     /// lock (or retry its acquisition). On a tick also the queue's housekeeping (retention,
     /// checkpoint, the Q-14 persist retry).
@@ -157,7 +164,7 @@ impl Runner {
             return;
         };
         let _ = m.ping().await;
-        let grace = manager_grace_ms(&self.applied.reading());
+        let grace = manager_grace_ms(&self.applied.borrow());
         let down = m.down_for_ms();
         let over = down.is_some_and(|d| d > grace);
         if over == self.manager_down.swap(over, Ordering::Relaxed) {
@@ -201,6 +208,7 @@ impl Runner {
                 tracing::warn!("fault hook: wedging the {} loop", crate::drainer::LOOP_NAME);
                 std::future::pending::<()>().await;
             }
+            take(&mut d, self.settings());
             self.step_one(w == Wake::Tick);
             match w {
                 Wake::Tick => {
@@ -225,7 +233,7 @@ impl Runner {
         self.audit.flush();
         self.posture_poke.notify_one();
         let (path, runtime_dir) = {
-            let c = self.applied.reading();
+            let c = self.applied.borrow();
             (c.metrics_textfile.clone(), c.runtime_dir.clone())
         };
         let Some(path) = path else {
@@ -258,6 +266,7 @@ impl Runner {
     /// A tick now (`Drain()`, D-1): `None` while a tick is running (`Busy`).
     pub(super) async fn drain(&self) -> Option<Report> {
         let mut d = self.drainer.try_lock().ok()?;
+        take(&mut d, self.settings());
         self.step_one(true);
         let r = d.tick(&self.queue, true).await;
         drop(d);
@@ -280,6 +289,15 @@ impl DrainService for DrainOnMain {
         let runner = Arc::clone(&self.runner);
         let task = self.rt.spawn(async move { runner.drain().await });
         Box::pin(async move { task.await.ok().flatten() })
+    }
+}
+
+/// The drainer's settings at the start of its step (logged at debug when they change: what
+/// the drainer uses).
+fn take(d: &mut AgentDrainer, s: DrainerSettings) {
+    if d.settings != s {
+        tracing::debug!(target: "outlive::config", "drainer uses {s:?}");
+        d.settings = s;
     }
 }
 

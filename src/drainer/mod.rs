@@ -56,6 +56,14 @@ impl Timing {
         Timing { interval, wake }
     }
 
+    /// The timing the applied configuration asks for (`drainer.interval_sec`).
+    pub fn of(c: &crate::config::Config, watchdog: Option<Duration>) -> Timing {
+        Timing::new(
+            Duration::from_secs(u64::from(c.drainer.interval_sec)),
+            watchdog,
+        )
+    }
+
     /// The heartbeat period the loop promises: it beats at least every `wake`.
     pub fn heartbeat_period(&self) -> Duration {
         self.wake
@@ -74,10 +82,12 @@ pub enum Wake {
 /// Run the loop until `shutdown` is true. `on_wake` runs for every tick and idle wake; the loop
 /// beats its heartbeat before each. It returns how soon something is due (an attempt's grace
 /// ending, D-1), and the loop wakes then at the latest; `poke` wakes it at once (a `Drain()`
-/// started an attempt). Timing changes (reload) apply from the next wait.
+/// started an attempt). The timing is the applied configuration's; a new configuration (a
+/// reload) restarts the schedule from the next wait.
 pub async fn run_loop<F>(
     beat: Arc<dyn Heartbeat>,
-    mut timing: watch::Receiver<Timing>,
+    mut config: crate::config::Applied,
+    watchdog: Option<Duration>,
     mut shutdown: watch::Receiver<bool>,
     poke: Arc<tokio::sync::Notify>,
     mut on_wake: F,
@@ -89,7 +99,7 @@ pub async fn run_loop<F>(
         if *shutdown.borrow() {
             return;
         }
-        let t = *timing.borrow();
+        let t = Timing::of(&config.borrow_and_update(), watchdog);
         beat.set_period(t.heartbeat_period());
         let now = Instant::now();
         let kind = if now >= next_tick {
@@ -109,10 +119,12 @@ pub async fn run_loop<F>(
             _ = tokio::time::sleep_until(until) => {}
             _ = poke.notified() => {}
             _ = shutdown.changed() => {}
-            r = timing.changed() => {
+            r = config.changed() => {
                 if r.is_ok() {
                     // A new interval restarts the schedule from now.
-                    next_tick = Instant::now() + timing.borrow().interval;
+                    let t = Timing::of(&config.borrow(), watchdog);
+                    tracing::debug!(target: "outlive::config", "drainer loop uses {t:?}");
+                    next_tick = Instant::now() + t.interval;
                 }
             }
         }
@@ -143,19 +155,27 @@ mod loop_tests {
     async fn d1_first_tick_at_once_then_every_interval_with_idle_wakes_between() {
         let hb = crate::publish::watchdog::Heartbeats::new(None);
         let beat = hb.register(LOOP_NAME, Duration::from_secs(1));
-        let (_tt, timing) = watch::channel(Timing::new(
-            Duration::from_secs(10),
-            Some(Duration::from_secs(8)),
+        let mut c = crate::config::Config::defaults(&crate::config::Paths::from_env(
+            crate::config::Mode::System,
         ));
+        c.drainer.interval_sec = 10;
+        let (_tt, config) = watch::channel(Arc::new(c));
         let (stop_tx, stop) = watch::channel(false);
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = Arc::clone(&seen);
         let start = Instant::now();
         let poke = Arc::new(tokio::sync::Notify::new());
-        let task = tokio::spawn(run_loop(beat, timing, stop, poke, async move |w| {
-            s2.lock().unwrap().push((w, start.elapsed().as_secs()));
-            None
-        }));
+        let task = tokio::spawn(run_loop(
+            beat,
+            config,
+            Some(Duration::from_secs(8)),
+            stop,
+            poke,
+            async move |w| {
+                s2.lock().unwrap().push((w, start.elapsed().as_secs()));
+                None
+            },
+        ));
         tokio::time::sleep(Duration::from_secs(25)).await;
         stop_tx.send(true).unwrap();
         task.await.unwrap();

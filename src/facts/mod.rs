@@ -22,7 +22,6 @@ use crate::sync::MutexExt;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use classify::{Classification, FsClass, Rule};
@@ -63,7 +62,8 @@ impl std::error::Error for ClassifyError {}
 #[derive(Clone)]
 pub struct Facts {
     worker: FactsWorker,
-    timeout_ms: Arc<AtomicU64>,
+    /// `facts.statfs_timeout_ms`, as applied when a probe starts.
+    timeout: Arc<dyn Fn() -> Duration + Send + Sync>,
     #[cfg(target_os = "linux")]
     table: Arc<std::sync::Mutex<mountinfo::MountTableCache>>,
 }
@@ -71,23 +71,23 @@ pub struct Facts {
 impl Facts {
     /// `timeout` is `facts.statfs_timeout_ms` (SPEC §9).
     pub fn new(timeout: Duration) -> Facts {
+        Facts::following(move || timeout)
+    }
+
+    /// Facts whose statfs timeout is read from `timeout` when each probe starts (the agent:
+    /// the applied configuration, so that a reload applies from the next probe).
+    pub fn following(timeout: impl Fn() -> Duration + Send + Sync + 'static) -> Facts {
         Facts {
             worker: FactsWorker::new(),
-            timeout_ms: Arc::new(AtomicU64::new(timeout.as_millis() as u64)),
+            timeout: Arc::new(timeout),
             #[cfg(target_os = "linux")]
             table: Arc::new(std::sync::Mutex::new(mountinfo::MountTableCache::new())),
         }
     }
 
-    /// Change the statfs timeout (start and configuration reload).
-    pub fn set_timeout(&self, timeout: Duration) {
-        self.timeout_ms
-            .store(timeout.as_millis() as u64, Ordering::Relaxed);
-    }
-
     /// The statfs timeout.
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+        (self.timeout)()
     }
 
     /// The worker (for tests and benchmarks).

@@ -205,10 +205,12 @@ impl Shared {
     /// Take the queue (a panic elsewhere does not make it unusable: its state only changes
     /// through complete, persisted commits).
     pub fn lock(&self) -> Guard<'_> {
+        let mut g = self.inner.locked();
+        let dirty = g.refresh_settings();
         Guard {
-            g: self.inner.locked(),
+            g,
             shared: self,
-            dirty: false,
+            dirty,
         }
     }
 
@@ -274,6 +276,8 @@ pub struct Queue {
     pause_boot: Option<u64>,
     /// CLOCK_BOOTTIME of the last successful save.
     saved_boot: u64,
+    /// The applied configuration this queue takes its settings from (the agent's).
+    applied: Option<crate::config::Applied>,
 }
 
 impl Queue {
@@ -308,6 +312,7 @@ impl Queue {
             clock,
             pause_boot: None,
             saved_boot: 0,
+            applied: None,
         }
     }
 
@@ -321,11 +326,38 @@ impl Queue {
         &self.settings
     }
 
-    /// Apply new settings (reload). Returns whether the lock should be re-evaluated (L-3: a
-    /// refusal that ticks do not retry is re-evaluated on reload).
+    /// Apply new settings.
     pub fn set_settings(&mut self, s: Settings) {
         self.settings = s;
         self.maintain_dry_run_since();
+    }
+
+    /// Take the settings from the applied configuration from now on: every operation begins
+    /// with the latest ([`Shared::lock`]).
+    pub fn follow(&mut self, mut applied: crate::config::Applied) {
+        let c = Arc::clone(&applied.borrow_and_update());
+        self.take(Settings::from_config(&c));
+        self.applied = Some(applied);
+    }
+
+    /// New settings from the applied configuration (logged at debug: what the queue uses).
+    fn take(&mut self, s: Settings) {
+        tracing::debug!(target: "outlive::config", "queue uses {s:?}");
+        self.set_settings(s);
+    }
+
+    /// The settings of a configuration applied since the last operation, if any; whether
+    /// they changed.
+    fn refresh_settings(&mut self) -> bool {
+        let Some(rx) = self.applied.as_mut() else {
+            return false;
+        };
+        if !rx.has_changed().unwrap_or(false) {
+            return false;
+        }
+        let c = Arc::clone(&rx.borrow_and_update());
+        self.take(Settings::from_config(&c));
+        true
     }
 
     /// The last L-4 verdict.
