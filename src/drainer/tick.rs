@@ -7,7 +7,7 @@
 //! candidate; (9) validation; (10) dry run; (11) the attempt. At most one decision per tick.
 //!
 //! Decide, then act: a tick first verifies what is due (`wake`, `reconcile`), then gathers
-//! what [`decide`](super::decide::decide) asks for (the queue's snapshot, the pressure, the
+//! what `decide::decide` asks for (the queue's snapshot, the pressure, the
 //! candidates, the count of revived runs alive, one validation at a time), carries out the
 //! actions it returns (`act`) and ends the way it says (`carry_out`: a report, an
 //! invalidation or an attempt). The decision is a pure function; the I/O is here.
