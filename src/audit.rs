@@ -81,6 +81,104 @@ pub mod priority {
     pub const INFO: u8 = 6;
 }
 
+/// Defines [`EventKind`], its names and [`EventKind::ALL`] from one list.
+macro_rules! event_kinds {
+    ($($variant:ident => $name:literal,)*) => {
+        /// What an audit event is about: `OUTLIVE_EVENT` in the journal (X-2). A closed
+        /// vocabulary, so that operators and tests can count events and no call site can invent
+        /// a kind by a typo.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventKind {
+            $($variant,)*
+            /// Events the unit tests make.
+            #[cfg(test)]
+            Test,
+        }
+
+        impl EventKind {
+            /// Every kind the agent writes.
+            pub const ALL: &[EventKind] = &[$(EventKind::$variant,)*];
+
+            /// The kebab-case name written as `OUTLIVE_EVENT`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(EventKind::$variant => $name,)*
+                    #[cfg(test)]
+                    EventKind::Test => "test",
+                }
+            }
+        }
+    };
+}
+
+event_kinds! {
+    AcceptedGaps => "accepted-gaps",
+    AttemptFailed => "attempt-failed",
+    AttemptStopped => "attempt-stopped",
+    AuditWriteFailed => "audit-write-failed",
+    AutoResumedStalePause => "auto-resumed-stale-pause",
+    BreakerClosed => "breaker-closed",
+    BreakerOpened => "breaker-opened",
+    BusLost => "bus-lost",
+    BusReconnected => "bus-reconnected",
+    Cancelled => "cancelled",
+    CheckUndecided => "check-undecided",
+    ConfigReloadFailed => "config-reload-failed",
+    ConfigReloadPending => "config-reload-pending",
+    ConfigReloaded => "config-reloaded",
+    ConfigUnreadable => "config-unreadable",
+    EnqueueRefused => "enqueue-refused",
+    Enqueued => "enqueued",
+    EntryExpired => "entry-expired",
+    GaveUp => "gave-up",
+    GuardDropinRejected => "guard-dropin-rejected",
+    Invalidated => "invalidated",
+    LockAutoHealed => "lock-auto-healed",
+    LockHostRenamed => "lock-host-renamed",
+    LockReclaimed => "lock-reclaimed",
+    ManagerReachable => "manager-reachable",
+    ManagerUnreachable => "manager-unreachable",
+    MetricsWriteFailed => "metrics-write-failed",
+    NoLinger => "no-linger",
+    ObserveOnly => "observe-only",
+    OperatorStop => "operator-stop",
+    Overflow => "overflow",
+    PauseUpgraded => "pause-upgraded",
+    Paused => "paused",
+    PausedWaiting => "paused-waiting",
+    PersistFailed => "persist-failed",
+    PersistRecovered => "persist-recovered",
+    PostureDegraded => "posture-degraded",
+    PostureRestored => "posture-restored",
+    PressureHeld => "pressure-held",
+    QueueDisabled => "queue-disabled",
+    QueueEnabled => "queue-enabled",
+    QuotaReported => "quota-reported",
+    Requeued => "requeued",
+    Resumed => "resumed",
+    ResurrectionCap => "resurrection-cap",
+    ResurrectionOverride => "resurrection-override",
+    RevivalGaveUp => "revival-gave-up",
+    Revived => "revived",
+    Started => "started",
+    StateCorrupt => "state-corrupt",
+    StateSalvaged => "state-salvaged",
+    StopAll => "stop-all",
+    StopDropped => "stop-dropped",
+    Stopped => "stopped",
+    TickOutcome => "tick-outcome",
+    TransitionRefused => "transition-refused",
+    TtlExpired => "ttl-expired",
+    WatchdogTrigger => "watchdog-trigger",
+    WouldRevive => "would-revive",
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One audit event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -99,9 +197,17 @@ pub struct Event {
 
 impl Event {
     /// An informational event of `kind`.
-    pub fn new(kind: &str, message: impl Into<String>) -> Event {
+    /// An event of the kind of `other` (a count of its repeats).
+    fn same_kind(other: &Event, message: impl Into<String>) -> Event {
         Event {
-            kind: kind.to_string(),
+            kind: other.kind.clone(),
+            ..Event::new(EventKind::Started, message)
+        }
+    }
+
+    pub fn new(kind: EventKind, message: impl Into<String>) -> Event {
+        Event {
+            kind: kind.as_str().to_string(),
             message: message.into(),
             priority: priority::INFO,
             alert: None,
@@ -245,7 +351,7 @@ pub trait AuditSink: Send + Sync {
 
 /// Refusals a caller can repeat at will: counted, not written one by one (§12 X-1, member
 /// floods).
-pub const REPEATABLE: [&str; 1] = ["enqueue-refused"];
+pub const REPEATABLE: [EventKind; 1] = [EventKind::EnqueueRefused];
 /// How long identical refusals are counted before their count is written.
 pub const REPEAT_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// Most refusal windows open at once (beyond that, the oldest is closed early).
@@ -274,7 +380,7 @@ impl Repeats {
     /// What to write for `e` now: nothing when it repeats within an open window; else the
     /// summaries of windows that are over, then `e`.
     pub fn admit(&mut self, e: &Event, boot: u64) -> Vec<Event> {
-        if !REPEATABLE.contains(&e.kind.as_str()) {
+        if !REPEATABLE.iter().any(|k| k.as_str() == e.kind) {
             return vec![e.clone()];
         }
         let key = (
@@ -348,8 +454,8 @@ fn summary(w: &Window) -> Option<Event> {
     let f = &w.first;
     let uid = f.get("uid").unwrap_or("?");
     let why = f.get("why").unwrap_or("?");
-    let mut e = Event::new(
-        &f.kind,
+    let mut e = Event::same_kind(
+        f,
         format!(
             "{n} more {kind} from uid {uid} ({why}) between {from} and {to} were counted, not written one by one",
             n = w.repeated,
@@ -544,7 +650,7 @@ impl Auditor {
         // per 10 minutes) and keeps it while appends keep failing.
         let dir = self.log.dir();
         let notice = Event::new(
-            "audit-write-failed",
+            EventKind::AuditWriteFailed,
             format!(
                 "cannot append to {} ({e}): audit events still reach the journal, but `outlivectl audit` misses \
                  them until the file can be written again",
@@ -584,6 +690,43 @@ impl MemorySink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// X-2: kinds are kebab-case names, each once, and include those the specification names.
+    #[test]
+    fn x2_event_kinds_are_a_closed_kebab_case_vocabulary() {
+        let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "a kind named twice");
+        for n in &names {
+            assert!(
+                !n.is_empty()
+                    && !n.starts_with('-')
+                    && !n.ends_with('-')
+                    && n.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{n} is not kebab-case"
+            );
+        }
+        for named in [
+            "lock-host-renamed",
+            "lock-auto-healed",
+            "queue-disabled",
+            "revived",
+            "gave-up",
+            "breaker-opened",
+            "ttl-expired",
+            "paused-waiting",
+            "auto-resumed-stale-pause",
+            "posture-degraded",
+            "posture-restored",
+            "watchdog-trigger",
+        ] {
+            assert!(names.contains(&named), "{named} (X-2) is not a kind");
+        }
+        assert_eq!(Event::new(EventKind::Revived, "m").kind, "revived");
+    }
 
     #[test]
     fn x2_message_ids_are_distinct_32_hex() {
@@ -629,7 +772,7 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         let log = AuditLog::with_limit(a.path(), 600);
         for i in 0..10 {
-            let mut e = Event::new("n", format!("event {i}"));
+            let mut e = Event::new(EventKind::Test, format!("event {i}"));
             e.at_ms = i;
             log.append(&e).unwrap();
         }
@@ -640,7 +783,7 @@ mod tests {
             "rotated once at least"
         );
         log.set_dir(b.path());
-        let mut e = Event::new("n", "in the runtime dir");
+        let mut e = Event::new(EventKind::Test, "in the runtime dir");
         e.at_ms = 100;
         log.append(&e).unwrap();
         let all = read_logs(&[a.path(), b.path()]);
@@ -664,7 +807,7 @@ mod tests {
         .unwrap();
         let sink = std::sync::Arc::new(MemorySink::default());
         let a = Auditor::new(AuditLog::new(d.path()), vec![sink.clone()]);
-        a.record(&Event::new("started", "hello"));
+        a.record(&Event::new(EventKind::Started, "hello"));
         assert_eq!(a.log.failures(), 1);
         assert_eq!(
             sink.of_kind("started").len(),
@@ -679,7 +822,7 @@ mod tests {
 
     #[test]
     fn json_round_trip() {
-        let e = Event::new("lock-host-renamed", "renamed")
+        let e = Event::new(EventKind::LockHostRenamed, "renamed")
             .alert(Alert::LockHostRenamed)
             .field("from", "a")
             .field("to", "b");
@@ -688,10 +831,13 @@ mod tests {
     }
 
     fn refused(uid: u32, why: &str, at: u64) -> Event {
-        let mut e = Event::new("enqueue-refused", format!("did not queue run:x{at}: {why}"))
-            .field("key", format!("run:x{at}"))
-            .field("why", why)
-            .field("uid", uid);
+        let mut e = Event::new(
+            EventKind::EnqueueRefused,
+            format!("did not queue run:x{at}: {why}"),
+        )
+        .field("key", format!("run:x{at}"))
+        .field("why", why)
+        .field("uid", uid);
         e.at_ms = at;
         e
     }
@@ -716,7 +862,7 @@ mod tests {
         );
         assert_eq!(r.admit(&refused(1000, "operator-kill", 4), 5).len(), 1);
         // Other events are never held back.
-        let other = Event::new("enqueued", "queued");
+        let other = Event::new(EventKind::Enqueued, "queued");
         assert_eq!(r.admit(&other, 6), vec![other.clone()]);
         // Nothing is due before the window ends; then one count line for the first window.
         assert!(r.flush(9 * min).is_empty());

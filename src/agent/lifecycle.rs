@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::outputs::{Evaluator, Outputs};
 use super::runner::{DrainOnMain, Runner};
 use super::{Agent, BUS_START_PATIENCE, STOP_PATIENCE, exit, fatal, lock_env};
-use crate::audit::{Event, priority};
+use crate::audit::{Event, EventKind, priority};
 use crate::config::{Config, Mode, Paths};
 use crate::drainer::{self, Timing};
 use crate::posture::{Posture, Published};
@@ -278,7 +278,7 @@ impl Agent {
         if self.config().queue.dry_run {
             self.audit.record(
                 &Event::new(
-                    "observe-only",
+                    EventKind::ObserveOnly,
                     format!(
                         "observe-only: queue.dry_run is on, so outlived queues and checks reaped runs but revives none. \
                          To revive them, set dry_run = false under [queue] in {} and run `systemctl reload outlived`",
@@ -296,7 +296,7 @@ impl Agent {
         };
         self.audit.record(
             &Event::new(
-                "started",
+                EventKind::Started,
                 format!(
                     "outlived {} started ({mode} mode, host {}{})",
                     env!("CARGO_PKG_VERSION"),
@@ -339,7 +339,7 @@ impl Agent {
                 // reads the file at every evaluation (G-4).
                 self.audit.record(
                     &Event::new(
-                        "config-reload-failed",
+                        EventKind::ConfigReloadFailed,
                         format!(
                             "configuration reload failed, keeping the running configuration: {e}"
                         ),
@@ -354,7 +354,7 @@ impl Agent {
         if !pending.is_empty() {
             self.audit.record(
                 &Event::new(
-                    "config-reload-pending",
+                    EventKind::ConfigReloadPending,
                     format!(
                         "reload cannot apply {}; the new value takes effect at the next start",
                         pending.join(", ")
@@ -367,7 +367,8 @@ impl Agent {
         self.config.send_replace(Arc::new(applied));
         self.queue.lock().evaluate_lock(&lock_env(&self.host), true);
         self.audit.record(
-            &Event::new("config-reloaded", "configuration reloaded").priority(priority::INFO),
+            &Event::new(EventKind::ConfigReloaded, "configuration reloaded")
+                .priority(priority::INFO),
         );
     }
 
@@ -394,7 +395,7 @@ impl Agent {
         self.audit.close();
         self.queue.lock().release();
         self.audit
-            .record(&Event::new("stopped", "outlived stopped").priority(priority::INFO));
+            .record(&Event::new(EventKind::Stopped, "outlived stopped").priority(priority::INFO));
         0
     }
 }

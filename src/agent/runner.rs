@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::outputs::Outputs;
 use super::{Agent, lock_env};
-use crate::audit::{Alert, AuditSink, Event, priority};
+use crate::audit::{Alert, AuditSink, Event, EventKind, priority};
 use crate::clock::SystemClock;
 use crate::config::{Applied, Mode};
 use crate::drainer::Wake;
@@ -51,7 +51,7 @@ impl Agent {
         if no_linger {
             self.audit.record(
                 &Event::new(
-                    "no-linger",
+                    EventKind::NoLinger,
                     format!(
                         "the user manager of uid {uid} does not linger: runs revived through it stop when that user \
                          logs out. Run `loginctl enable-linger` for this user, or run outlived as a system service."
@@ -173,7 +173,7 @@ impl Runner {
         if over {
             self.audit.record(
                 &Event::new(
-                    "manager-unreachable",
+                    EventKind::ManagerUnreachable,
                     format!(
                         "systemd has not been reachable over D-Bus for {} s ({}): no run is revived and none is \
                          dropped meanwhile (entries stay queued, attempts wait for their verification); outlived \
@@ -188,7 +188,7 @@ impl Runner {
         } else {
             self.audit.record(
                 &Event::new(
-                    "manager-reachable",
+                    EventKind::ManagerReachable,
                     "systemd answers over D-Bus again: revival resumes",
                 )
                 .priority(priority::NOTICE),

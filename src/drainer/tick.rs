@@ -27,7 +27,7 @@ use super::manager::{
 };
 use super::spawn::{self, SpawnSpec};
 use super::validate::{Check, Context, Owner, Paths, validate};
-use crate::audit::{Alert, AuditSink, Event, priority};
+use crate::audit::{Alert, AuditSink, Event, EventKind, priority};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::queue::entry::{Entry, Status, Target};
@@ -228,7 +228,7 @@ impl Handle {
         self.shared().quota = Some((can_spawn, self.clock.boot_ms().saturating_add(valid_for_ms)));
         self.audit.record(
             &Event::new(
-                "quota-reported",
+                EventKind::QuotaReported,
                 format!(
                     "quota report: {} for {} s",
                     if can_spawn {
@@ -387,7 +387,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         if self.last_outcome.as_ref() != Some(&key) {
             self.audit.record(
                 &Event::new(
-                    "tick-outcome",
+                    EventKind::TickOutcome,
                     format!(
                         "drainer: {}{}",
                         r.outcome.as_str(),
@@ -571,7 +571,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 self.headsup = Some((paused_at, waiting));
                 self.audit.record(
                     &Event::new(
-                        "paused-waiting",
+                        EventKind::PausedWaiting,
                         format!(
                             "revival is paused ({kind}: {reason}); {waiting} runs are waiting; run `outlivectl resume` to let them come back"
                         ),
@@ -585,7 +585,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 self.breaker_until = None;
                 self.audit.record(
                     &Event::new(
-                        "breaker-closed",
+                        EventKind::BreakerClosed,
                         "the breaker closed after its cooldown: revival attempts resume",
                     )
                     .priority(priority::NOTICE),
@@ -601,7 +601,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 self.held_notified = true;
                 self.audit.record(
                     &Event::new(
-                        "pressure-held",
+                        EventKind::PressureHeld,
                         format!(
                             "{label} is held under memory/CPU pressure ({why}); will revive when there is headroom"
                         ),
@@ -624,7 +624,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             Action::WouldRevive { entry_id, label } => {
                 self.audit.record(
                     &Event::new(
-                        "would-revive",
+                        EventKind::WouldRevive,
                         format!("dry run: would revive {label} ({entry_id}); nothing is started while queue.dry_run is on"),
                     )
                     .priority(priority::INFO)
@@ -897,7 +897,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             self.breaker_until = Some((self.clock.boot_ms() + ms, self.clock.wall_ms() + ms));
             self.audit.record(
                 &Event::new(
-                    "breaker-opened",
+                    EventKind::BreakerOpened,
                     format!(
                         "{} revival attempts failed in a row: revival stops for {} min (the breaker is open); it \
                          closes by itself, and only a success resets the count",
@@ -1017,7 +1017,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 }
                 self.audit.record(
                     &Event::new(
-                        "attempt-stopped",
+                        EventKind::AttemptStopped,
                         format!("{id} became {status} during its attempt: what the attempt started was stopped"),
                     )
                     .priority(priority::NOTICE)

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use crate::audit::{Alert, Event};
+use crate::audit::{Alert, Event, EventKind};
 use crate::clock::Clock;
 
 /// Identical notices within this window are counted, not re-logged.
@@ -415,7 +415,7 @@ impl Attention {
                 )
             };
             out.push(
-                Event::new("posture-degraded", message)
+                Event::new(EventKind::PostureDegraded, message)
                     .alert(Alert::PostureDegraded)
                     .field("anomalies", &what)
                     .field("opened", !was_open),
@@ -433,7 +433,7 @@ impl Attention {
             self.updated_at = now_wall;
             out.push(
                 Event::new(
-                    "posture-restored",
+                    EventKind::PostureRestored,
                     "outlive's attention item is clear: every guard is as configured and no notice is pending",
                 )
                 .alert(Alert::PostureRestored),
@@ -455,7 +455,7 @@ impl Attention {
             self.updated_at = self.clock.wall_ms();
             out.push(
                 Event::new(
-                    "posture-restored",
+                    EventKind::PostureRestored,
                     "outlive's attention item is clear (notices acknowledged)",
                 )
                 .alert(Alert::PostureRestored),
@@ -596,7 +596,7 @@ mod tests {
 
     fn disabled_notice() -> Event {
         Event::new(
-            "queue-disabled",
+            EventKind::QueueDisabled,
             "the revival queue is disabled: lock of other-host",
         )
         .alert(Alert::QueueDisabled)
@@ -636,7 +636,8 @@ mod tests {
     fn g9_one_off_notices_leave_after_the_hold_or_an_ack() {
         let c = FakeClock::new();
         let mut t = att(&c);
-        let gave = Event::new("gave-up", "could not bring s back").alert(Alert::RevivalGaveUp);
+        let gave =
+            Event::new(EventKind::GaveUp, "could not bring s back").alert(Alert::RevivalGaveUp);
         t.notice(&gave);
         c.pass(59 * 60 * S);
         assert!(t.evaluate(&[], &none(), &Causes::default()).is_empty());
@@ -645,7 +646,7 @@ mod tests {
         let ev = t.evaluate(&[], &none(), &Causes::default());
         assert_eq!(kinds(&ev), ["posture-restored"], "after notice_hold_min");
         // An ack takes one-off notices out at once; persistent ones stay.
-        t.notice(&Event::new("breaker-opened", "3 failed").alert(Alert::QueueNotice));
+        t.notice(&Event::new(EventKind::BreakerOpened, "3 failed").alert(Alert::QueueNotice));
         t.notice(&disabled_notice());
         let (gone, ev) = t.ack();
         assert_eq!(gone, 1);
@@ -672,7 +673,7 @@ mod tests {
     fn q15_a_salvage_notice_stays_until_acknowledged() {
         let c = FakeClock::new();
         let mut t = att(&c);
-        for kind in ["state-salvaged", "state-corrupt"] {
+        for kind in [EventKind::StateSalvaged, EventKind::StateCorrupt] {
             t.notice(&Event::new(kind, "1 item set aside in /x").alert(Alert::QueueNotice));
             c.pass(7 * 24 * 60 * 60 * S);
             assert!(t.evaluate(&[], &none(), &Causes::default()).is_empty());
@@ -686,8 +687,8 @@ mod tests {
     fn g9_identical_notices_write_at_most_one_entry_per_10_minutes_with_the_count() {
         let c = FakeClock::new();
         let mut t = att(&c);
-        let n =
-            Event::new("pressure-held", "run-7 is held under pressure").alert(Alert::QueueNotice);
+        let n = Event::new(EventKind::PressureHeld, "run-7 is held under pressure")
+            .alert(Alert::QueueNotice);
         let mut written = vec![];
         for i in 0..1000u64 {
             if let Some(e) = t.notice(&n) {
@@ -711,8 +712,10 @@ mod tests {
         assert_eq!(notices[0]["count"], 1000);
         // A different notice is not coalesced with it.
         assert!(
-            t.notice(&Event::new("pressure-held", "run-8 is held").alert(Alert::QueueNotice))
-                .is_some()
+            t.notice(
+                &Event::new(EventKind::PressureHeld, "run-8 is held").alert(Alert::QueueNotice)
+            )
+            .is_some()
         );
         assert_eq!(t.to_json(true)["recent"].as_array().unwrap().len(), RECENT);
     }
@@ -735,10 +738,10 @@ mod tests {
         }
         assert!(is_queue_notice(&disabled_notice()));
         assert!(!is_queue_notice(
-            &Event::new("revived", "x").alert(Alert::RunRevived)
+            &Event::new(EventKind::Revived, "x").alert(Alert::RunRevived)
         ));
         assert!(!is_queue_notice(
-            &Event::new("posture-degraded", "x").alert(Alert::PostureDegraded)
+            &Event::new(EventKind::PostureDegraded, "x").alert(Alert::PostureDegraded)
         ));
     }
 }

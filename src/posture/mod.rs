@@ -23,7 +23,7 @@ use dropins::Dropins;
 use manifest::{BUILTIN, Cadence, GuardKind, GuardSpec};
 use rows::{Effective, Input, OffClass, Row, Runtime, RuntimeRead};
 
-use crate::audit::{AuditSink, Event, priority};
+use crate::audit::{AuditSink, Event, EventKind, priority};
 use crate::clock::Clock;
 use crate::config::{Config, Paths};
 use crate::sync::{MutexExt, RwLockExt};
@@ -345,7 +345,7 @@ impl Posture {
             .iter()
             .map(|r| {
                 Event::new(
-                    "guard-dropin-rejected",
+                    EventKind::GuardDropinRejected,
                     format!(
                         "guards.d/{} is ignored: {} (its guards read errored until it is fixed and outlived reloaded)",
                         r.file, r.why
@@ -362,7 +362,7 @@ impl Posture {
         let g = &self.settings.accepted_gaps;
         (!g.is_empty()).then(|| {
             Event::new(
-                "accepted-gaps",
+                EventKind::AcceptedGaps,
                 format!(
                     "posture.accepted_gaps: {} — these load-bearing guards may be off or in dry run without raising attention",
                     g.join(", ")
@@ -536,7 +536,7 @@ impl Posture {
                 self.config_error = Some(e.clone());
                 Some(
                     Event::new(
-                        "config-unreadable",
+                        EventKind::ConfigUnreadable,
                         format!(
                             "{e}; outlived keeps running with what it applied, and every configured guard reads errored until the file is fixed"
                         ),

@@ -363,7 +363,7 @@ impl JournalWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::Alert;
+    use crate::audit::{Alert, EventKind};
 
     /// A journal that stops reading never blocks the writer: once its queue is full, each
     /// entry waits at most SEND_TIMEOUT and goes to stderr, counted as a fallback.
@@ -377,7 +377,7 @@ mod tests {
         let t = std::time::Instant::now();
         let mut fell_back = 0;
         for i in 0..2000 {
-            if w.write(&Event::new("x", format!("entry {i}"))) == Delivery::Stderr {
+            if w.write(&Event::new(EventKind::Test, format!("entry {i}"))) == Delivery::Stderr {
                 fell_back += 1;
                 if fell_back == 3 {
                     break;
@@ -397,7 +397,7 @@ mod tests {
     /// keeps the MESSAGE_ID and fields, and maps the priority onto os_log's levels.
     #[test]
     fn x2_unified_log_entry_keeps_the_event_name_id_and_fields() {
-        let ev = Event::new("revival-gave-up", "run-7 gave up after 3 attempts")
+        let ev = Event::new(EventKind::RevivalGaveUp, "run-7 gave up after 3 attempts")
             .alert(Alert::RevivalGaveUp)
             .field("run_id", "run-7");
         let (category, level, msg) = oslog_entry(&ev);
@@ -418,7 +418,7 @@ mod tests {
             (7, OsLogLevel::Debug),
         ] {
             assert_eq!(
-                oslog_entry(&Event::new("x", "y").priority(p)).1,
+                oslog_entry(&Event::new(EventKind::Test, "y").priority(p)).1,
                 want,
                 "{p}"
             );
@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn x2_native_protocol_round_trip() {
-        let ev = Event::new("lock-host-renamed", "host renamed from a to b")
+        let ev = Event::new(EventKind::LockHostRenamed, "host renamed from a to b")
             .alert(Alert::LockHostRenamed)
             .field("from", "a")
             .field("detail", "two\nlines");
@@ -447,7 +447,7 @@ mod tests {
     #[test]
     fn x2_control_characters_in_the_message_are_shown_not_sent() {
         let ev = Event::new(
-            "enqueue-refused",
+            EventKind::EnqueueRefused,
             "did not queue ok\x1b]0;pwned-title\x07\x1b[2J\x1b[31mFAKE\x1b[0m: reason",
         );
         let fields = parse_native(&serialize(&ev)).unwrap();
@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn x2_newline_values_use_the_binary_length_form() {
-        let ev = Event::new("x", "a\nb");
+        let ev = Event::new(EventKind::Test, "a\nb");
         let bytes = serialize(&ev);
         assert!(bytes.starts_with(b"MESSAGE\n\x03\0\0\0\0\0\0\0a\nb\n"));
     }
@@ -473,7 +473,7 @@ mod tests {
         let w = JournalWriter::new(&path);
         assert_eq!(w.last_delivery(), Delivery::None);
         assert_eq!(
-            w.write(&Event::new("probe", "hello").alert(Alert::QueueNotice)),
+            w.write(&Event::new(EventKind::Test, "hello").alert(Alert::QueueNotice)),
             Delivery::Journal
         );
         let mut buf = vec![0u8; 65536];
@@ -493,7 +493,10 @@ mod tests {
         let rx = UnixDatagram::bind(&path).unwrap();
         let w = JournalWriter::new(&path);
         let big = "x".repeat(1 << 20);
-        assert_eq!(w.write(&Event::new("big", big.clone())), Delivery::Journal);
+        assert_eq!(
+            w.write(&Event::new(EventKind::Test, big.clone())),
+            Delivery::Journal
+        );
         // The datagram is empty and carries one descriptor.
         use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
         let mut data = [0u8; 16];
@@ -520,7 +523,10 @@ mod tests {
     fn x2_unreachable_journal_falls_back_to_stderr() {
         let w = JournalWriter::new(Path::new("/nonexistent/journal/socket"));
         assert!(!w.socket_present());
-        assert_eq!(w.write(&Event::new("probe", "hello")), Delivery::Stderr);
+        assert_eq!(
+            w.write(&Event::new(EventKind::Test, "hello")),
+            Delivery::Stderr
+        );
         assert_eq!(w.last_delivery(), Delivery::Stderr);
         assert_eq!(w.counts(), (0, 1));
     }

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::audit::{Event, priority};
+use crate::audit::{Event, EventKind, priority};
 use crate::files::{Dir, Replace};
 use crate::sync::MutexExt;
 
@@ -197,7 +197,7 @@ impl Writes {
         let err = self.write(path, text)?;
         Some(
             Event::new(
-                "metrics-write-failed",
+                EventKind::MetricsWriteFailed,
                 format!(
                     "{}; the metrics.textfile guard reads off-runtime-divergent ({}) until a write succeeds",
                     err.message, err.code

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::notify::{Notifier, Supervisor};
-use crate::audit::{Alert, AuditSink, Event};
+use crate::audit::{Alert, AuditSink, Event, EventKind};
 use crate::clock::{boottime_ms, rfc3339_ms, wall_ms};
 use crate::posture::getters::{boot_to_wall, status};
 use crate::posture::rows::{Runtime, RuntimeRead};
@@ -247,7 +247,7 @@ fn wedged(
     };
     audit.record(
         &Event::new(
-            "watchdog-trigger",
+            EventKind::WatchdogTrigger,
             format!("the {name} loop has made no progress since {since}; {restart_by}"),
         )
         .alert(Alert::WatchdogTrigger)

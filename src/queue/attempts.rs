@@ -87,7 +87,7 @@ impl Queue {
             Some(other) => {
                 self.audit(
                     Event::new(
-                        "transition-refused",
+                        EventKind::TransitionRefused,
                         format!("the attempt on {id} ended ({}), but the entry is {other} now: that stands", result.word()),
                     )
                     .priority(priority::NOTICE)
@@ -109,7 +109,7 @@ impl Queue {
                     e.terminal_at = Some(ctx.wall);
                     s.ledger.record(&key, ctx.wall);
                     let mut ev = Event::new(
-                        "revived",
+                        EventKind::Revived,
                         format!(
                             "revived {label} ({id}): the run was restarted{}{} (restarted, not resumed: only the restart is known)",
                             e.attempt_unit.as_deref().map(|u| format!(" as {u}")).unwrap_or_default(),
@@ -134,7 +134,7 @@ impl Queue {
                         e.status = status;
                         e.terminal_at = Some(ctx.wall);
                         let ev = Event::new(
-                            "gave-up",
+                            EventKind::GaveUp,
                             format!(
                                 "could not bring {label} back: {} attempts failed (last: {why}); `outlivectl requeue {id}` tries again",
                                 e.attempts
@@ -152,7 +152,7 @@ impl Queue {
                         let delay = if backoff { backoff_base_ms.saturating_mul(1 << (e.attempts - 1).min(30)) } else { 0 };
                         e.next_attempt_boot = (delay > 0).then_some(ctx.boot + delay);
                         let ev = Event::new(
-                            "attempt-failed",
+                            EventKind::AttemptFailed,
                             format!("attempt {} to revive {label} ({id}) failed: {why}; next try in {} s", e.attempts, delay / 1000),
                         )
                         .priority(priority::WARNING)
@@ -187,7 +187,7 @@ impl Queue {
             e.status = status;
             e.terminal_at = Some(ctx.wall);
             let mut ev = Event::new(
-                "invalidated",
+                EventKind::Invalidated,
                 format!("{} ({id}) will not be revived: {why} ({detail})", e.label()),
             )
             .field("entry_id", id)
@@ -207,7 +207,7 @@ impl Queue {
             let e = s.entries.iter_mut().find(|e| e.id == id).ok_or_else(|| QueueError::NotFound(id.to_string()))?;
             e.next_attempt_boot = Some(ctx.boot + delay_ms);
             let ev = Event::new(
-                "check-undecided",
+                EventKind::CheckUndecided,
                 format!("could not check {} ({id}) before reviving it: {why}; it stays queued and is checked again in {} s", e.label(), delay_ms / 1000),
             )
             .priority(priority::NOTICE)
@@ -227,7 +227,7 @@ impl Queue {
                 ms / 1000,
                 p.reason
             );
-            Event::new("auto-resumed-stale-pause", msg).alert(Alert::StalePauseAutoResumed)
+            Event::new(EventKind::AutoResumedStalePause, msg).alert(Alert::StalePauseAutoResumed)
         })
     }
 

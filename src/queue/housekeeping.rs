@@ -41,7 +41,7 @@ impl Queue {
                 starved += usize::from(e.pressure_starved);
                 events.push(
                     Event::new(
-                        "entry-expired",
+                        EventKind::EntryExpired,
                         format!("{} ({}) waited more than {hours} h and gave up", e.label(), e.id),
                     )
                     .priority(priority::NOTICE)
@@ -53,7 +53,7 @@ impl Queue {
             if live {
                 events.push(
                     Event::new(
-                        "ttl-expired",
+                        EventKind::TtlExpired,
                         format!("{n} runs waited more than {hours} h and were dropped ({starved} starved by pressure)"),
                     )
                     .alert(Alert::QueueNotice)

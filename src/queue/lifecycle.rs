@@ -39,7 +39,7 @@ pub(super) fn salvage_notice(
             " Revival is paused (maintenance) because {why}: run `outlivectl resume` once you have checked."
         ));
     }
-    Event::new("state-salvaged", message)
+    Event::new(EventKind::StateSalvaged, message)
         .alert(Alert::QueueNotice)
         .field("set_aside", set_aside.len())
         .field("entries", entries)
@@ -112,7 +112,9 @@ impl Queue {
                         ),
                         None => "the revival queue holds its lock again and is enabled".to_string(),
                     };
-                    self.audit(Event::new("queue-enabled", message).priority(priority::NOTICE));
+                    self.audit(
+                        Event::new(EventKind::QueueEnabled, message).priority(priority::NOTICE),
+                    );
                 }
             }
             _ => {
@@ -157,7 +159,7 @@ impl Queue {
         let key = (code.to_string(), detail.clone());
         if self.last_disabled_audited.as_ref() != Some(&key) {
             let mut e = Event::new(
-                "queue-disabled",
+                EventKind::QueueDisabled,
                 format!("the revival queue is disabled ({code}): {detail}"),
             )
             .alert(Alert::QueueDisabled)
@@ -294,7 +296,7 @@ impl Queue {
                     if h.update(r).is_ok() {
                         self.audit(
                             Event::new(
-                                "lock-host-renamed",
+                                EventKind::LockHostRenamed,
                                 format!(
                                     "this host was renamed from {from} to {} while holding the queue lock (same host \
                                      id {}); the lock record was updated",
@@ -359,7 +361,7 @@ impl Queue {
                 let _ = self.commit(|_, _| Ok(((), vec![])));
                 self.audit(
                     Event::new(
-                        "state-corrupt",
+                        EventKind::StateCorrupt,
                         format!(
                             "the queue state {} was unreadable as a whole ({why}); it was copied to {} and the queue \
                              starts empty. Inspect the copy to recover runs that were waiting (enqueue them again), \

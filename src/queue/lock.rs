@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{Alert, Event, priority};
+use crate::audit::{Alert, Event, EventKind, priority};
 use crate::config::AutoHeal;
 use crate::facts::classify::{Classification, FsClass};
 use crate::facts::identity::Id128;
@@ -794,7 +794,7 @@ fn reclaim_events(
     if let Some(why) = corrupt {
         events.push(
             Event::new(
-                "lock-reclaimed",
+                EventKind::LockReclaimed,
                 format!(
                     "reclaimed {}: its record was unreadable ({why}) and the state directory is host-local",
                     lock.display()
@@ -809,7 +809,7 @@ fn reclaim_events(
     if let Some(from) = renamed_from {
         events.push(
             Event::new(
-                "lock-host-renamed",
+                EventKind::LockHostRenamed,
                 format!(
                     "this host was renamed from {from} to {} (same host id {}); the queue lock was \
                      reclaimed",
@@ -865,7 +865,7 @@ fn takeover(
         Ok(Some(f)) => Acquired {
             events: vec![
                 Event::new(
-                    "lock-auto-healed",
+                    EventKind::LockAutoHealed,
                     format!(
                         "took over the queue lock of {} (host id {}, holder pid {} dead, heartbeat stale) on a \
                          host-local state directory",

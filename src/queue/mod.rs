@@ -27,7 +27,7 @@ pub use attempts::{AttemptResult, Finished};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::audit::{Alert, AuditSink, Auditor, Event, priority};
+use crate::audit::{Alert, AuditSink, Auditor, Event, EventKind, priority};
 use crate::clock::Clock;
 use crate::config::{AutoHeal, Config};
 use crate::facts::Facts;
@@ -467,7 +467,7 @@ impl Queue {
                 if durable && let Some(was) = self.persist_failed.take() {
                     self.audit(
                         Event::new(
-                            "persist-recovered",
+                            EventKind::PersistRecovered,
                             format!("the queue state is written again (it failed: {was})"),
                         )
                         .priority(priority::NOTICE),
@@ -492,7 +492,7 @@ impl Queue {
         if self.persist_failed.as_deref() != Some(msg) {
             self.audit(
                 Event::new(
-                    "persist-failed",
+                    EventKind::PersistFailed,
                     format!(
                         "{msg}; the change was refused and the previous state kept. Free space or fix the state \
                          directory; outlived retries on every tick."

@@ -49,7 +49,7 @@ pub(super) fn new_entry(
 /// The audit line of a stop dropped to keep at most [`rules::MAX_STOPS`] (Q-9).
 pub(super) fn stop_dropped(s: &RunStop) -> Event {
     Event::new(
-        "stop-dropped",
+        EventKind::StopDropped,
         format!(
             "the operator stop of run {} recorded at {} was forgotten: at most {} stops are kept \
              (entries queued before it were cancelled when it was recorded)",
@@ -123,10 +123,13 @@ impl Queue {
         let key = req.key();
         if let Err(word) = rules::eligibility(&req, self.settings.include_operator_kills) {
             self.audit(
-                Event::new("enqueue-refused", format!("did not queue {key}: {word}"))
-                    .field("key", &key)
-                    .field("why", word)
-                    .field("uid", caller.uid),
+                Event::new(
+                    EventKind::EnqueueRefused,
+                    format!("did not queue {key}: {word}"),
+                )
+                .field("key", &key)
+                .field("why", word)
+                .field("uid", caller.uid),
             );
             return Ok(Reply {
                 admitted: false,
@@ -142,7 +145,7 @@ impl Queue {
         {
             self.audit(
                 Event::new(
-                    "enqueue-refused",
+                    EventKind::EnqueueRefused,
                     format!("did not queue {key}: it already has an open entry"),
                 )
                 .field("key", &key)
@@ -168,7 +171,7 @@ impl Queue {
         if bound == Bound::Overflow {
             self.audit(
                 Event::new(
-                    "overflow",
+                    EventKind::Overflow,
                     format!(
                         "the queue is full ({max} open entries) and {key} has a lower priority than all of them: not queued"
                     ),
@@ -195,7 +198,7 @@ impl Queue {
                 e.terminal_at = Some(ctx.wall);
                 events.push(
                     Event::new(
-                        "resurrection-cap",
+                        EventKind::ResurrectionCap,
                         format!(
                             "{key} was reaped again after {recent} revivals in 24 h; not reviving it automatically \
                              (something keeps killing it). `outlivectl requeue {id}` revives it once."
@@ -217,7 +220,7 @@ impl Queue {
                 v.terminal_at = Some(ctx.wall);
                 events.push(
                     Event::new(
-                        "overflow",
+                        EventKind::Overflow,
                         format!(
                             "the queue is full ({max} open entries): {} ({}) gave up to make room for {key}",
                             v.label(),
@@ -231,7 +234,7 @@ impl Queue {
             }
             e.record(None, Status::Queued, &by, ctx.wall);
             events.push(
-                Event::new("enqueued", format!("queued {} ({key}) for revival as {id}", e.label()))
+                Event::new(EventKind::Enqueued, format!("queued {} ({key}) for revival as {id}", e.label()))
                     .priority(priority::INFO)
                     .field("entry_id", &id)
                     .field("key", &key)
@@ -264,7 +267,7 @@ impl Queue {
             e.status = Status::Cancelled;
             e.terminal_at = Some(ctx.wall);
             let ev = Event::new(
-                "cancelled",
+                EventKind::Cancelled,
                 format!("cancelled {} ({id}), which was {from}", e.label()),
             )
             .priority(priority::NOTICE)
@@ -312,7 +315,7 @@ impl Queue {
             e.wait_anchor_boot = ctx.boot;
             let ev = if override_cap {
                 Event::new(
-                    "resurrection-override",
+                    EventKind::ResurrectionOverride,
                     format!(
                         "{} ({id}) was requeued past the resurrection cap by an operator; a further reap is capped \
                          again",
@@ -321,7 +324,7 @@ impl Queue {
                 )
                 .priority(priority::WARNING)
             } else {
-                Event::new("requeued", format!("requeued {} ({id}), which was {from}", e.label())).priority(priority::NOTICE)
+                Event::new(EventKind::Requeued, format!("requeued {} ({id}), which was {from}", e.label())).priority(priority::NOTICE)
             };
             Ok(((), vec![ev.field("entry_id", id).field("was", &from)]))
         })
@@ -382,7 +385,7 @@ impl Queue {
             let p = next.clone().expect("a pause");
             let ev = match change {
                 PauseChange::Upgraded => Event::new(
-                    "pause-upgraded",
+                    EventKind::PauseUpgraded,
                     format!(
                         "the pause became {} ({r}) by {by}; it was {}",
                         p.kind.as_str(),
@@ -390,7 +393,7 @@ impl Queue {
                     ),
                 ),
                 _ => Event::new(
-                    "paused",
+                    EventKind::Paused,
                     format!("revival paused ({}: {r}) by {by}", p.kind.as_str()),
                 ),
             }
@@ -412,7 +415,7 @@ impl Queue {
     pub fn resume(&mut self, caller: &Caller) -> Result<bool, QueueError> {
         self.require_enabled()?;
         require_mutate(caller, "Resume")?;
-        self.unpause(&format!("uid {}", caller.uid), "resumed")
+        self.unpause(&format!("uid {}", caller.uid), EventKind::Resumed)
     }
 
     /// Clear the pause with Q-12's credit; `event` describes the cause (given the pause and how
@@ -439,11 +442,11 @@ impl Queue {
         .inspect(|_| self.pause_boot = None)
     }
 
-    pub(super) fn unpause(&mut self, by: &str, kind: &str) -> Result<bool, QueueError> {
-        let (by, kind) = (by.to_string(), kind.to_string());
+    pub(super) fn unpause(&mut self, by: &str, kind: EventKind) -> Result<bool, QueueError> {
+        let by = by.to_string();
         self.unpause_with(move |p, ms| {
             Event::new(
-                &kind,
+                kind,
                 format!(
                     "revival resumed by {by} after {} s paused ({}: {})",
                     ms / 1000,
@@ -475,7 +478,7 @@ impl Queue {
                 n += 1;
             }
             let dropped = rules::record_stop(&mut s.stops, run_id, ctx.wall);
-            let ev = Event::new("operator-stop", format!("run {run_id} was stopped by {by}: {n} open entries cancelled; it will not be revived"))
+            let ev = Event::new(EventKind::OperatorStop, format!("run {run_id} was stopped by {by}: {n} open entries cancelled; it will not be revived"))
                 .priority(priority::NOTICE)
                 .field("run_id", run_id)
                 .field("cancelled", n);
@@ -501,7 +504,7 @@ impl Queue {
             let was = s.pause.as_ref().map(|p| p.kind.as_str().to_string());
             s.pause = next;
             let ev = Event::new(
-                "stop-all",
+                EventKind::StopAll,
                 format!(
                     "all revival stopped by {by}: every run queued before now is stopped, and revival is halted \
                      until `outlivectl resume`{}",

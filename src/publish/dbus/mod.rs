@@ -27,7 +27,7 @@ use std::time::Duration;
 use zbus::Connection;
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
-use crate::audit::{AuditSink, Event, priority};
+use crate::audit::{AuditSink, Event, EventKind, priority};
 use crate::clock::boottime_ms;
 use crate::publish::watchdog::LoopBeat;
 use crate::sync::{MutexExt, RwLockExt};
@@ -530,7 +530,7 @@ impl Bus {
             self.set_conn(None);
             self.audit.record(
                 &Event::new(
-                    "bus-lost",
+                    EventKind::BusLost,
                     format!("lost the D-Bus connection ({why}); reconnecting with backoff"),
                 )
                 .priority(priority::WARNING)
@@ -597,7 +597,7 @@ impl Bus {
                             backoff = BACKOFF_MIN;
                             self.audit.record(
                                 &Event::new(
-                                    "bus-reconnected",
+                                    EventKind::BusReconnected,
                                     format!(
                                         "reconnected to D-Bus and own {NAME} again after {} ms",
                                         gap_ms
