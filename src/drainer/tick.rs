@@ -725,11 +725,9 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         Ok(n)
     }
 
-    /// D-9: start an attempt on `e`.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "FIXME(issue 13): D-9 step by step, to be split with the tick"
-    )]
+    /// D-9: start an attempt on `e`: `queued → starting`, the continuation (D-11), the start
+    /// through the service manager (or a detached spawn where there is none); its
+    /// verification follows once its grace has elapsed.
     async fn attempt(&mut self, queue: &SharedQueue, e: Entry) -> Report {
         let transient = matches!(e.target, Target::Exec { .. }) && self.manager.is_some();
         let unit = match &e.target {
@@ -751,10 +749,48 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 );
             }
         };
-        // The record under the state directory goes through the queue (written only while its
-        // lock is ours); the run's copy under the runtime directory.
-        let text = continuation::text(&e);
-        // A unit's copy is handed to whom the unit runs as (root's when that cannot be known).
+        let started_boot = self.clock.boot_ms();
+        let started_wall = e.last_attempt_at.unwrap_or_else(|| self.clock.wall_ms());
+        let cont = match self.continuation(queue, &e).await {
+            Ok(p) => p,
+            Err(err) => {
+                let why = format!("cannot write the continuation: {err}");
+                self.fail(queue, &e.id, why.clone(), None).await;
+                return Report::with(Outcome::AttemptFailed, Some(&e.id), why);
+            }
+        };
+        let (started, child) = self.start(queue, &e, unit.as_deref(), &cont).await;
+        if let Err(StartError::Refused(why)) = started {
+            self.fail(queue, &e.id, why.clone(), unit.filter(|_| transient))
+                .await;
+            return Report::with(Outcome::AttemptFailed, Some(&e.id), why);
+        }
+        let attempt = Attempt {
+            started_boot,
+            started_wall,
+            unit: unit.clone(),
+            transient,
+            child,
+        };
+        self.attempts.insert(e.id.clone(), attempt);
+        let detail = match started {
+            Err(StartError::Undecided(w)) => {
+                format!("the start was not confirmed ({w}); verification decides")
+            }
+            _ => format!(
+                "attempt {} started{}",
+                e.attempts + 1,
+                unit.map(|u| format!(" as {u}")).unwrap_or_default()
+            ),
+        };
+        Report::with(Outcome::Revived, Some(&e.id), detail)
+    }
+
+    /// D-11: the continuation's record under the state directory (through the queue: written
+    /// only while its lock is ours) and the run's copy under the runtime directory, handed to
+    /// whom the run runs as (for a unit, its `User=`; root's when that cannot be known).
+    async fn continuation(&mut self, queue: &SharedQueue, e: &Entry) -> std::io::Result<PathBuf> {
+        let text = continuation::text(e);
         let unit_owner = match (&e.target, &self.manager) {
             (Target::Unit { unit }, Some(m)) if !self.settings.user_mode => {
                 match m.unit_user(unit).await {
@@ -764,105 +800,72 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             }
             _ => None,
         };
-        let cont = queue
+        queue
             .lock()
             .write_file(
                 Some("continuations"),
-                &continuation::record_name(&e),
+                &continuation::record_name(e),
                 text.as_bytes(),
             )
-            .and_then(|_| continuation::write_copy(&self.runtime_dir, &e, &text, unit_owner));
-        let started_boot = self.clock.boot_ms();
-        let started_wall = e.last_attempt_at.unwrap_or_else(|| self.clock.wall_ms());
-        let cont = match cont {
-            Ok(p) => p,
-            Err(err) => {
-                let why = format!("cannot write the continuation: {err}");
-                self.fail(queue, &e.id, why.clone(), None).await;
-                return Report::with(Outcome::AttemptFailed, Some(&e.id), why);
-            }
+            .and_then(|_| continuation::write_copy(&self.runtime_dir, e, &text, unit_owner))
+    }
+
+    /// D-9's start: the unit, a transient unit for an exec target, or (without a service
+    /// manager) a detached spawn, tracked by pid and start time.
+    async fn start(
+        &mut self,
+        queue: &SharedQueue,
+        e: &Entry,
+        unit: Option<&str>,
+        cont: &Path,
+    ) -> (Result<(), StartError>, Option<Child>) {
+        let env_of = |env: &std::collections::BTreeMap<String, String>| {
+            let mut env = env.clone();
+            env.insert("OUTLIVE_ENTRY_ID".into(), e.id.clone());
+            env.insert(
+                "OUTLIVE_RUN_ID".into(),
+                e.run_id.clone().unwrap_or_default(),
+            );
+            env.insert("OUTLIVE_CONTINUATION".into(), cont.display().to_string());
+            env
         };
-        let mut child = None;
-        let started = match (&e.target, &self.manager) {
-            (Target::Unit { unit }, Some(m)) => m.start_unit(unit).await,
+        let cwd = e.worktree.clone().unwrap_or_else(|| e.cwd.clone());
+        match (&e.target, &self.manager) {
+            (Target::Unit { unit }, Some(m)) => (m.start_unit(unit).await, None),
             (Target::Exec { exec, env }, Some(m)) => {
-                let mut env = env.clone();
-                env.insert("OUTLIVE_ENTRY_ID".into(), e.id.clone());
-                env.insert(
-                    "OUTLIVE_RUN_ID".into(),
-                    e.run_id.clone().unwrap_or_default(),
-                );
-                env.insert("OUTLIVE_CONTINUATION".into(), cont.display().to_string());
                 let t = Transient {
-                    name: unit.clone().expect("a transient unit name"),
+                    name: unit.expect("a transient unit name").to_string(),
                     description: format!("outlive revival of {} ({})", e.label(), e.id),
                     argv: exec.clone(),
-                    cwd: e.worktree.clone().unwrap_or_else(|| e.cwd.clone()),
+                    cwd,
                     user: (!self.settings.user_mode).then_some((e.uid, e.gid)),
-                    env,
+                    env: env_of(env),
                 };
-                m.start_transient(&t).await
+                (m.start_transient(&t).await, None)
             }
             (Target::Exec { exec, env }, None) => {
-                let mut env = env.clone();
-                env.insert("OUTLIVE_ENTRY_ID".into(), e.id.clone());
-                env.insert(
-                    "OUTLIVE_RUN_ID".into(),
-                    e.run_id.clone().unwrap_or_default(),
-                );
-                env.insert("OUTLIVE_CONTINUATION".into(), cont.display().to_string());
                 let spec = SpawnSpec {
                     id: e.id.clone(),
                     argv: exec.clone(),
-                    cwd: e.worktree.clone().unwrap_or_else(|| e.cwd.clone()),
+                    cwd,
                     uid: e.uid,
                     gid: e.gid,
-                    env,
+                    env: env_of(env),
                 };
                 match spawn::spawn(&spec, &self.runtime_dir) {
                     Ok((c, pid, start)) => {
                         let _ = queue.lock().set_attempt_pid(&e.id, (pid, start));
-                        child = Some(c);
-                        Ok(())
+                        (Ok(()), Some(c))
                     }
-                    Err(err) => Err(StartError::Refused(format!(
-                        "cannot start {}: {err}",
-                        exec[0]
-                    ))),
+                    Err(err) => {
+                        let why = format!("cannot start {}: {err}", exec[0]);
+                        (Err(StartError::Refused(why)), None)
+                    }
                 }
             }
-            (Target::Unit { unit }, None) => Err(StartError::Refused(format!(
-                "no service manager to start {unit}"
-            ))),
-        };
-        match started {
-            Err(StartError::Refused(why)) => {
-                self.fail(queue, &e.id, why.clone(), unit.filter(|_| transient))
-                    .await;
-                Report::with(Outcome::AttemptFailed, Some(&e.id), why)
-            }
-            other => {
-                self.attempts.insert(
-                    e.id.clone(),
-                    Attempt {
-                        started_boot,
-                        started_wall,
-                        unit: unit.clone(),
-                        transient,
-                        child,
-                    },
-                );
-                let detail = match other {
-                    Err(StartError::Undecided(w)) => {
-                        format!("the start was not confirmed ({w}); verification decides")
-                    }
-                    _ => format!(
-                        "attempt {} started{}",
-                        e.attempts + 1,
-                        unit.map(|u| format!(" as {u}")).unwrap_or_default()
-                    ),
-                };
-                Report::with(Outcome::Revived, Some(&e.id), detail)
+            (Target::Unit { unit }, None) => {
+                let why = format!("no service manager to start {unit}");
+                (Err(StartError::Refused(why)), None)
             }
         }
     }

@@ -255,7 +255,10 @@ mod tests {
 
     /// X-3 / G-7: what `systemctl status` shows, one row per shape of the line.
     #[test]
-    #[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the table: one row per shape of the status line"
+    )]
     fn x3_status_line_table() {
         use crate::posture::Published;
         use crate::queue::Snapshot;
