@@ -230,8 +230,12 @@ impl Event {
     }
 
     /// Add a field; the name is normalised to `[A-Z0-9_]` (other characters become `_`).
+    /// Add a field; an empty value is left out (no `OUTLIVE_ENTRY_ID=` with nothing after it).
     pub fn field(mut self, name: &str, value: impl fmt::Display) -> Event {
-        self.fields.push((field_name(name), value.to_string()));
+        let value = value.to_string();
+        if !value.is_empty() {
+            self.fields.push((field_name(name), value));
+        }
         self
     }
 
@@ -690,6 +694,21 @@ impl MemorySink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 15: an empty field is left out, not sent as `OUTLIVE_ENTRY_ID=`.
+    #[test]
+    fn x2_empty_fields_are_left_out() {
+        let e = Event::new(EventKind::TickOutcome, "drainer: empty")
+            .field("outcome", "empty")
+            .field("entry_id", "");
+        assert_eq!(e.get("outcome"), Some("empty"));
+        assert_eq!(e.get("entry_id"), None);
+        assert!(
+            !e.fields.iter().any(|(k, _)| k == "ENTRY_ID"),
+            "{:?}",
+            e.fields
+        );
+    }
 
     /// kinds are kebab-case names, each once, and include those the specification names.
     #[test]

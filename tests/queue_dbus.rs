@@ -366,6 +366,65 @@ async fn x1_properties_changed_for_waiting_and_never_for_last_tick_at() {
     assert!(!changed.contains_key("LastTickAt"));
 }
 
+/// X-1 (issue 15): one change of state is one PropertiesChanged holding every property it
+/// changed: a `Pause` sends `Paused`, `PauseKind`, `PauseReason` and `PausedAt` together, so
+/// no client ever sees `Paused=true` with an empty kind; `Resume` clears them together.
+#[tokio::test]
+async fn x1_a_pause_is_one_properties_changed_with_all_its_properties() {
+    if !ready() {
+        return;
+    }
+    let s = setup(PrivateBus::start(), CONFIG);
+    let conn = connect(&s.bus.address).await;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .path("/org/outlive/Agent1/ResumeQueue")
+        .build()
+        .unwrap();
+    let mut changes = zbus::MessageStream::for_match_rule(rule, &conn, None)
+        .await
+        .unwrap();
+    let pause_props = ["Paused", "PauseKind", "PauseReason", "PausedAt"];
+    for (args, paused) in [
+        (
+            vec!["pause", "--kind", "maintenance", "--reason", "disk swap"],
+            true,
+        ),
+        (vec!["resume"], false),
+    ] {
+        let (code, _, err) = s.bus.outlivectl_as(ROOT, &args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let mut signals = Vec::new();
+        while let Ok(Some(Ok(msg))) =
+            tokio::time::timeout(Duration::from_millis(1500), changes.next()).await
+        {
+            let (_, changed, _): (
+                String,
+                HashMap<String, zbus::wire::OwnedVariant>,
+                Vec<String>,
+            ) = msg.body().deserialize().unwrap();
+            signals.push(changed);
+        }
+        let with_pause: Vec<_> = signals
+            .iter()
+            .filter(|c| pause_props.iter().any(|p| c.contains_key(*p)))
+            .collect();
+        assert_eq!(with_pause.len(), 1, "{args:?}: {signals:?}");
+        let c = with_pause[0];
+        for p in pause_props {
+            assert!(c.contains_key(p), "{args:?}: {p} missing from {c:?}");
+        }
+        assert_eq!(
+            bool::try_from(c["Paused"].try_clone().unwrap()).unwrap(),
+            paused
+        );
+        let kind = String::try_from(c["PauseKind"].try_clone().unwrap()).unwrap();
+        assert_eq!(kind, if paused { "maintenance" } else { "" });
+    }
+}
+
 fn foreign_lock(state: &std::path::Path) -> Vec<u8> {
     std::fs::create_dir_all(state).unwrap();
     let rec = serde_json::json!({
@@ -625,7 +684,7 @@ async fn x1_bad_input_is_refused_with_typed_errors_and_nothing_is_written() {
         ),
         (
             base(vec![("user", Variant::from("root"))]),
-            "user: expected type u",
+            "user: expected a non-negative integer (any of y n q i u x t), got s",
         ),
         (base(vec![]), "one of unit or exec is required"),
         (base(vec![("exec", exec(vec![]))]), "exec"),

@@ -163,13 +163,13 @@ fn classify_error(e: ClassifyError) -> OutliveError {
 #[interface(name = "org.outlive.Agent1")]
 impl Agent1 {
     /// The agent's version.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
     }
 
     /// H-1 `host_id` (never the raw machine id).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn host_id(&self) -> String {
         self.state.identity().host_id.to_hex()
     }
@@ -181,7 +181,7 @@ impl Agent1 {
     }
 
     /// This boot's id.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn boot_id(&self) -> String {
         self.state.identity().boot_id.to_hex()
     }
@@ -199,6 +199,7 @@ impl Agent1 {
     }
 
     /// Host facts (H-1, H-5) as a dictionary.
+    #[zbus(out_args("facts"))]
     async fn get_host_facts(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -218,6 +219,7 @@ impl Agent1 {
     /// members get it as seen with their own credentials (SPEC §12: what they cannot reach is
     /// AccessDenied, whether it exists or not); everyone else the mount-table classification
     /// only (the path is not touched), rate-limited by the gate.
+    #[zbus(out_args("classification"))]
     async fn classify_path(
         &self,
         path: String,

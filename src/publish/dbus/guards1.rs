@@ -198,6 +198,7 @@ impl Guards1 {
     }
 
     /// Every row (G-10).
+    #[zbus(out_args("rows"))]
     async fn get_guards(
         &self,
         #[zbus(header)] hdr: Header<'_>,

@@ -20,6 +20,7 @@ pub mod guards1;
 pub mod queue1;
 pub mod variant;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,86 +91,119 @@ impl Publisher {
         *self.last.lock().await = self.current();
     }
 
-    /// Emit what changed on `conn`.
+    /// Emit what changed on `conn`: per interface one PropertiesChanged holding every
+    /// property the change touched (a `Pause` is one signal with `Paused`, `PauseKind`,
+    /// `PauseReason` and `PausedAt`, so no client sees half of it).
     pub async fn sync(&self, conn: &Connection) {
         let mut last = self.last.lock().await;
         let now = self.current();
         if *last == now {
             return;
         }
-        let mut results = Vec::new();
-        if let Ok(iref) = conn
-            .object_server()
-            .interface::<_, Agent1>(AGENT_PATH)
-            .await
-        {
-            let i = iref.get().await;
-            let em = iref.signal_emitter();
-            let (a, b) = (&last.0, &now.0);
-            if a.hostname != b.hostname {
-                results.push(i.hostname_changed(em).await);
+        let mut signals: Vec<(&str, &str, Changed, Vec<&str>)> = Vec::new();
+        let (a, b) = (&last.0, &now.0);
+        let mut c = Changed::new();
+        c.put(a.hostname != b.hostname, "Hostname", b.hostname.clone());
+        c.put(
+            a.status_text != b.status_text,
+            "StatusText",
+            b.status_text.clone(),
+        );
+        c.put(a.degraded != b.degraded, "Degraded", b.degraded);
+        signals.push((AGENT_PATH, "org.outlive.Agent1", c, vec![]));
+        let (a, b) = (&last.1, &now.1);
+        let mut c = Changed::new();
+        c.put(a.enabled != b.enabled, "Enabled", b.enabled);
+        c.put(
+            a.disabled_reason != b.disabled_reason,
+            "DisabledReason",
+            b.disabled_reason.clone(),
+        );
+        c.put(
+            a.disabled_detail != b.disabled_detail,
+            "DisabledDetail",
+            b.disabled_detail.clone(),
+        );
+        c.put(a.dry_run != b.dry_run, "DryRun", b.dry_run);
+        c.put(a.paused != b.paused, "Paused", b.paused);
+        c.put(
+            a.pause_kind != b.pause_kind,
+            "PauseKind",
+            b.pause_kind.clone(),
+        );
+        c.put(
+            a.pause_reason != b.pause_reason,
+            "PauseReason",
+            b.pause_reason.clone(),
+        );
+        c.put(a.paused_at != b.paused_at, "PausedAt", b.paused_at);
+        c.put(a.waiting != b.waiting, "Waiting", b.waiting);
+        c.put(
+            a.breaker_open_until != b.breaker_open_until,
+            "BreakerOpenUntil",
+            b.breaker_open_until,
+        );
+        c.put(
+            a.quota_signal != b.quota_signal,
+            "QuotaSignal",
+            b.quota_signal.clone(),
+        );
+        signals.push((QUEUE_PATH, "org.outlive.ResumeQueue1", c, vec![]));
+        let (a, b) = (&last.2, &now.2);
+        let mut c = Changed::new();
+        let summary: HashMap<String, u32> = b.summary.iter().cloned().collect();
+        c.put(a.summary != b.summary, "Summary", summary);
+        c.put(a.anomalies != b.anomalies, "Anomalies", b.anomalies.clone());
+        // `Attention` is per caller (§12 G-10): its signal carries no value.
+        let invalidated = if a.attention != b.attention {
+            vec!["Attention"]
+        } else {
+            vec![]
+        };
+        signals.push((GUARDS_PATH, "org.outlive.Guards1", c, invalidated));
+        for (path, iface, changed, invalidated) in signals {
+            if changed.0.is_empty() && invalidated.is_empty() {
+                continue;
             }
-            if a.status_text != b.status_text {
-                results.push(i.status_text_changed(em).await);
-            }
-            if a.degraded != b.degraded {
-                results.push(i.degraded_changed(em).await);
-            }
-        }
-        if let Ok(iref) = conn
-            .object_server()
-            .interface::<_, ResumeQueue1>(QUEUE_PATH)
-            .await
-        {
-            let i = iref.get().await;
-            let em = iref.signal_emitter();
-            let (a, b) = (&last.1, &now.1);
-            macro_rules! changed {
-                ($($f:ident => $m:ident),* $(,)?) => {$(
-                    if a.$f != b.$f {
-                        results.push(i.$m(em).await);
-                    }
-                )*};
-            }
-            changed!(
-                enabled => enabled_changed,
-                disabled_reason => disabled_reason_changed,
-                disabled_detail => disabled_detail_changed,
-                dry_run => dry_run_changed,
-                paused => paused_changed,
-                pause_kind => pause_kind_changed,
-                pause_reason => pause_reason_changed,
-                paused_at => paused_at_changed,
-                waiting => waiting_changed,
-                breaker_open_until => breaker_open_until_changed,
-                quota_signal => quota_signal_changed,
-            );
-        }
-        if let Ok(iref) = conn
-            .object_server()
-            .interface::<_, Guards1>(GUARDS_PATH)
-            .await
-        {
-            let i = iref.get().await;
-            let em = iref.signal_emitter();
-            let (a, b) = (&last.2, &now.2);
-            if a.summary != b.summary {
-                results.push(i.summary_changed(em).await);
-            }
-            if a.anomalies != b.anomalies {
-                results.push(i.anomalies_changed(em).await);
-            }
-            if a.attention != b.attention {
-                results.push(i.attention_invalidate(em).await);
-            }
-        }
-        for r in results {
-            if let Err(e) = r {
+            if let Err(e) = emit(conn, path, iface, changed, invalidated).await {
                 tracing::warn!("cannot emit PropertiesChanged: {e}");
             }
         }
         *last = now;
     }
+}
+
+/// The properties one change touched, with their new values.
+struct Changed(HashMap<&'static str, zbus::Variant<'static>>);
+
+impl Changed {
+    fn new() -> Changed {
+        Changed(HashMap::new())
+    }
+
+    fn put(&mut self, changed: bool, name: &'static str, value: impl Into<zbus::Variant<'static>>) {
+        if changed {
+            self.0.insert(name, value.into());
+        }
+    }
+}
+
+/// One PropertiesChanged signal.
+async fn emit(
+    conn: &Connection,
+    path: &str,
+    iface: &str,
+    changed: Changed,
+    invalidated: Vec<&str>,
+) -> zbus::Result<()> {
+    let em = zbus::object_server::SignalEmitter::new(conn, path)?;
+    zbus::fdo::Properties::properties_changed(
+        &em,
+        zbus::names::InterfaceName::try_from(iface)?,
+        changed.0,
+        std::borrow::Cow::Owned(invalidated),
+    )
+    .await
 }
 
 /// The well-known name.

@@ -274,6 +274,28 @@ fn strings(key: &str, v: &OwnedVariant, limit: usize) -> Result<Vec<String>, Fie
         .collect()
 }
 
+/// A non-negative integer of any D-Bus integer type (`y n q i u x t`, X-1 as amended):
+/// clients send plain numbers as whatever width their binding picks.
+fn unsigned(key: &str, v: &OwnedVariant) -> Result<u64, Field> {
+    let n: i128 = match &**v {
+        Variant::U8(n) => (*n).into(),
+        Variant::I16(n) => (*n).into(),
+        Variant::U16(n) => (*n).into(),
+        Variant::I32(n) => (*n).into(),
+        Variant::U32(n) => (*n).into(),
+        Variant::I64(n) => (*n).into(),
+        Variant::U64(n) => (*n).into(),
+        _ => {
+            let why = format!(
+                "expected a non-negative integer (any of y n q i u x t), got {}",
+                v.value_signature()
+            );
+            return Err((key.to_string(), why));
+        }
+    };
+    u64::try_from(n).map_err(|_| (key.to_string(), format!("{n} is negative")))
+}
+
 /// Decode `Enqueue`'s dictionary. Unknown keys and wrong types are `(key, why)`.
 /// Evidence may be `as`, or `av` whose non-strings are dropped.
 #[expect(clippy::too_many_lines, reason = "X-1's Enqueue keys, one arm each")]
@@ -313,17 +335,15 @@ pub fn decode_enqueue(dict: &HashMap<String, OwnedVariant>) -> Result<Request, F
         r.active_run = boolean("active_run", v)?;
     }
     if let Some(v) = get("reaped_at") {
-        match &**v {
-            Variant::U64(t) => r.reaped_at = Some(*t),
-            _ => return Err(wrong("reaped_at", "t", v)),
-        }
+        r.reaped_at = Some(unsigned("reaped_at", v)?);
     }
     for (k, slot) in [("user", &mut r.user), ("group", &mut r.group)] {
         if let Some(v) = get(k) {
-            match &**v {
-                Variant::U32(n) => *slot = Some(*n),
-                _ => return Err(wrong(k, "u", v)),
-            }
+            let n = unsigned(k, v)?;
+            *slot = Some(
+                u32::try_from(n)
+                    .map_err(|_| (k.to_string(), format!("{n} is not a uid or gid")))?,
+            );
         }
     }
     if let Some(v) = get("evidence") {
@@ -458,6 +478,7 @@ impl ResumeQueue1 {
     }
 
     /// The entries, redacted for callers who are neither privileged nor the entry's user.
+    #[zbus(out_args("entries"))]
     async fn list(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -472,7 +493,17 @@ impl ResumeQueue1 {
             .collect())
     }
 
-    /// Queue a reaped run. Replies `(admitted, why, id)`.
+    /// Queue a reaped run. Replies `(admitted, why, id)`: `(false, <refusal word>, "")`,
+    /// `(true, "", id)` when queued, `(true, "resurrection-cap", id)` when admitted as given up.
+    /// The request's keys and types (unknown keys and wrong types are `InvalidArgument`
+    /// naming the key):
+    /// `run_id` s, `job` s, `resume_on_reap` b, `session` s, `unit` s, or `exec` as with
+    /// `env` a{ss}, `cwd` s, `worktree` s, `reason` s, `disposition` s (`terminal` or
+    /// `recovery-bounce`), `origin` s (`autonomous` or `operator`), `evidence` as (or av),
+    /// `active_run` b, `run_state_file` s, `reaped_at` (ms since the epoch), and for root
+    /// callers only `user` and `group`; these three take any integer type (y n q i u x t)
+    /// whose value is non-negative and fits.
+    #[zbus(out_args("admitted", "why", "id"))]
     async fn enqueue(
         &self,
         request: HashMap<String, OwnedVariant>,
@@ -533,6 +564,7 @@ impl ResumeQueue1 {
     }
 
     /// Clear any pause; whether there was one (P-2).
+    #[zbus(out_args("was_paused"))]
     async fn resume(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -543,6 +575,7 @@ impl ResumeQueue1 {
     }
 
     /// Stop a run: cancel its open entries and record the stop. Returns how many.
+    #[zbus(out_args("cancelled"))]
     async fn stop(
         &self,
         run_id: String,
@@ -555,6 +588,7 @@ impl ResumeQueue1 {
 
     /// Run a tick now (D-1), skipping the calm gate (D-5). Replies `outcome` (a D-3 word) and
     /// optionally `entry_id` and `detail`.
+    #[zbus(out_args("report"))]
     async fn drain(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -676,6 +710,51 @@ mod tests {
             d.insert(k.to_string(), val);
             let e = decode_enqueue(&d).unwrap_err();
             assert_eq!(e.0, field, "{k}: {e:?}");
+        }
+    }
+
+    /// X-1 as amended (issue 15): `reaped_at`, `user` and `group` take any D-Bus integer type
+    /// whose value is non-negative and fits (gdbus and dbus-python send plain numbers as
+    /// 32-bit), and nothing else.
+    #[test]
+    fn x1_integers_of_any_width_that_fit_are_accepted() {
+        let ints: Vec<(OwnedVariant, Option<u64>)> = vec![
+            (v(7u8), Some(7)),
+            (v(7i16), Some(7)),
+            (v(7u16), Some(7)),
+            (v(7i32), Some(7)),
+            (v(7u32), Some(7)),
+            (v(7i64), Some(7)),
+            (v(7u64), Some(7)),
+            (v(-1i32), None),
+            (v(-1i64), None),
+            (v(1.5f64), None),
+            (v(true), None),
+        ];
+        for (val, want) in ints {
+            for key in ["reaped_at", "user", "group"] {
+                let mut d = base();
+                d.insert(key.to_string(), val.try_clone().unwrap());
+                let got = decode_enqueue(&d);
+                match want {
+                    Some(n) => {
+                        let r = got.unwrap_or_else(|e| panic!("{key} = {val:?}: {e:?}"));
+                        let slot = match key {
+                            "reaped_at" => r.reaped_at,
+                            "user" => r.user.map(u64::from),
+                            _ => r.group.map(u64::from),
+                        };
+                        assert_eq!(slot, Some(n), "{key} = {val:?}");
+                    }
+                    None => assert_eq!(got.unwrap_err().0, key, "{key} = {val:?}"),
+                }
+            }
+        }
+        // Larger than a uid or gid can be.
+        for key in ["user", "group"] {
+            let mut d = base();
+            d.insert(key.to_string(), v(1u64 << 32));
+            assert_eq!(decode_enqueue(&d).unwrap_err().0, key);
         }
     }
 
