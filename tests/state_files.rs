@@ -533,3 +533,44 @@ fn x5_the_metrics_file_never_follows_or_blocks_on_what_is_planted() {
     );
     assert!(!open.join("outlive.prom").exists());
 }
+
+/// Issue 15, 3: a textfile the agent cannot use says why, in the journal and in the posture
+/// (`systemctl status` names the row and its reason): a directory others may write in is
+/// `metrics-dir-unsafe`, a write that fails (here: a directory sits at the file's path) is
+/// `metrics-write-failed`.
+#[test]
+fn x5_an_unusable_textfile_shows_in_the_journal_and_the_posture() {
+    let d = common::open_tempdir();
+    let unsafe_dir = d.path().join("open");
+    std::fs::create_dir(&unsafe_dir).unwrap();
+    std::fs::set_permissions(&unsafe_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let safe_dir = d.path().join("safe");
+    std::fs::create_dir(&safe_dir).unwrap();
+    std::fs::set_permissions(&safe_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(safe_dir.join("outlive.prom")).unwrap();
+    for (path, reason) in [
+        (unsafe_dir.join("outlive.prom"), "metrics-dir-unsafe"),
+        (safe_dir.join("outlive.prom"), "metrics-write-failed"),
+    ] {
+        let state = private_state(&d.path().join(reason));
+        let (n, j) = (TestSocket::notify(), TestSocket::journal());
+        let _a = Agent::start(AgentSpec {
+            notify: Some(n.path.clone()),
+            journal: Some(j.path.clone()),
+            state_dir: Some(state),
+            toml: format!(
+                "[drainer]\ninterval_sec = 1\n[posture]\nanomaly_grace_sec = 0\n[metrics]\ntextfile = {:?}\n",
+                path.display().to_string()
+            ),
+            ..AgentSpec::default()
+        });
+        let ev = j.wait_for("metrics-write-failed", T, |d| {
+            d.has("OUTLIVE_EVENT", "metrics-write-failed")
+        });
+        assert_eq!(ev.get("OUTLIVE_REASON"), Some(reason), "{ev:?}");
+        let want = format!("metrics.textfile off-runtime-divergent ({reason})");
+        n.wait_for(&want, T, |d| {
+            d.get("STATUS").is_some_and(|s| s.starts_with("DEGRADED:") && s.contains(&want))
+        });
+    }
+}
