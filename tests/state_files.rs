@@ -570,7 +570,84 @@ fn x5_an_unusable_textfile_shows_in_the_journal_and_the_posture() {
         assert_eq!(ev.get("OUTLIVE_REASON"), Some(reason), "{ev:?}");
         let want = format!("metrics.textfile off-runtime-divergent ({reason})");
         n.wait_for(&want, T, |d| {
-            d.get("STATUS").is_some_and(|s| s.starts_with("DEGRADED:") && s.contains(&want))
+            d.get("STATUS")
+                .is_some_and(|s| s.starts_with("DEGRADED:") && s.contains(&want))
         });
     }
+}
+
+/// L-6 as amended (issue 15, 2): while the queue is disabled (here: a lock held by another
+/// host), the metrics still count the entries on disk, read and never written, and say what an
+/// alert needs: the queue disabled and why, degraded, how long the oldest entry has waited. The
+/// lock and the state are left as they were.
+#[test]
+fn l6_metrics_count_the_entries_on_disk_while_the_queue_is_disabled() {
+    let d = common::open_tempdir();
+    let state = private_state(d.path());
+    let mut st = outlive::queue::store::State::empty();
+    st.entries.push(
+        serde_json::from_value(serde_json::json!({
+            "id": "rq-a-1", "run_id": "run-7", "session": "agent 7",
+            "target": {"exec": ["/bin/true"]}, "uid": 0, "gid": 0, "cwd": "/",
+            "class": "interactive", "status": "queued", "reaped_at": 1, "queued_at": 1,
+            "reason": "oom", "evidence": ["active-subagent"]
+        }))
+        .unwrap(),
+    );
+    let state_file = state.join("resume-queue.json");
+    std::fs::write(&state_file, serde_json::to_vec(&st).unwrap()).unwrap();
+    std::fs::set_permissions(&state_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let rec = serde_json::json!({
+        "version": 1, "host_id": "0123456789abcdef0123456789abcdef", "hostname": "other-host",
+        "boot_id": "fedcba9876543210fedcba9876543210", "pid": 4242, "pid_start": 1,
+        "acquired_at": 1, "agent_version": "0.0.0"
+    });
+    let lock = state.join("resume-queue.lock");
+    std::fs::write(&lock, format!("{rec}\n")).unwrap();
+    let before = (
+        std::fs::read(&state_file).unwrap(),
+        std::fs::read(&lock).unwrap(),
+    );
+    let run = d.path().join("run");
+    let prom = run.join("metrics/outlive.prom");
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let a = Agent::start(AgentSpec {
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        state_dir: Some(state.clone()),
+        runtime_dir: Some(run),
+        toml: format!(
+            "[drainer]\ninterval_sec = 1\n[metrics]\ntextfile = {:?}\n",
+            prom.display().to_string()
+        ),
+        ..AgentSpec::default()
+    });
+    j.wait_for("queue-disabled", T, |d| {
+        d.has("OUTLIVE_REASON", "foreign-host")
+    });
+    let end = Instant::now() + T;
+    loop {
+        let text = std::fs::read_to_string(&prom).unwrap_or_default();
+        if text.contains("outlive_queue_entries{status=\"queued\"} 1")
+            && text.contains("outlive_queue_enabled{reason=\"foreign-host\"} 0")
+            && text.contains("outlive_degraded 1")
+            && !text.contains("outlive_queue_oldest_waiting_seconds 0.000")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the metrics do not count the queued entry on disk:\n{text}\n{}",
+            a.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = (
+        std::fs::read(&state_file).unwrap(),
+        std::fs::read(&lock).unwrap(),
+    );
+    assert!(
+        before == after,
+        "the disabled agent wrote the state or the lock"
+    );
 }

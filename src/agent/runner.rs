@@ -241,17 +241,23 @@ impl Runner {
         };
         let (entries, paused) = {
             let q = self.queue.lock();
-            (q.state().entries.clone(), q.state().pause.is_some())
+            (q.counted_entries(), q.state().pause.is_some())
         };
         let d = self.handle.public();
         let last_tick_wall = d.last_tick_boot.map(boot_to_wall);
-        let rows = self.out.published().rows;
         let host_id = self.host.identity().host_id.to_string();
+        let view = self.queue.view();
+        let published = self.out.published();
         let text = metrics::render(&metrics::Snapshot {
-            rows: &rows,
+            rows: &published.rows,
             entries: &entries,
             paused,
+            queue_enabled: view.snapshot.enabled,
+            disabled_reason: &view.snapshot.disabled_reason,
+            degraded: published.degraded,
+            breaker_open: d.breaker_open_until > 0,
             revivals_total: d.revivals,
+            now_wall: crate::clock::wall_ms(),
             last_tick_wall,
             version: env!("CARGO_PKG_VERSION"),
             host_id: &host_id,

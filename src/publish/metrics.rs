@@ -16,16 +16,24 @@ use crate::files::{Dir, Replace};
 use crate::sync::MutexExt;
 
 use crate::posture::getters::status;
-use crate::posture::rows::{Effective, Row, Runtime, RuntimeRead};
+use crate::posture::rows::{Effective, REASON_CODES, Row, Runtime, RuntimeRead};
 use crate::queue::entry::{Entry, Status};
 
 /// What the file says.
 pub(crate) struct Snapshot<'a> {
     pub rows: &'a [Row],
+    /// The entries, as held or, while the lock is not, as last read from disk (L-6).
     pub entries: &'a [Entry],
     pub paused: bool,
+    /// Whether the queue is enabled, and why not (a G-6 reason code).
+    pub queue_enabled: bool,
+    pub disabled_reason: &'a str,
+    /// The attention item is open (`systemctl status` says DEGRADED).
+    pub degraded: bool,
+    pub breaker_open: bool,
     pub revivals_total: u64,
-    /// Wall ms of the last tick.
+    /// Wall ms now, and of the last tick.
+    pub now_wall: u64,
     pub last_tick_wall: Option<u64>,
     pub version: &'a str,
     pub host_id: &'a str,
@@ -49,58 +57,150 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One metric: its help, type and samples (`labels` is `{…}` or empty).
+fn metric(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    o.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    for (labels, value) in samples {
+        o.push_str(&format!("{name}{labels} {value}\n"));
+    }
+}
+
+fn one(v: impl ToString) -> Vec<(String, String)> {
+    vec![(String::new(), v.to_string())]
+}
+
 /// The file's text.
 pub(crate) fn render(s: &Snapshot<'_>) -> String {
     let mut o = String::new();
-    o.push_str(
-        "# HELP outlive_guard_state The effective state of each guard (1 for its current state).\n",
-    );
-    o.push_str("# TYPE outlive_guard_state gauge\n");
-    for r in s.rows {
-        for e in Effective::ALL {
-            o.push_str(&format!(
-                "outlive_guard_state{{guard=\"{}\",state=\"{}\"}} {}\n",
-                label(&r.key),
-                e.as_str(),
-                u8::from(r.effective == e.as_str())
-            ));
-        }
-    }
-    o.push_str("# HELP outlive_queue_entries Revival queue entries by status.\n");
-    o.push_str("# TYPE outlive_queue_entries gauge\n");
-    for w in [
+    let guards: Vec<(String, String)> = s
+        .rows
+        .iter()
+        .flat_map(|r| {
+            Effective::ALL.iter().map(|e| {
+                let labels = format!("{{guard=\"{}\",state=\"{}\"}}", label(&r.key), e.as_str());
+                (labels, u8::from(r.effective == e.as_str()).to_string())
+            })
+        })
+        .collect();
+    let help = "The effective state of each guard (1 for its current state).";
+    metric(&mut o, "outlive_guard_state", "gauge", help, &guards);
+    let words = [
         "queued",
         "starting",
         "revived",
         "cancelled",
         "invalidated",
         "gave-up",
-    ] {
-        let n = s
-            .entries
-            .iter()
-            .filter(|e| status_word(&e.status) == w)
-            .count();
-        o.push_str(&format!("outlive_queue_entries{{status=\"{w}\"}} {n}\n"));
-    }
-    o.push_str("# HELP outlive_queue_paused Whether revival is paused.\n");
-    o.push_str("# TYPE outlive_queue_paused gauge\n");
-    o.push_str(&format!("outlive_queue_paused {}\n", u8::from(s.paused)));
-    o.push_str("# HELP outlive_revivals_total Runs revived since outlived started.\n");
-    o.push_str("# TYPE outlive_revivals_total counter\n");
-    o.push_str(&format!("outlive_revivals_total {}\n", s.revivals_total));
-    o.push_str("# HELP outlive_last_tick_timestamp_seconds When the drainer last ticked.\n");
-    o.push_str("# TYPE outlive_last_tick_timestamp_seconds gauge\n");
-    let t = s.last_tick_wall.map(|ms| ms as f64 / 1000.0).unwrap_or(0.0);
-    o.push_str(&format!("outlive_last_tick_timestamp_seconds {t:.3}\n"));
-    o.push_str("# HELP outlive_info The agent's version and host id.\n");
-    o.push_str("# TYPE outlive_info gauge\n");
-    o.push_str(&format!(
-        "outlive_info{{version=\"{}\",host_id=\"{}\"}} 1\n",
-        label(s.version),
-        label(s.host_id)
-    ));
+    ];
+    let entries: Vec<(String, String)> = words
+        .iter()
+        .map(|w| {
+            let n = s
+                .entries
+                .iter()
+                .filter(|e| status_word(&e.status) == *w)
+                .count();
+            (format!("{{status=\"{w}\"}}"), n.to_string())
+        })
+        .collect();
+    let help = "Revival queue entries by status (read from disk while the queue is disabled).";
+    metric(&mut o, "outlive_queue_entries", "gauge", help, &entries);
+    queue(&mut o, s);
+    agent(&mut o, s);
     o
+}
+
+/// The queue's state: enabled and why not, paused, how long the oldest entry has waited.
+fn queue(o: &mut String, s: &Snapshot<'_>) {
+    // The reason is a label from the closed vocabulary (G-6), empty while enabled.
+    let reason = match (s.queue_enabled, REASON_CODES.contains(&s.disabled_reason)) {
+        (true, _) => "",
+        (false, true) => s.disabled_reason,
+        (false, false) => "acquisition-error",
+    };
+    let enabled = vec![(
+        format!("{{reason=\"{reason}\"}}"),
+        u8::from(s.queue_enabled).to_string(),
+    )];
+    let help = "Whether the revival queue accepts and revives runs (reason: why not).";
+    metric(o, "outlive_queue_enabled", "gauge", help, &enabled);
+    let paused = one(u8::from(s.paused));
+    metric(
+        o,
+        "outlive_queue_paused",
+        "gauge",
+        "Whether revival is paused.",
+        &paused,
+    );
+    let oldest = s
+        .entries
+        .iter()
+        .filter(|e| e.status.is_open())
+        .map(|e| s.now_wall.saturating_sub(e.queued_at))
+        .max()
+        .unwrap_or(0);
+    let help = "How long the oldest open entry has waited since it was queued (0: none).";
+    let age = one(format!("{:.3}", oldest as f64 / 1000.0));
+    metric(
+        o,
+        "outlive_queue_oldest_waiting_seconds",
+        "gauge",
+        help,
+        &age,
+    );
+}
+
+/// The agent's: degraded, the breaker, revivals, the last tick, its version.
+fn agent(o: &mut String, s: &Snapshot<'_>) {
+    let help = "Whether a safety system needs attention (systemctl status says DEGRADED).";
+    metric(
+        o,
+        "outlive_degraded",
+        "gauge",
+        help,
+        &one(u8::from(s.degraded)),
+    );
+    let help = "Whether the breaker is open (revival attempts wait out its cooldown).";
+    metric(
+        o,
+        "outlive_breaker_open",
+        "gauge",
+        help,
+        &one(u8::from(s.breaker_open)),
+    );
+    let help = "Runs revived since outlived started.";
+    metric(
+        o,
+        "outlive_revivals_total",
+        "counter",
+        help,
+        &one(s.revivals_total),
+    );
+    let t = s.last_tick_wall.map(|ms| ms as f64 / 1000.0).unwrap_or(0.0);
+    let help = "When the drainer last ticked.";
+    let last = one(format!("{t:.3}"));
+    metric(
+        o,
+        "outlive_last_tick_timestamp_seconds",
+        "gauge",
+        help,
+        &last,
+    );
+    let info = vec![(
+        format!(
+            "{{version=\"{}\",host_id=\"{}\"}}",
+            label(s.version),
+            label(s.host_id)
+        ),
+        "1".to_string(),
+    )];
+    metric(
+        o,
+        "outlive_info",
+        "gauge",
+        "The agent's version and host id.",
+        &info,
+    );
 }
 
 /// Why the metrics file was not written: a G-6 reason code and what to do.
@@ -266,7 +366,12 @@ mod tests {
             rows: &rows,
             entries: &entries,
             paused: true,
+            queue_enabled: true,
+            disabled_reason: "",
+            degraded: false,
+            breaker_open: false,
             revivals_total: 3,
+            now_wall: 1_795_000_000_123,
             last_tick_wall: Some(1_795_000_000_123),
             version: "0.1.0",
             host_id: "abc",
@@ -281,6 +386,10 @@ mod tests {
         assert!(t.contains("outlive_revivals_total 3\n"));
         assert!(t.contains("outlive_last_tick_timestamp_seconds 1795000000.123\n"));
         assert!(t.contains("outlive_info{version=\"0.1.0\",host_id=\"abc\"} 1\n"));
+        assert!(t.contains("outlive_queue_enabled{reason=\"\"} 1\n"));
+        assert!(t.contains("outlive_degraded 0\n"));
+        assert!(t.contains("outlive_breaker_open 0\n"));
+        assert!(t.contains("outlive_queue_oldest_waiting_seconds 0.000\n"));
         // Every sample line is `name{labels} value` or `name value`.
         for l in t.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = l.rsplit_once(' ').unwrap();

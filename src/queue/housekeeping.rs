@@ -104,6 +104,7 @@ impl Queue {
     /// The housekeeping part of a tick: retention, the persist retry, and a checkpoint of the
     /// waiting time every 10 minutes while entries wait.
     pub fn housekeeping(&mut self) {
+        self.observe();
         if self.loaded {
             let now = self.clock.wall_ms();
             self.prune(now);
@@ -119,6 +120,41 @@ impl Queue {
                 .any(|e| e.status == Status::Queued)
         {
             let _ = self.commit(|_, _| Ok(((), vec![])));
+        }
+    }
+
+    /// L-6 as amended: while the lock is not held, the state file is read, never written, at
+    /// most once a tick and only for the counts in the metrics: opened
+    /// `O_RDONLY|O_NOFOLLOW|O_NONBLOCK`, a regular file of at most 16 MiB, salvaged per entry,
+    /// on the I/O worker under a timeout (a hung state directory cannot hang the tick).
+    /// Nothing read this way is acted on.
+    pub(super) fn observe(&mut self) {
+        if self.loaded {
+            self.observed = None;
+            return;
+        }
+        let Some(env) = self.env.clone() else {
+            return;
+        };
+        let (dir, now) = (self.state_dir.clone(), self.clock.wall_ms());
+        let job = move || -> Option<Vec<Entry>> {
+            let d = crate::files::Dir::open(&dir).ok()?;
+            let bytes = d.read(store::STATE_FILE, store::MAX_STATE_BYTES).ok()??;
+            store::salvage(&bytes, now).ok().map(|s| s.state.entries)
+        };
+        self.observed = match self.io.run(Self::io_timeout(&env), job) {
+            crate::facts::probe::Run::Done(entries) => entries,
+            crate::facts::probe::Run::Timeout => None,
+        };
+    }
+
+    /// The entries to count: the state's while the lock is held, else what the last
+    /// read-only look at the state file found (L-6).
+    pub fn counted_entries(&self) -> Vec<Entry> {
+        if self.loaded {
+            self.state.entries.clone()
+        } else {
+            self.observed.clone().unwrap_or_default()
         }
     }
 }

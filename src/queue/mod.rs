@@ -288,6 +288,8 @@ pub struct Queue {
     saved_boot: u64,
     /// The applied configuration this queue takes its settings from (the agent's).
     applied: Option<crate::config::Applied>,
+    /// L-6: the entries on disk as last read while the lock is not held (for counts only).
+    observed: Option<Vec<Entry>>,
 }
 
 impl Queue {
@@ -323,6 +325,7 @@ impl Queue {
             pause_boot: None,
             saved_boot: 0,
             applied: None,
+            observed: None,
         }
     }
 
