@@ -10,10 +10,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use common::bus::PrivateBus;
-use common::{Agent, AgentSpec, TestSocket, repo, require_root, require_tools};
+use common::{TestSocket, repo, require_root, require_tools};
 
 const T: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -84,15 +84,7 @@ fn x1_live_introspection_equals_docs_dbus() {
     }
     let bus = PrivateBus::start();
     let (n, j) = (TestSocket::notify(), TestSocket::journal());
-    let mut env = HashMap::new();
-    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
-    let _a = Agent::start(AgentSpec {
-        args: vec![],
-        env,
-        notify: Some(n.path.clone()),
-        journal: Some(j.path.clone()),
-        ..AgentSpec::default()
-    });
+    let _a = common::bus_agent(&bus, &n, &j, "");
     n.wait_for("READY=1", T, |d| d.has("READY", "1"));
     let bless = std::env::var("OUTLIVE_BLESS").is_ok_and(|v| v == "1");
     let mut problems = Vec::new();

@@ -10,11 +10,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Command;
 
 use common::bus::PrivateBus;
-use common::{Agent, AgentSpec, TestSocket, outlivectl, repo, require_root, require_tools, run};
+use common::{TestSocket, outlivectl, repo, require_root, require_tools, run};
 
 const TOOLS: [&str; 3] = ["outlivectl", "busctl", "gdbus"];
 
@@ -171,15 +170,7 @@ fn x1_every_documented_command_works_against_the_agent() {
     assert!(commands.len() > from_readme, "no command in the man pages");
     let bus = PrivateBus::start();
     let (n, j) = (TestSocket::notify(), TestSocket::journal());
-    let mut env = HashMap::new();
-    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
-    let a = Agent::start(AgentSpec {
-        args: vec![],
-        env,
-        notify: Some(n.path.clone()),
-        journal: Some(j.path.clone()),
-        ..AgentSpec::default()
-    });
+    let a = common::bus_agent(&bus, &n, &j, "");
     n.wait_for("READY=1", std::time::Duration::from_secs(15), |d| {
         d.has("READY", "1")
     });

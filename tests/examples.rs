@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,15 +15,9 @@ const DROPIN: &str = "[[guard]]\nkey = \"example.backup\"\ndescription = \"the e
 
 fn agent(bus: &PrivateBus) -> (Agent, TestSocket, TestSocket) {
     let (n, j) = (TestSocket::notify(), TestSocket::journal());
-    let mut env = HashMap::new();
-    env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
     let a = Agent::start(AgentSpec {
-        args: vec![],
-        env,
-        notify: Some(n.path.clone()),
-        journal: Some(j.path.clone()),
         dropins: vec![("50-example.toml".into(), DROPIN.into(), 0)],
-        ..AgentSpec::default()
+        ..common::bus_spec(bus, &n, &j)
     });
     n.wait_for("READY=1", Duration::from_secs(15), |d| d.has("READY", "1"));
     (a, n, j)

@@ -320,6 +320,20 @@ async fn x1_refusals_are_typed_errors() {
     assert_eq!(entries(&s, ROOT).len(), 1);
 }
 
+/// The queue object's PropertiesChanged signals, as a client subscribes to them.
+async fn queue_changes(conn: &zbus::Connection) -> zbus::MessageStream {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.freedesktop.DBus.Properties")
+        .member("PropertiesChanged")
+        .path("/org/outlive/Agent1/ResumeQueue")
+        .build()
+        .unwrap();
+    zbus::MessageStream::for_match_rule(rule, conn, None)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn x1_properties_changed_for_waiting_and_never_for_last_tick_at() {
     if !ready() {
@@ -330,16 +344,7 @@ async fn x1_properties_changed_for_waiting_and_never_for_last_tick_at() {
         &format!("{CONFIG}[drainer]\ninterval_sec = 1\n"),
     );
     let conn = connect(&s.bus.address).await;
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .interface("org.freedesktop.DBus.Properties")
-        .member("PropertiesChanged")
-        .path("/org/outlive/Agent1/ResumeQueue")
-        .build()
-        .unwrap();
-    let mut changes = zbus::MessageStream::for_match_rule(rule, &conn, None)
-        .await
-        .unwrap();
+    let mut changes = queue_changes(&conn).await;
     // Ticks every second change LastTickAt: it must not signal.
     let quiet = tokio::time::timeout(Duration::from_millis(2500), changes.next()).await;
     assert!(
@@ -376,16 +381,7 @@ async fn x1_a_pause_is_one_properties_changed_with_all_its_properties() {
     }
     let s = setup(PrivateBus::start(), CONFIG);
     let conn = connect(&s.bus.address).await;
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .interface("org.freedesktop.DBus.Properties")
-        .member("PropertiesChanged")
-        .path("/org/outlive/Agent1/ResumeQueue")
-        .build()
-        .unwrap();
-    let mut changes = zbus::MessageStream::for_match_rule(rule, &conn, None)
-        .await
-        .unwrap();
+    let mut changes = queue_changes(&conn).await;
     let pause_props = ["Paused", "PauseKind", "PauseReason", "PausedAt"];
     for (args, paused) in [
         (

@@ -283,8 +283,10 @@ pub const KEYS: &[KeySpec] = &[
         kind: Kind::Path { optional: true },
         default: DefaultValue::Str(""),
         reload: Reload::Applies,
-        doc: "Prometheus textfile written every tick (e.g. /var/lib/prometheus/node-exporter/outlive.prom); \
-              empty is off.",
+        doc: "Prometheus textfile written every tick; empty is off. /run/outlive/metrics/outlive.prom is in a \
+              directory outlived creates (root, 0755) for node_exporter's --collector.textfile.directory; any \
+              other directory must be root's, writable by root alone, and granted with ReadWritePaths= in a \
+              drop-in.",
     },
     KeySpec {
         key: "journal.socket",

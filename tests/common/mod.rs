@@ -513,17 +513,29 @@ pub(crate) fn bus_agent(
     journal: &TestSocket,
     toml: &str,
 ) -> Agent {
+    Agent::start(AgentSpec {
+        toml: toml.to_string(),
+        ..bus_spec(bus, notify, journal)
+    })
+}
+
+/// An agent on `bus` (its system bus), reporting to `notify` and `journal`: the spec to
+/// start, for tests that add to it.
+pub(crate) fn bus_spec(
+    bus: &bus::PrivateBus,
+    notify: &TestSocket,
+    journal: &TestSocket,
+) -> AgentSpec {
     let mut env = HashMap::new();
     env.insert("DBUS_SYSTEM_BUS_ADDRESS".to_string(), bus.address.clone());
-    Agent::start(AgentSpec {
+    AgentSpec {
         args: vec![],
         env,
         notify: Some(notify.path.clone()),
         journal: Some(journal.path.clone()),
-        toml: toml.to_string(),
         wrapper: bus.agent_wrapper(),
         ..AgentSpec::default()
-    })
+    }
 }
 
 /// A private mount namespace kept alive while a test runs agents in it (`wrapper()`): a
