@@ -173,6 +173,7 @@ const PAYLOAD: &[&str] = &[
     "/usr/share/man/man1/outlivectl.1.gz",
     "/usr/share/man/man5/outlive.toml.5.gz",
     "/usr/share/bash-completion/completions/outlivectl",
+    "/usr/share/doc/outlive/prometheus/outlive.rules.yml",
 ];
 
 #[test]
