@@ -394,21 +394,9 @@ mod tests {
     const MIN: u64 = 60_000;
     const NOW: u64 = 1000 * MIN;
 
+    /// The drainer's test settings (the defaults of §9).
     fn settings() -> Settings {
-        Settings {
-            required_calm_ticks: 3,
-            grace_ms: 15_000,
-            max_revived_alive: 10,
-            backoff_base_ms: 120_000,
-            breaker_threshold: 3,
-            breaker_cooldown_ms: 30 * MIN,
-            auto_resume_stale_pause: true,
-            stale_pause_window_ms: 60 * MIN,
-            calm_gate: true,
-            pressure_held_notice_ms: 20 * MIN,
-            user_mode: false,
-            allowed_units: vec![],
-        }
+        crate::drainer::tests::dsettings()
     }
 
     fn entry(id: &str) -> Entry {

@@ -300,7 +300,7 @@ fn unreadable() -> Sample {
     }
 }
 
-fn dsettings() -> Settings {
+pub(super) fn dsettings() -> Settings {
     Settings {
         required_calm_ticks: 3,
         grace_ms: 15 * S,
