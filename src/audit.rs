@@ -23,11 +23,15 @@ pub enum Alert {
     PausedWithRunsWaiting,
     /// Queue notices without an alert of their own (breaker, overflow, TTL, …).
     QueueNotice,
+    /// A watched run was reaped and queued (SPEC C-3).
+    RunCaptured,
+    /// A watched run ended and how cannot be known (SPEC C-3, row 9).
+    RunUnknown,
 }
 
 impl Alert {
     /// Every alert type (for the catalog test).
-    pub const ALL: [Alert; 11] = [
+    pub const ALL: [Alert; 13] = [
         Alert::PostureDegraded,
         Alert::PostureRestored,
         Alert::QueueDisabled,
@@ -39,6 +43,8 @@ impl Alert {
         Alert::StalePauseAutoResumed,
         Alert::PausedWithRunsWaiting,
         Alert::QueueNotice,
+        Alert::RunCaptured,
+        Alert::RunUnknown,
     ];
 
     /// The journal `MESSAGE_ID` (32 lowercase hex digits).
@@ -55,6 +61,8 @@ impl Alert {
             Alert::StalePauseAutoResumed => "c6f308fc68cd4cd590855194b55b9493",
             Alert::PausedWithRunsWaiting => "11db55d58fda454ab22674b200f45ee7",
             Alert::QueueNotice => "e72663eda21f4861949d502c83bd09d2",
+            Alert::RunCaptured => "eba0e2f9636746c8a0e832d894f9eb31",
+            Alert::RunUnknown => "8fbff45fa25a4b5594c320928dfd5387",
         }
     }
 
@@ -66,8 +74,12 @@ impl Alert {
             | Alert::QueueDisabled
             | Alert::StalePauseAutoResumed
             | Alert::PausedWithRunsWaiting
-            | Alert::QueueNotice => 4,
-            Alert::PostureRestored | Alert::LockAutoHealed | Alert::RunRevived => 5,
+            | Alert::QueueNotice
+            | Alert::RunUnknown => 4,
+            Alert::PostureRestored
+            | Alert::LockAutoHealed
+            | Alert::RunRevived
+            | Alert::RunCaptured => 5,
             Alert::LockHostRenamed => 6,
         }
     }
@@ -160,6 +172,18 @@ event_kinds! {
     ResurrectionOverride => "resurrection-override",
     RevivalGaveUp => "revival-gave-up",
     Revived => "revived",
+    RevivedByHand => "revived-by-hand",
+    RunCaptured => "run-captured",
+    RunEnded => "run-ended",
+    RunEvidence => "run-evidence",
+    RunNeverStarted => "run-never-started",
+    RunStarted => "run-started",
+    RunUnknown => "run-unknown",
+    RunUnwatched => "run-unwatched",
+    RunWatched => "run-watched",
+    CaptureLost => "capture-lost",
+    CaptureRestored => "capture-restored",
+    WatchCap => "watch-cap",
     Started => "started",
     StateCorrupt => "state-corrupt",
     StateSalvaged => "state-salvaged",

@@ -8,6 +8,7 @@
 
 pub(crate) mod agent;
 pub mod audit;
+pub mod capture;
 pub mod cli;
 pub mod clock;
 pub mod config;

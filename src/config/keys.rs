@@ -279,6 +279,29 @@ pub const KEYS: &[KeySpec] = &[
         "Milliseconds a statfs or path resolution may take.",
     ),
     KeySpec {
+        key: "capture.units",
+        kind: Kind::List(ListOf::UnitGlobs),
+        default: DefaultValue::EmptyList,
+        reload: Reload::Applies,
+        doc: "Unit-name globs: every loaded unit that matches is watched while it matches, and revived with \
+              StartUnit when someone else reaps it.",
+    },
+    int(
+        "capture.max_watched",
+        200,
+        1,
+        10000,
+        "Most watch records kept; ended ones are pruned first (and 7 days after they ended).",
+    ),
+    KeySpec {
+        key: "capture.evidence_policy",
+        kind: Kind::Choice(&["autonomous", "declared"]),
+        default: DefaultValue::Str("autonomous"),
+        reload: Reload::Applies,
+        doc: "The default for watched runs: autonomous runs carry build-or-autonomous-active while active; \
+              declared runs only the evidence they declare.",
+    },
+    KeySpec {
         key: "metrics.textfile",
         kind: Kind::Path { optional: true },
         default: DefaultValue::Str(""),

@@ -132,6 +132,7 @@ pub struct Config {
     pub drainer: DrainerConfig,
     pub posture: PostureConfig,
     pub facts: FactsConfig,
+    pub capture: CaptureConfig,
     /// None when `metrics.textfile` is empty.
     pub metrics_textfile: Option<PathBuf>,
     pub journal_socket: PathBuf,
@@ -171,6 +172,15 @@ pub struct PostureConfig {
     pub dry_run_soak_days: u32,
     pub notice_hold_min: u32,
     pub accepted_gaps: Vec<String>,
+}
+
+/// `[capture]` (SPEC C-1, C-2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureConfig {
+    pub units: Vec<String>,
+    pub max_watched: u32,
+    /// `autonomous` or `declared`.
+    pub evidence_policy: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -303,6 +303,11 @@ impl Config {
             facts: FactsConfig {
                 statfs_timeout_ms: n("facts.statfs_timeout_ms"),
             },
+            capture: CaptureConfig {
+                units: l("capture.units"),
+                max_watched: n("capture.max_watched"),
+                evidence_policy: s("capture.evidence_policy"),
+            },
             metrics_textfile: (!textfile.is_empty()).then(|| PathBuf::from(textfile)),
             journal_socket: PathBuf::from(s("journal.socket")),
             values,

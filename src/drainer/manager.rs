@@ -120,6 +120,8 @@ pub struct Transient {
     /// None for a user manager (it runs everything as its user).
     pub user: Option<(u32, u32)>,
     pub env: BTreeMap<String, String>,
+    /// `After=` (a watched run stops before the agent at shutdown, C-1, C-6).
+    pub after: Vec<String>,
 }
 
 impl Transient {
@@ -141,6 +143,9 @@ impl Transient {
             ("NoNewPrivileges", Variant::from(true)),
             ("RestrictSUIDSGID", Variant::from(true)),
         ];
+        if !self.after.is_empty() {
+            props.push(("After", Variant::from(self.after.clone())));
+        }
         if let Some((uid, gid)) = self.user {
             props.push(("User", Variant::from(uid.to_string())));
             props.push(("Group", Variant::from(gid.to_string())));
@@ -686,6 +691,7 @@ mod tests {
             cwd: "/".into(),
             user: Some((1001, 1001)),
             env: BTreeMap::new(),
+            after: vec![],
         };
         let props: BTreeMap<&str, String> = t
             .properties()

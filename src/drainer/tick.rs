@@ -840,6 +840,12 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                     cwd,
                     user: (!self.settings.user_mode).then_some((e.uid, e.gid)),
                     env: env_of(env),
+                    // C-6: a watched run's revival stops before the agent at shutdown.
+                    after: if e.watched && !self.settings.user_mode {
+                        vec!["outlived.service".into()]
+                    } else {
+                        vec![]
+                    },
                 };
                 (m.start_transient(&t).await, None)
             }

@@ -126,6 +126,7 @@ pub(crate) fn is_queue_notice(e: &Event) -> bool {
                 | Alert::StalePauseAutoResumed
                 | Alert::PausedWithRunsWaiting
                 | Alert::QueueNotice
+                | Alert::RunUnknown
         )
     )
 }
@@ -137,7 +138,7 @@ pub(crate) fn stay_of(kind: &str) -> Stay {
         "persist-failed" => Stay::While(Cause::PersistFailed),
         "paused-waiting" => Stay::While(Cause::PausedWaiting),
         "manager-unreachable" => Stay::While(Cause::ManagerUnreachable),
-        "state-salvaged" | "state-corrupt" => Stay::UntilAcked,
+        "state-salvaged" | "state-corrupt" | "run-unknown" => Stay::UntilAcked,
         _ => Stay::OneOff,
     }
 }

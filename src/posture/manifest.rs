@@ -193,6 +193,18 @@ pub(crate) const NOT_A_GUARD: &[(&str, &str)] = &[
         "when a notice is raised; the calm gate itself is `drainer.calm_gate`",
     ),
     (
+        "capture.units",
+        "which units capture watches; whether capture is on is the built-in guard capture.watch",
+    ),
+    (
+        "capture.max_watched",
+        "a bound on watch records, not a safety system",
+    ),
+    (
+        "capture.evidence_policy",
+        "the default evidence of watched runs (Q-4 policy), not a safety system",
+    ),
+    (
         "posture.accepted_gaps",
         "the operator's acceptance of gaps, read by the posture itself",
     ),

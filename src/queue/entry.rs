@@ -240,6 +240,9 @@ pub struct Entry {
     pub terminal_at: Option<u64>,
     #[serde(default)]
     pub history: Vec<Transition>,
+    /// Queued by capture for a watched run (C-6: its revival is verified by how it ends).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub watched: bool,
     /// CLOCK_BOOTTIME when the backoff ends (in memory).
     #[serde(skip)]
     pub next_attempt_boot: Option<u64>,

@@ -15,6 +15,7 @@
 pub mod entry;
 pub mod lock;
 pub mod rules;
+pub mod runs;
 pub mod store;
 
 mod attempts;
@@ -59,6 +60,8 @@ pub struct Settings {
     pub include_operator_kills: bool,
     pub allowed_units: Vec<String>,
     pub auto_heal: AutoHeal,
+    /// `capture.max_watched` (C-2).
+    pub max_watched: usize,
 }
 
 impl Settings {
@@ -74,6 +77,7 @@ impl Settings {
             include_operator_kills: c.queue.include_operator_kills,
             allowed_units: c.queue.allowed_units.clone(),
             auto_heal: c.queue.auto_heal,
+            max_watched: c.capture.max_watched as usize,
         }
     }
 }
@@ -188,6 +192,8 @@ pub struct View {
     pub snapshot: Snapshot,
     /// The entries (L-6: a disabled queue has none to show, and says why).
     pub entries: Result<Arc<Vec<Entry>>, QueueError>,
+    /// The watch records (C-2), on the same terms.
+    pub runs: Result<Arc<Vec<runs::RunRecord>>, QueueError>,
 }
 
 /// The queue as the agent's loops and the bus share it: the queue behind a mutex, taken by
@@ -433,6 +439,8 @@ impl Queue {
         let mut next = self.state.clone();
         let (out, events) = f(&mut next, &ctx)?;
         next.saved_at = ctx.wall;
+        let boot_id = self.env.as_ref().map(|e| e.ours.boot_id.to_hex());
+        runs::mirror(&mut next, boot_id.as_deref());
         for e in &mut next.entries {
             e.next_attempt_at = e
                 .next_attempt_boot
@@ -534,6 +542,9 @@ impl Queue {
             entries: self
                 .require_enabled()
                 .map(|()| Arc::new(self.state.entries.clone())),
+            runs: self
+                .require_enabled()
+                .map(|()| Arc::new(self.state.runs.clone())),
         }
     }
 

@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// How a request is admitted: as whom it runs, who queued it, and whether Q-4's
+/// eligibility rows apply (`Revive` skips them: the caller decided).
+pub(super) struct Admission {
+    pub run_as: (u32, u32),
+    pub by: u32,
+    pub eligibility: bool,
+}
+
 /// A new queued entry for `req`, run as `(uid, gid)`, queued by the caller `by`.
 pub(super) fn new_entry(
     id: &str,
@@ -42,6 +50,7 @@ pub(super) fn new_entry(
         pressure_starved: false,
         terminal_at: None,
         history: vec![],
+        watched: false,
         next_attempt_boot: None,
         wait_anchor_boot: ctx.boot,
     }
@@ -67,7 +76,6 @@ impl Queue {
     /// checks run in the SPEC's order, so a disabled queue answers `QueueDisabled` first.
     /// `named` is what the user database says of the request's `user`, looked up before the
     /// queue was locked (None when it names none).
-    #[expect(clippy::too_many_lines, reason = "Q-4's checks in the rule's order")]
     pub fn enqueue(
         &mut self,
         caller: &Caller,
@@ -120,8 +128,38 @@ impl Queue {
                 self.settings.allowed_units
             )));
         }
+        self.admit(
+            req,
+            Admission {
+                run_as: (uid, gid),
+                by: caller.uid,
+                eligibility: true,
+            },
+            |_, _| {},
+        )
+    }
+
+    /// Q-4's admission once the caller is authorized and the request valid: eligibility
+    /// (unless the caller decided, as `Revive` does), the duplicate rule, the resurrection cap
+    /// and the bound. A refusal writes nothing and is audited; an admission is one
+    /// commit, in which `also` may change the rest of the state (capture records the entry on
+    /// its watch record in the same write).
+    #[expect(clippy::too_many_lines, reason = "Q-4 to Q-7 in the rule's order")]
+    pub(super) fn admit(
+        &mut self,
+        req: Request,
+        how: Admission,
+        also: impl FnOnce(&mut State, &Reply) + Send,
+    ) -> Result<Reply, QueueError> {
+        let (uid, gid) = how.run_as;
+        let caller_uid = how.by;
         let key = req.key();
-        if let Err(word) = rules::eligibility(&req, self.settings.include_operator_kills) {
+        let eligible = if how.eligibility {
+            rules::eligibility(&req, self.settings.include_operator_kills)
+        } else {
+            Ok(())
+        };
+        if let Err(word) = eligible {
             self.audit(
                 Event::new(
                     EventKind::EnqueueRefused,
@@ -129,7 +167,7 @@ impl Queue {
                 )
                 .field("key", &key)
                 .field("why", word)
-                .field("uid", caller.uid),
+                .field("uid", caller_uid),
             );
             return Ok(Reply {
                 admitted: false,
@@ -150,7 +188,7 @@ impl Queue {
                 )
                 .field("key", &key)
                 .field("why", "duplicate-open-entry")
-                .field("uid", caller.uid),
+                .field("uid", caller_uid),
             );
             return Ok(Reply {
                 admitted: false,
@@ -185,8 +223,8 @@ impl Queue {
                 id: String::new(),
             });
         }
-        let by = format!("enqueue by uid {}", caller.uid);
-        let enqueued_by = caller.uid;
+        let by = format!("enqueue by uid {}", caller_uid);
+        let enqueued_by = caller_uid;
         self.commit(move |s, ctx| {
             let id = rules::next_id(&mut s.last_id_ms, &mut s.id_seq, ctx.wall);
             let mut e = new_entry(&id, &req, (uid, gid), enqueued_by, ctx);
@@ -210,7 +248,9 @@ impl Queue {
                     .field("revivals", recent),
                 );
                 s.entries.push(e);
-                return Ok((Reply { admitted: true, why: "resurrection-cap".into(), id }, events));
+                let reply = Reply { admitted: true, why: "resurrection-cap".into(), id };
+                also(s, &reply);
+                return Ok((reply, events));
             }
             if let Bound::Evict(i) = bound {
                 let v = &mut s.entries[i];
@@ -242,7 +282,9 @@ impl Queue {
                     .field("target", e.target.kind()),
             );
             s.entries.push(e);
-            Ok((Reply { admitted: true, why: String::new(), id }, events))
+            let reply = Reply { admitted: true, why: String::new(), id };
+            also(s, &reply);
+            Ok((reply, events))
         })
     }
 

@@ -745,6 +745,7 @@ mod tests {
             pressure_starved: false,
             terminal_at: None,
             history: vec![],
+            watched: false,
             next_attempt_boot: None,
             wait_anchor_boot: 0,
         }

@@ -56,6 +56,9 @@ pub struct State {
     pub ledger: Ledger,
     #[serde(default)]
     pub stops: Vec<RunStop>,
+    /// Watch records (C-2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<super::runs::RunRecord>,
     /// Wall ms of the last global stop (`StopAll`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_stop: Option<u64>,
@@ -238,6 +241,24 @@ pub fn salvage(bytes: &[u8], now_ms: u64) -> Result<Salvaged, String> {
             }
         }
         Some(x) => put_aside("stops", None, "not an array".into(), x),
+    }
+    match obj.get("runs") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for (i, x) in items.iter().enumerate() {
+                match serde_json::from_value::<super::runs::RunRecord>(x.clone()) {
+                    Ok(r) if st.runs.iter().any(|o| o.run_id == r.run_id) => put_aside(
+                        "runs",
+                        Some(i.to_string()),
+                        format!("a second record of run {}", r.run_id),
+                        x,
+                    ),
+                    Ok(r) => st.runs.push(r),
+                    Err(e) => put_aside("runs", Some(i.to_string()), e.to_string(), x),
+                }
+            }
+        }
+        Some(x) => put_aside("runs", None, "not an array".into(), x),
     }
     match obj.get("global_stop") {
         None | Some(Value::Null) => {}

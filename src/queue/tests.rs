@@ -33,6 +33,7 @@ pub(crate) fn settings() -> Settings {
         include_operator_kills: false,
         allowed_units: vec!["allowed-*.service".into()],
         auto_heal: AutoHeal::Off,
+        max_watched: 200,
     }
 }
 
