@@ -1887,3 +1887,225 @@ fn box_hostile_callers_neither_wedge_nor_grow_the_agent() {
         b.halt();
     });
 }
+
+// ---- capture (SPEC §11) ------------------------------------------------------------------
+
+/// `outlivectl --json runs` in the box (as root).
+fn box_runs(b: &SystemdBox) -> Vec<serde_json::Value> {
+    let (code, out, err) = ctl(b, &["--json", "runs"]);
+    assert_eq!(code, 0, "outlivectl runs: {err}");
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn box_run(b: &SystemdBox, run_id: &str) -> serde_json::Value {
+    box_runs(b)
+        .into_iter()
+        .find(|r| r["run_id"] == run_id)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn wait_run(b: &SystemdBox, run_id: &str, state: &str, timeout: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    b.wait_for(&format!("run {run_id} to be {state}"), timeout, |b| {
+        last = box_run(b, run_id);
+        last["state"] == state
+    });
+    last
+}
+
+/// `outlivectl run` as `user` (root when None) in `/`; the (run_id, unit) it printed.
+fn run_in(b: &SystemdBox, user: Option<&str>, args: &[&str]) -> (String, String) {
+    let mut a = vec!["--json", "run"];
+    a.extend_from_slice(args);
+    let (code, out, err) = match user {
+        Some(u) => ctl_as(b, u, &a),
+        None => ctl(b, &a),
+    };
+    assert_eq!(code, 0, "run {args:?}: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    (
+        v["run_id"].as_str().unwrap().to_string(),
+        v["unit"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The raw record of a run in the state file (fields `runs` does not show).
+fn state_record(b: &SystemdBox, run_id: &str) -> serde_json::Value {
+    let (_, state, _) = b.run(&["cat", "/var/lib/outlive/resume-queue.json"]);
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    state["runs"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["run_id"] == run_id).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// C-1, C-3, C-6, C-8 (issue 14, items 1–3): a member's `outlivectl run` is a transient unit as
+/// the member; a SIGKILL and an external SIGTERM are captured within a second as `killed`,
+/// revived through systemd and watched again; `systemctl stop`, `outlivectl stop`, exit 0,
+/// exit 3 and a segfault are recorded and never queued; a declared run without evidence is
+/// `insufficient-evidence`; ended units are unloaded and none is left failed.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn box_capture_reaps_are_queued_and_revived_other_ends_are_not() {
+    if !box_available() {
+        return;
+    }
+    unchanged_machine(|| {
+        let stage = Stage::new("capture");
+        stage.state_image(64);
+        stage.file("/etc/outlive/outlive.toml", DRAIN_CONFIG);
+        let b = boot_agent(&stage);
+        let (code, _, err) = b.sh(
+            "useradd --create-home --user-group --groups outlive member && \
+             useradd --create-home --user-group other && usermod -aG outlive other",
+        );
+        assert_eq!(code, 0, "{err}");
+        let (_, uid, _) = b.run(&["id", "-u", "member"]);
+        b.wait_for("capture.watch on-confirmed", Duration::from_secs(15), |b| {
+            box_row(b, "capture.watch")["effective"] == "on-confirmed"
+        });
+
+        // (1) a member's run: a transient unit as the member, RemainAfterExit, After=outlived.
+        let (run, unit) = run_in(
+            &b,
+            Some("member"),
+            &["--run-id", "job:1@a", "--", "sleep", "1000"],
+        );
+        assert_eq!(run, "job:1@a");
+        assert_eq!(unit, "outlive-run-job:1\\x40a.service");
+        assert_eq!(b.show(&unit, "ActiveState"), "active");
+        assert_eq!(b.show(&unit, "User"), uid.trim());
+        assert_eq!(b.show(&unit, "RemainAfterExit"), "yes");
+        assert!(b.show(&unit, "After").contains("outlived.service"));
+        let r = box_run(&b, &run);
+        assert_eq!(r["state"], "active", "{r}");
+        let rec = state_record(&b, &run);
+        assert_eq!(
+            rec["invocation_id"].as_str().unwrap(),
+            b.show(&unit, "InvocationID")
+        );
+        let too_long = "@".repeat(64);
+        let (code, _, err) = ctl_as(
+            &b,
+            "member",
+            &["run", "--run-id", &too_long, "--", "sleep", "1"],
+        );
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("InvalidArgument") && err.contains("run_id"),
+            "{err}"
+        );
+
+        // (2) systemctl kill -s KILL: captured as `killed` within a second, then revived.
+        b.run(&["systemctl", "kill", "--signal=KILL", &unit]);
+        let t0 = std::time::Instant::now();
+        let r = wait_run(&b, &run, "ended:killed", Duration::from_secs(5));
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "captured in {:?}",
+            t0.elapsed()
+        );
+        let entry = r["entry_id"].as_str().unwrap().to_string();
+        assert!(!entry.is_empty(), "{r}");
+        assert_eq!(r["enqueue"], "", "{r}");
+        let e = box_entry(&b, &entry);
+        assert_eq!(e["reason"], "killed", "{e}");
+        assert!(
+            e["evidence"]
+                .to_string()
+                .contains("build-or-autonomous-active"),
+            "{e}"
+        );
+        assert_eq!(e["uid"].to_string(), uid.trim());
+        let captured = journal_json(&b, &["MESSAGE_ID=eba0e2f9636746c8a0e832d894f9eb31"]);
+        assert!(
+            captured.iter().any(|j| j["OUTLIVE_RUN_ID"] == run.as_str()),
+            "{captured:?}"
+        );
+        b.wait_for(
+            "the killed run unit unloaded",
+            Duration::from_secs(5),
+            |b| b.show(&unit, "LoadState") == "not-found",
+        );
+        let e = wait_entry(&b, &entry, "revived", Duration::from_secs(20));
+        let revived_unit = e["attempt_unit"].as_str().unwrap().to_string();
+        assert_eq!(b.show(&revived_unit, "User"), uid.trim());
+        assert!(b.show(&revived_unit, "After").contains("outlived.service"));
+        let (_, cont, _) = b.sh(&format!(
+            "tr '\\0' '\\n' < /proc/{}/environ | grep ^OUTLIVE_RESUMED=",
+            b.show(&revived_unit, "MainPID")
+        ));
+        assert_eq!(cont.trim(), "OUTLIVE_RESUMED=1");
+        // The record follows the revival and is watched again.
+        b.wait_for(
+            "the record follows the revival",
+            Duration::from_secs(15),
+            |b| {
+                let r = state_record(b, &run);
+                r["state"] == "active"
+                    && r["unit"] == revived_unit.as_str()
+                    && r["invocation_id"] != ""
+            },
+        );
+        // A SIGTERM from another process: captured again.
+        let pid = b.show(&revived_unit, "MainPID");
+        b.run(&["kill", "-TERM", &pid]);
+        let r = wait_run(&b, &run, "ended:killed", Duration::from_secs(5));
+        assert_ne!(r["entry_id"], entry.as_str(), "a second entry: {r}");
+
+        // (3) ends that are not reaps: recorded, never queued, units unloaded.
+        let (stopped, su) = run_in(&b, None, &["--", "sleep", "1000"]);
+        b.run(&["systemctl", "stop", &su]);
+        let r = wait_run(&b, &stopped, "ended:stopped", Duration::from_secs(5));
+        assert_eq!(r["entry_id"], "", "{r}");
+        let (ostop, ou) = run_in(&b, Some("member"), &["--", "sleep", "1000"]);
+        let (code, _, err) = ctl_as(&b, "other", &["stop", &ostop]);
+        assert_eq!(code, 1, "another member may not stop it: {err}");
+        assert!(err.contains("AccessDenied"), "{err}");
+        let (code, _, err) = ctl_as(&b, "member", &["stop", &ostop]);
+        assert_eq!(code, 0, "{err}");
+        wait_run(&b, &ostop, "ended:stopped", Duration::from_secs(5));
+        b.wait_for(
+            "outlivectl stop stopped the unit",
+            Duration::from_secs(5),
+            |b| b.show(&ou, "LoadState") == "not-found",
+        );
+        let (fin, fu) = run_in(&b, None, &["--", "sh", "-c", "sleep 0.5; exit 0"]);
+        let (fail, _) = run_in(&b, None, &["--", "sh", "-c", "sleep 0.5; exit 3"]);
+        let (segv, _) = run_in(&b, None, &["--", "sh", "-c", "sleep 0.5; kill -SEGV $$"]);
+        let (decl, du) = run_in(&b, None, &["--policy", "declared", "--", "sleep", "1000"]);
+        wait_run(&b, &fin, "ended:finished", Duration::from_secs(5));
+        wait_run(&b, &fail, "ended:failed", Duration::from_secs(5));
+        wait_run(&b, &segv, "ended:crashed", Duration::from_secs(5));
+        b.run(&["systemctl", "kill", "--signal=KILL", &du]);
+        let r = wait_run(&b, &decl, "ended:killed", Duration::from_secs(5));
+        assert_eq!(r["enqueue"], "insufficient-evidence", "{r}");
+        for id in [&stopped, &ostop, &fin, &fail, &segv, &decl] {
+            assert_eq!(box_run(&b, id)["entry_id"], "", "{id} was not queued");
+        }
+        b.wait_for(
+            "the finished run unit unloaded",
+            Duration::from_secs(5),
+            |b| b.show(&fu, "LoadState") == "not-found",
+        );
+        let (_, failed, _) = b.run(&[
+            "systemctl",
+            "list-units",
+            "--failed",
+            "--plain",
+            "--no-legend",
+        ]);
+        assert!(!failed.contains("outlive-run-"), "{failed}");
+        let (_, human, _) = ctl(&b, &["runs"]);
+        assert!(
+            human.contains("ended:crashed") && human.contains("insufficient-evidence"),
+            "{human}"
+        );
+        assert_state_host_local(&b);
+        b.halt();
+    });
+}

@@ -19,7 +19,7 @@ use crate::posture::{Posture, Published};
 use crate::publish::dbus::auth::AuthPolicy;
 use crate::publish::dbus::gate::Gate;
 use crate::publish::dbus::{
-    Agent1, Bus, BusTarget, Guards1, Objects, Publisher, ResumeQueue1, StartError,
+    Agent1, Bus, BusTarget, Guards1, Objects, Publisher, ResumeQueue1, Runs1, StartError,
 };
 use crate::sync::MutexExt;
 
@@ -35,6 +35,7 @@ struct Running {
     shutdown: watch::Sender<bool>,
     drainer: JoinHandle<()>,
     posture: JoinHandle<()>,
+    capture: Option<JoinHandle<()>>,
     bus: Option<crate::publish::dbus::BusThread>,
 }
 
@@ -62,8 +63,15 @@ impl Agent {
             .register(drainer::LOOP_NAME, self.timing().heartbeat_period());
         drainer_beat.busy_for(BUS_START_PATIENCE + Duration::from_secs(10));
         let published = Arc::new(RwLock::new(Published::default()));
+        let (capture, watcher, on_end) = crate::capture::watcher::new(
+            Arc::clone(&self.queue),
+            Arc::clone(&self.audit),
+            self.applied(),
+            self.mode == Mode::User,
+            self.host.identity().boot_id.to_hex(),
+        );
         let runner = Arc::new(
-            self.runner(Arc::clone(&drainer_beat), Arc::clone(&published))
+            self.runner(Arc::clone(&drainer_beat), Arc::clone(&published), capture)
                 .await,
         );
         let out = Arc::clone(&runner.out);
@@ -80,6 +88,11 @@ impl Agent {
             super::posture::write_boot_snapshot(&self.queue, &p);
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // Capture subscribes to the service manager before the bus name is taken, so that a
+        // `Run` is never answered by a capture that is not listening yet (C-1, C-3).
+        let capture_task = runner.capture.booted.then(|| {
+            tokio::spawn(watcher.run(Arc::clone(&self.posture_poke), shutdown_rx.clone()))
+        });
         let bus = match self
             .start_bus(&runner, &posture, &published, shutdown_rx.clone())
             .await
@@ -87,6 +100,12 @@ impl Agent {
             Ok(bus) => bus,
             Err(status) => return status,
         };
+        if let Some(b) = runner.out.bus.get() {
+            let b = Arc::clone(b);
+            *on_end.locked() = Some(Arc::new(move |run_id: &str, how: &str| {
+                b.run_ended(run_id, how)
+            }));
+        }
         // the first posture is evaluated before READY=1.
         let evaluator = Arc::new(self.evaluator(&posture, &runner));
         evaluator.evaluate().await;
@@ -110,6 +129,7 @@ impl Agent {
             shutdown,
             drainer: drainer_task,
             posture: posture_task,
+            capture: capture_task,
             bus,
         })
         .await
@@ -203,6 +223,16 @@ impl Agent {
                     runner: Arc::clone(runner),
                     rt: tokio::runtime::Handle::current(),
                 }),
+                capture: runner.capture.clone(),
+            },
+            runs1: Runs1 {
+                queue: Arc::clone(&self.queue),
+                gate: Arc::clone(gate),
+                publisher: Arc::clone(&publisher),
+                capture: runner.capture.clone(),
+                boot_id: self.host.identity().boot_id.to_hex(),
+                counter: Arc::default(),
+                user_mode: self.mode == Mode::User,
             },
             guards1: Guards1 {
                 published: Arc::clone(published),
@@ -387,6 +417,9 @@ impl Agent {
             );
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), r.posture).await;
+        if let Some(c) = r.capture {
+            let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
+        }
         // The bus thread releases the name and ends.
         if let Some(t) = r.bus {
             t.join(Duration::from_secs(3)).await;

@@ -67,6 +67,13 @@ impl Agent {
             "state.host_local",
             Box::new(move || getters::state_host_local(&host.facts, &dir)),
         );
+        let (capture, applied) = (runner.capture.clone(), self.applied());
+        p.register(
+            "capture.watch",
+            Box::new(move || {
+                getters::capture_watch(&capture.health(), capture.booted, &applied.borrow())
+            }),
+        );
         let (monitor, supervisor) = (Arc::clone(&self.monitor), self.supervisor);
         p.register(
             "watchdog",

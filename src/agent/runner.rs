@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::outputs::Outputs;
 use super::{Agent, lock_env};
 use crate::audit::{Alert, AuditSink, Event, EventKind, priority};
+use crate::capture::watcher::Capture;
 use crate::clock::SystemClock;
 use crate::config::{Applied, Mode};
 use crate::drainer::Wake;
@@ -34,6 +35,7 @@ impl Agent {
         &self,
         beat: Arc<watchdog::LoopBeat>,
         published: Arc<RwLock<Published>>,
+        capture: Capture,
     ) -> Runner {
         let user_mode = self.mode == Mode::User;
         // Under systemd the drainer always goes through it: its connection is made when first
@@ -100,6 +102,7 @@ impl Agent {
             no_linger,
             systemd,
             manager_down: Arc::default(),
+            capture,
         }
     }
 }
@@ -132,6 +135,8 @@ pub(super) struct Runner {
     pub(super) systemd: Option<Systemd>,
     /// Whether the manager has been unreachable past the threshold (a persistent cause, G-9).
     pub(super) manager_down: Arc<AtomicBool>,
+    /// Capture (§11): watched runs.
+    pub(super) capture: Capture,
 }
 
 impl Runner {

@@ -40,6 +40,21 @@ pub trait ResumeQueue1 {
     fn report_quota(&self, can_spawn: bool, valid_for_sec: u32) -> zbus::Result<()>;
 }
 
+/// `org.outlive.Runs1`.
+#[zbus::proxy(
+    interface = "org.outlive.Runs1",
+    default_service = "org.outlive.Agent1",
+    default_path = "/org/outlive/Agent1/Runs"
+)]
+pub trait Runs1 {
+    fn run(&self, request: HashMap<&str, Variant<'_>>) -> zbus::Result<(String, String)>;
+    fn watch(&self, unit: &str, options: HashMap<&str, Variant<'_>>) -> zbus::Result<String>;
+    fn unwatch(&self, run_id: &str) -> zbus::Result<()>;
+    fn set_evidence(&self, run_id: &str, evidence: &[String]) -> zbus::Result<()>;
+    fn revive(&self, run_id: &str) -> zbus::Result<String>;
+    fn list_runs(&self) -> zbus::Result<Vec<HashMap<String, OwnedVariant>>>;
+}
+
 /// `org.outlive.Guards1`.
 #[zbus::proxy(
     interface = "org.outlive.Guards1",
@@ -205,6 +220,14 @@ pub(crate) async fn properties(
 pub(crate) async fn queue(conn: &Connection) -> Result<ResumeQueue1Proxy<'_>, Failure> {
     ResumeQueue1Proxy::builder(conn)
         .path(QUEUE_PATH)
+        .build()
+        .await
+        .map_err(failure)
+}
+
+pub(crate) async fn runs(conn: &Connection) -> Result<Runs1Proxy<'_>, Failure> {
+    Runs1Proxy::builder(conn)
+        .path(crate::publish::dbus::runs1::RUNS_PATH)
         .build()
         .await
         .map_err(failure)

@@ -13,6 +13,7 @@ pub(crate) mod host;
 pub(crate) mod lock;
 pub(crate) mod queue;
 pub(crate) mod render;
+pub(crate) mod runs;
 
 use std::path::PathBuf;
 
@@ -136,7 +137,48 @@ pub enum Command {
     },
     /// Resume revival after any pause.
     Resume,
-    /// Stop a run: cancel its open entries and record the stop so it is never revived.
+    /// Start a command as a run that outlives its session: a transient unit outlived watches
+    /// and revives when someone else reaps it.
+    #[command(
+        after_help = "Examples:\n  outlivectl run -- sleep 1000\n  outlivectl run --run-id agent-7 --resume 'my-agent --continue' --evidence uncommitted-worktree-work -- my-agent\n\nA run stopped with `systemctl stop` or `outlivectl stop RUN_ID`, or one that finished or failed by itself, is never revived."
+    )]
+    Run(Box<RunFlags>),
+    /// Watched runs: how each is, how it ended, and its revival.
+    Runs,
+    /// Watch a unit that runs already: revive it with StartUnit when someone else reaps it.
+    Watch {
+        /// The unit (loaded and active).
+        unit: String,
+        /// Evidence that the run is working (repeatable).
+        #[arg(long, value_name = "NAME")]
+        evidence: Vec<String>,
+        /// autonomous: while active the run is mid-work; declared: only its declared evidence.
+        #[arg(long, value_parser = ["autonomous", "declared"])]
+        policy: Option<String>,
+        /// A name for the run (display).
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// Stop watching a run; it keeps running.
+    Unwatch {
+        /// The run's id.
+        run_id: String,
+    },
+    /// Declare a run's evidence (replaces what it declared before); a run may declare its own,
+    /// as `outlivectl evidence $OUTLIVE_RUN_ID NAME…`.
+    Evidence {
+        /// The run's id.
+        run_id: String,
+        /// Evidence names (none: clear).
+        names: Vec<String>,
+    },
+    /// Queue an ended run for revival by hand (e.g. one whose end reads `unknown`).
+    Revive {
+        /// The run's id.
+        run_id: String,
+    },
+    /// Stop a run: stop its unit if outlived watches it, cancel its open entries and record the
+    /// stop so it is never revived.
     Stop {
         /// The run's id.
         run_id: String,
@@ -185,6 +227,65 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
+}
+
+/// `outlivectl run`'s flags (SPEC §8).
+#[derive(Debug, clap::Args)]
+pub struct RunFlags {
+    /// The run's stable id [default: one the agent assigns].
+    #[arg(long)]
+    run_id: Option<String>,
+    /// A name for the run (display).
+    #[arg(long)]
+    session: Option<String>,
+    /// Evidence that the run is working (repeatable).
+    #[arg(long, value_name = "NAME")]
+    evidence: Vec<String>,
+    /// autonomous [default, capture.evidence_policy]: while active the run is mid-work;
+    /// declared: only the evidence it declares.
+    #[arg(long, value_parser = ["autonomous", "declared"])]
+    policy: Option<String>,
+    /// The command that resumes the run when it is revived, one string split by shell word
+    /// rules without expansion (e.g. 'my-agent --continue').
+    #[arg(long, value_name = "CMDLINE")]
+    resume: Option<String>,
+    /// An environment variable for the run (repeatable); `--env K` copies this shell's value.
+    /// Only these are sent; HOME, USER, LOGNAME and SHELL come from the run's user.
+    #[arg(long, value_name = "K=V|K")]
+    env: Vec<String>,
+    /// The run's working directory [default: the current directory].
+    #[arg(long)]
+    cwd: Option<PathBuf>,
+    /// The run's worktree (its working directory when revived).
+    #[arg(long)]
+    worktree: Option<PathBuf>,
+    /// Run as this uid (root only; it must exist in the user database).
+    #[arg(long)]
+    as_uid: Option<u32>,
+    /// Run with this gid (root only) [default: the primary group of --as-uid's user].
+    #[arg(long)]
+    as_gid: Option<u32>,
+    /// The command, after `--` (argv[0] is looked up in PATH).
+    #[arg(last = true, value_name = "ARGV", required = true)]
+    argv: Vec<String>,
+}
+
+impl From<RunFlags> for runs::RunArgs {
+    fn from(f: RunFlags) -> Self {
+        runs::RunArgs {
+            run_id: f.run_id,
+            session: f.session,
+            evidence: f.evidence,
+            policy: f.policy,
+            resume: f.resume,
+            env: f.env,
+            cwd: f.cwd,
+            worktree: f.worktree,
+            as_uid: f.as_uid,
+            as_gid: f.as_gid,
+            argv: f.argv,
+        }
+    }
 }
 
 /// `outlivectl lock` actions.
@@ -320,6 +421,32 @@ pub fn outlivectl_main() -> i32 {
             client::block_on(queue::op(user, json, queue::Op::Pause { kind, reason }))
         }
         Command::Resume => client::block_on(queue::op(user, json, queue::Op::Resume)),
+        Command::Run(f) => client::block_on(runs::run(user, json, &(*f).into())),
+        Command::Runs => client::block_on(runs::list(user, json)),
+        Command::Watch {
+            unit,
+            evidence,
+            policy,
+            session,
+        } => client::block_on(runs::op(
+            user,
+            json,
+            runs::Op::Watch {
+                unit,
+                evidence,
+                policy,
+                session,
+            },
+        )),
+        Command::Unwatch { run_id } => {
+            client::block_on(runs::op(user, json, runs::Op::Unwatch(run_id)))
+        }
+        Command::Evidence { run_id, names } => {
+            client::block_on(runs::op(user, json, runs::Op::Evidence(run_id, names)))
+        }
+        Command::Revive { run_id } => {
+            client::block_on(runs::op(user, json, runs::Op::Revive(run_id)))
+        }
         Command::Stop { run_id } => {
             client::block_on(queue::op(user, json, queue::Op::Stop(run_id)))
         }

@@ -130,14 +130,19 @@ impl Transient {
     /// file-capability gain at exec; `RestrictSUIDSGID=`: it cannot leave a setuid or setgid
     /// file behind).
     pub fn properties(&self) -> Vec<(&'static str, Variant<'static>)> {
-        let exec: Vec<(String, Vec<String>, bool)> =
-            vec![(self.argv[0].clone(), self.argv.clone(), false)];
+        // ExecStartEx with `no-env-expand`: the argv is run as given. Plain ExecStart would
+        // let the manager expand `$NAME` and `$$` inside it (`sh -c 'kill $$'` would break).
+        let exec: Vec<(String, Vec<String>, Vec<String>)> = vec![(
+            self.argv[0].clone(),
+            self.argv.clone(),
+            vec!["no-env-expand".to_string()],
+        )];
         let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut props: Vec<(&str, Variant<'_>)> = vec![
             ("Description", Variant::from(self.description.clone())),
             ("Type", Variant::from("exec")),
             ("RemainAfterExit", Variant::from(true)),
-            ("ExecStart", Variant::from(exec)),
+            ("ExecStartEx", Variant::from(exec)),
             ("WorkingDirectory", Variant::from(self.cwd.clone())),
             ("Environment", Variant::from(env)),
             ("NoNewPrivileges", Variant::from(true)),

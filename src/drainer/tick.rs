@@ -827,6 +827,10 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 e.run_id.clone().unwrap_or_default(),
             );
             env.insert("OUTLIVE_CONTINUATION".into(), cont.display().to_string());
+            if e.watched {
+                // C-6: a watched run's revival (its `resume` argv when it has one).
+                env.insert("OUTLIVE_RESUMED".into(), "1".into());
+            }
             env
         };
         let cwd = e.worktree.clone().unwrap_or_else(|| e.cwd.clone());

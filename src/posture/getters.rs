@@ -90,6 +90,35 @@ impl QueueResume {
     }
 }
 
+/// `capture.watch` (C-9): on while subscribed to the service manager and every record has
+/// been reconciled since; `manager-unreachable` once the subscription has been gone longer
+/// than [`manager_grace_ms`]; without systemd, on and blind (C-10).
+pub(crate) fn capture_watch(
+    h: &crate::capture::watcher::Health,
+    booted: bool,
+    applied: &Config,
+) -> RuntimeRead {
+    if !booted {
+        return RuntimeRead::Status(Runtime {
+            enabled: true,
+            verdict_unknown: true,
+            ..Runtime::default()
+        });
+    }
+    let down_for = h
+        .down_since_ms
+        .map(|t| crate::clock::boottime_ms().saturating_sub(t));
+    if down_for.is_some_and(|d| d > manager_grace_ms(applied)) {
+        return off_because("manager-unreachable");
+    }
+    // Subscribed (or within the grace of a gap): on once every record has been reconciled.
+    RuntimeRead::Status(Runtime {
+        enabled: true,
+        verdict_unknown: !(h.subscribed && h.reconciled),
+        ..Runtime::default()
+    })
+}
+
 /// `queue.lock.auto_heal`: on unless off, dry run while it only observes (L-4 row 11).
 pub(crate) fn auto_heal(queue: &SharedQueue) -> RuntimeRead {
     let a = queue.lock().settings().auto_heal;

@@ -51,7 +51,7 @@ pub(crate) struct GuardSpec {
 }
 
 /// The nine built-in guards, in the order of the SPEC's table.
-pub(crate) const BUILTIN: [GuardSpec; 9] = [
+pub(crate) const BUILTIN: [GuardSpec; 10] = [
     GuardSpec {
         key: "queue.resume",
         kind: GuardKind::Config,
@@ -116,6 +116,19 @@ pub(crate) const BUILTIN: [GuardSpec; 9] = [
         load_bearing: true,
         component: "facts",
         description: "the state directory is on a host-local, persistent filesystem",
+    },
+    GuardSpec {
+        key: "capture.watch",
+        kind: GuardKind::CodeDefault,
+        config_path: None,
+        default_enabled: true,
+        dry_run_path: None,
+        expect_runtime: true,
+        cadence: Cadence::None,
+        live_config: false,
+        load_bearing: true,
+        component: "capture",
+        description: "runs reaped by someone else are captured: outlived is subscribed to the service manager and has reconciled every watched run since",
     },
     GuardSpec {
         key: "watchdog",

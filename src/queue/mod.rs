@@ -62,6 +62,8 @@ pub struct Settings {
     pub auto_heal: AutoHeal,
     /// `capture.max_watched` (C-2).
     pub max_watched: usize,
+    /// `capture.evidence_policy`: the default of watched runs (C-2).
+    pub evidence_policy: runs::EvidencePolicy,
 }
 
 impl Settings {
@@ -78,6 +80,8 @@ impl Settings {
             allowed_units: c.queue.allowed_units.clone(),
             auto_heal: c.queue.auto_heal,
             max_watched: c.capture.max_watched as usize,
+            evidence_policy: runs::EvidencePolicy::parse(&c.capture.evidence_policy)
+                .unwrap_or_default(),
         }
     }
 }

@@ -7,8 +7,6 @@
 //! mark it started or drop it, record an end and queue a reap (C-3, C-11), evidence (C-5),
 //! unwatch (C-7), revive by hand (C-8), and the mirror of each record's entry (C-2).
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::ops::Admission;
@@ -221,14 +219,11 @@ impl RunRecord {
     pub fn request(&self, reason: &str, reaped_at: u64) -> Request {
         let target = match &self.target {
             Target::Unit { unit } => Target::Unit { unit: unit.clone() },
-            Target::Exec { exec, env } => {
-                let mut env: BTreeMap<String, String> = env.clone();
-                env.insert("OUTLIVE_RESUMED".into(), "1".into());
-                Target::Exec {
-                    exec: self.resume.clone().unwrap_or_else(|| exec.clone()),
-                    env,
-                }
-            }
+            // The drainer adds OUTLIVE_RESUMED=1 to a watched run's revival (C-6).
+            Target::Exec { exec, env } => Target::Exec {
+                exec: self.resume.clone().unwrap_or_else(|| exec.clone()),
+                env: env.clone(),
+            },
         };
         Request {
             run_id: Some(self.run_id.clone()),

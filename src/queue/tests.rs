@@ -34,6 +34,7 @@ pub(crate) fn settings() -> Settings {
         allowed_units: vec!["allowed-*.service".into()],
         auto_heal: AutoHeal::Off,
         max_watched: 200,
+        evidence_policy: crate::queue::runs::EvidencePolicy::Autonomous,
     }
 }
 

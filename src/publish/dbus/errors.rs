@@ -18,6 +18,8 @@ pub enum OutliveError {
     InvalidArgument(String),
     AccessDenied(String),
     Busy(String),
+    /// The service manager did not start a run (`Runs1.Run`, SPEC C-1): its error.
+    StartFailed(String),
 }
 
 impl From<zbus::fdo::Error> for OutliveError {

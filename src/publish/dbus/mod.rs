@@ -18,6 +18,7 @@ pub(crate) mod errors;
 pub(crate) mod gate;
 pub mod guards1;
 pub mod queue1;
+pub mod runs1;
 pub mod variant;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ pub use agent1::{Agent1, HostState};
 pub use errors::OutliveError;
 pub use guards1::Guards1;
 pub use queue1::{ResumeQueue1, SharedQueue};
+pub use runs1::Runs1;
 
 /// Emits PropertiesChanged for every published property that changed since the last call,
 /// and only for those. Shared by the tick loop and the method handlers, so that a change is
@@ -265,6 +267,7 @@ pub struct Objects {
     pub agent1: Agent1,
     pub queue1: ResumeQueue1,
     pub guards1: Guards1,
+    pub runs1: Runs1,
     pub publisher: Arc<Publisher>,
 }
 
@@ -272,6 +275,8 @@ pub struct Objects {
 enum Out {
     /// Emit PropertiesChanged for what changed.
     Sync,
+    /// `RunEnded(run_id, how)` (C-8).
+    RunEnded(String, String),
     /// `PostureChanged(changed_rows)` and `AttentionRaised(kind, detail)`.
     Posture(Vec<crate::posture::rows::Row>, Vec<(String, String)>),
     /// Everything asked before has been emitted.
@@ -494,6 +499,13 @@ impl Bus {
         self.gaps.load(Ordering::Relaxed)
     }
 
+    /// Ask the bus thread to emit `RunEnded(run_id, how)` (C-8); returns at once.
+    pub fn run_ended(&self, run_id: &str, how: &str) {
+        let _ = self
+            .outbox
+            .send(Out::RunEnded(run_id.to_string(), how.to_string()));
+    }
+
     /// Ask the bus thread to emit PropertiesChanged for what changed since it last did (see
     /// [`Publisher`]); returns at once.
     pub fn sync(&self) {
@@ -544,6 +556,17 @@ impl Bus {
             match out {
                 Out::Flushed(_) => {}
                 Out::Sync => self.objects.publisher.sync(&conn).await,
+                Out::RunEnded(run_id, how) => {
+                    match zbus::object_server::SignalEmitter::new(&conn, runs1::RUNS_PATH) {
+                        Ok(em) => {
+                            if let Err(e) = Runs1::run_ended(&em, &run_id, &how).await {
+                                tracing::warn!("cannot emit RunEnded: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("cannot emit RunEnded: {e}"),
+                    }
+                    self.objects.publisher.sync(&conn).await;
+                }
                 Out::Posture(changed, raised) => {
                     emit_posture(&conn, &changed, &raised).await;
                     self.objects.publisher.sync(&conn).await;
@@ -712,6 +735,7 @@ async fn connect(target: BusTarget, objects: &Objects) -> Result<Connection, Sta
         .serve_at(AGENT_PATH, objects.agent1.clone())
         .serve_at(QUEUE_PATH, objects.queue1.clone())
         .serve_at(GUARDS_PATH, objects.guards1.clone())
+        .serve_at(runs1::RUNS_PATH, objects.runs1.clone())
         .build()
         .await
         .map_err(StartError::Unreachable)?;

@@ -105,6 +105,8 @@ pub struct ResumeQueue1 {
     pub publisher: Arc<Publisher>,
     pub drainer: Handle,
     pub drain: Arc<dyn DrainService>,
+    /// Capture: `Stop(run_id)` also stops a watched run's unit (Q-9, C-3 row 2).
+    pub capture: crate::capture::watcher::Capture,
 }
 
 impl ResumeQueue1 {
@@ -583,7 +585,26 @@ impl ResumeQueue1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u32, OutliveError> {
         let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
-        self.mutate(conn, move |q| q.stop(&caller, &run_id)).await
+        // A watched run that is active is stopped too (its end then reads `stopped`); a member
+        // may not stop another user's run.
+        let active = self.queue.view().runs.as_ref().ok().and_then(|rs| {
+            rs.iter()
+                .find(|r| r.run_id == run_id && r.state == crate::queue::runs::RunState::Active)
+                .map(|r| (r.unit.clone(), r.uid))
+        });
+        if let Some((_, uid)) = &active
+            && !caller.root
+            && *uid != caller.uid
+        {
+            return Err(OutliveError::AccessDenied(format!(
+                "run {run_id} belongs to uid {uid}: only its own user or root may stop it"
+            )));
+        }
+        let n = self.mutate(conn, move |q| q.stop(&caller, &run_id)).await?;
+        if let Some((unit, _)) = active {
+            self.capture.stop_unit(&unit);
+        }
+        Ok(n)
     }
 
     /// Run a tick now (D-1), skipping the calm gate (D-5). Replies `outcome` (a D-3 word) and
