@@ -95,7 +95,7 @@ fn box_outlived_runs_under_the_shipped_unit_and_the_watchdog_restarts_it() {
         assert!(!status.is_empty(), "StatusText is empty");
         // Default configuration: dry run (observe-only), the lock held on the ext4 state dir.
         assert!(
-            status.starts_with("observe-only: posture 7/9 on · queue: 0 waiting"),
+            status.starts_with("observe-only: posture 8/10 on · queue: 0 waiting"),
             "{status}"
         );
         assert!(status.contains("lock held"), "{status}");
@@ -585,7 +585,7 @@ fn box_the_drainer_revives_through_systemd() {
         let b = boot_agent(&stage);
         let status = b.show("outlived", "StatusText");
         assert!(
-            status.starts_with("posture 6/9 on · queue: 0 waiting"),
+            status.starts_with("posture 7/10 on · queue: 0 waiting"),
             "live: {status}"
         );
 

@@ -25,6 +25,7 @@ const OBJECTS: &[(&str, &str)] = &[
         "/org/outlive/Agent1/ResumeQueue",
         "org.outlive.ResumeQueue1",
     ),
+    ("/org/outlive/Agent1/Runs", "org.outlive.Runs1"),
 ];
 
 /// XML without comments and without the white space between tags.
@@ -180,6 +181,7 @@ fn signature(ty: &str) -> String {
         "u32" => "u".into(),
         "u64" => "t".into(),
         "&str" | "String" => "s".into(),
+        "&[String]" => "as".into(),
         _ if ty.starts_with("HashMap<") => {
             let inner = &ty["HashMap<".len()..ty.len() - 1];
             let (k, v) = inner.split_once(',').unwrap();
@@ -271,7 +273,8 @@ fn x1_outlivectl_proxies_call_what_docs_dbus_declares() {
         [
             "org.outlive.Agent1",
             "org.outlive.Guards1",
-            "org.outlive.ResumeQueue1"
+            "org.outlive.ResumeQueue1",
+            "org.outlive.Runs1"
         ],
         "the proxies found in src/cli/client.rs"
     );

@@ -116,6 +116,7 @@ fn man_commands() -> Vec<Vec<String>> {
                 let plain = line
                     .replace("\\-", "-")
                     .replace("\\(dq", "\"")
+                    .replace("\\*(Aq", "'")
                     .replace("\\fB", "")
                     .replace("\\fR", "")
                     .replace("\\fI", "")
@@ -174,6 +175,19 @@ fn x1_every_documented_command_works_against_the_agent() {
     n.wait_for("READY=1", std::time::Duration::from_secs(15), |d| {
         d.has("READY", "1")
     });
+    // The documented agents (`claude`, `my-agent`) are stand-ins on PATH: `outlivectl run`
+    // looks argv[0] up there, as systemd-run does.
+    let stand_ins = common::open_tempdir();
+    for name in ["claude", "my-agent"] {
+        let p = stand_ins.path().join(name);
+        std::fs::write(&p, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        stand_ins.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut failures = Vec::new();
     for w in &commands {
         let program = if w[0] == "outlivectl" {
@@ -189,6 +203,7 @@ fn x1_every_documented_command_works_against_the_agent() {
             .args(&w[1..])
             .current_dir("/")
             .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .env("PATH", &path)
             .env("STATE_DIRECTORY", &a.state_dir)
             .env("RUNTIME_DIRECTORY", &a.runtime_dir));
         let said = format!("{out}{err}");

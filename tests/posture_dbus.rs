@@ -119,8 +119,8 @@ fn g2_an_external_guard_is_reported_by_its_owner_goes_stale_and_alerts_once() {
     let seen_by_stranger = guards(&s, STRANGER);
     assert_eq!(
         seen_by_stranger.len(),
-        10,
-        "nine built-in rows and the drop-in's"
+        11,
+        "ten built-in rows and the drop-in's"
     );
     // Another user, even a member of outlive, cannot report it; its owner can.
     let (code, _, err) = report(&s, MEMBER, "backup.snapshots");

@@ -63,6 +63,21 @@ const ROWS: &[(&str, &str, Seen)] = &[
         Log("drainer uses", "allowed_units: [\"x-*.service\"]"),
     ),
     (
+        "capture.max_watched",
+        "7",
+        Log("queue uses", "max_watched: 7,"),
+    ),
+    (
+        "capture.evidence_policy",
+        "\"declared\"",
+        Log("queue uses", "evidence_policy: Declared"),
+    ),
+    (
+        "capture.units",
+        "[\"x-*.service\"]",
+        Log("capture uses", "units: [\"x-*.service\"]"),
+    ),
+    (
         "queue.lock.auto_heal",
         "\"observe\"",
         Log("queue uses", "auto_heal: Observe"),

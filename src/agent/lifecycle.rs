@@ -35,7 +35,7 @@ struct Running {
     shutdown: watch::Sender<bool>,
     drainer: JoinHandle<()>,
     posture: JoinHandle<()>,
-    capture: Option<JoinHandle<()>>,
+    capture: JoinHandle<()>,
     bus: Option<crate::publish::dbus::BusThread>,
 }
 
@@ -90,9 +90,7 @@ impl Agent {
         let (shutdown, shutdown_rx) = watch::channel(false);
         // Capture subscribes to the service manager before the bus name is taken, so that a
         // `Run` is never answered by a capture that is not listening yet (C-1, C-3).
-        let capture_task = runner.capture.booted.then(|| {
-            tokio::spawn(watcher.run(Arc::clone(&self.posture_poke), shutdown_rx.clone()))
-        });
+        let capture_task = tokio::spawn(watcher.run(runner.capture.booted, shutdown_rx.clone()));
         let bus = match self
             .start_bus(&runner, &posture, &published, shutdown_rx.clone())
             .await
@@ -417,9 +415,7 @@ impl Agent {
             );
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), r.posture).await;
-        if let Some(c) = r.capture {
-            let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), r.capture).await;
         // The bus thread releases the name and ends.
         if let Some(t) = r.bus {
             t.join(Duration::from_secs(3)).await;

@@ -164,6 +164,8 @@ pub struct Watcher {
     /// The queue was usable at the last pass (a lock held again means a reconcile).
     queue_ok: bool,
     backoff_ms: u64,
+    /// What capture last said it uses (`capture.units`, `capture.evidence_policy`).
+    uses: Option<(Vec<String>, String)>,
 }
 
 /// One tracked unit.
@@ -218,6 +220,7 @@ pub fn new(
             reloading: false,
             queue_ok: false,
             backoff_ms: 0,
+            uses: None,
         },
         on_end,
     )
@@ -415,13 +418,13 @@ impl Manager {
 }
 
 impl Watcher {
-    /// Until `shutdown`: subscribe, serve, resubscribe after a loss.
-    pub async fn run(
-        mut self,
-        on_start: Arc<tokio::sync::Notify>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let _ = on_start;
+    /// Until `shutdown`: subscribe, serve, resubscribe after a loss. Without a service manager
+    /// (`booted` false) it only follows the configuration and answers commands (C-10).
+    pub async fn run(mut self, booted: bool, mut shutdown: watch::Receiver<bool>) {
+        self.follow_config();
+        if !booted {
+            return self.idle(&mut shutdown).await;
+        }
         loop {
             if *shutdown.borrow() {
                 return;
@@ -450,6 +453,36 @@ impl Watcher {
                     },
                 }
             }
+        }
+    }
+
+    /// No service manager here: follow the configuration, refuse what needs one.
+    async fn idle(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                r = self.applied.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    self.follow_config();
+                }
+                c = self.rx.recv() => match c {
+                    None => return,
+                    Some(c) => self.refuse(c),
+                },
+            }
+        }
+    }
+
+    /// Log what capture uses when the applied configuration changed (the one configuration
+    /// path: every part says what it took).
+    fn follow_config(&mut self) {
+        let c = Arc::clone(&self.applied.borrow_and_update());
+        let now = (c.capture.units.clone(), c.capture.evidence_policy.clone());
+        if self.uses.as_ref() != Some(&now) {
+            tracing::debug!(target: "outlive::config", "capture uses units: {:?}, evidence_policy: {}", now.0, now.1);
+            self.uses = Some(now);
         }
     }
 
@@ -780,6 +813,7 @@ impl Watcher {
     /// again), watch what `capture.units` matches, drop trackers of ended records, refresh
     /// `seen_active_at`.
     async fn pass(&mut self, mgr: &Manager) {
+        self.follow_config();
         let view = self.queue.view();
         let Ok(runs) = view.runs.clone() else {
             self.queue_ok = false;

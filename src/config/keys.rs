@@ -89,6 +89,7 @@ pub const SECTIONS: &[&str] = &[
     "drainer",
     "posture",
     "facts",
+    "capture",
     "metrics",
     "journal",
 ];

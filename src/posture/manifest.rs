@@ -303,6 +303,7 @@ mod tests {
                 "drainer.auto_resume_stale_pause",
                 "drainer.calm_gate",
                 "state.host_local",
+                "capture.watch",
                 "watchdog",
                 "publish.dbus",
                 "publish.journal",
@@ -314,7 +315,7 @@ mod tests {
             .filter(|g| g.load_bearing)
             .map(|g| g.key)
             .collect();
-        assert_eq!(lb, ["queue.resume", "state.host_local"]);
+        assert_eq!(lb, ["queue.resume", "state.host_local", "capture.watch"]);
         // Defaults off: auto-heal and metrics.
         let off: Vec<&str> = BUILTIN
             .iter()

@@ -123,6 +123,7 @@ fn g6_defaults_read_as_the_manifest_says() {
     for k in [
         "drainer.calm_gate",
         "state.host_local",
+        "capture.watch",
         "watchdog",
         "publish.dbus",
     ] {
@@ -131,12 +132,12 @@ fn g6_defaults_read_as_the_manifest_says() {
     let p = f.p.published();
     assert_eq!(
         p.summary["on-confirmed"] + p.summary["on-dry-run"] + p.summary["off"],
-        9
+        10
     );
     assert_eq!(p.summary.len(), 10, "all ten states, zeros included");
     assert!(p.anomalies.is_empty(), "{:?}", p.anomalies);
     assert!(!p.degraded);
-    assert_eq!(p.on, (7, 9));
+    assert_eq!(p.on, (8, 10));
 }
 
 #[test]
@@ -560,7 +561,7 @@ fn g7_flapping_is_more_than_three_changes_in_ten_evaluations_and_alerts_at_once(
 fn g10_posture_changed_carries_only_changed_rows() {
     let mut f = Fix::new("");
     let first = f.eval();
-    assert_eq!(first.changed_rows.len(), 9, "every row is new");
+    assert_eq!(first.changed_rows.len(), 10, "every row is new");
     f.clock.pass(S);
     f.tick_all();
     let again = f.eval();

@@ -576,7 +576,8 @@ impl ResumeQueue1 {
         self.mutate(conn, move |q| q.resume(&caller)).await
     }
 
-    /// Stop a run: cancel its open entries and record the stop. Returns how many.
+    /// Stop a run: stop its unit if it is a watched run (only its own user or root may), cancel
+    /// its open entries and record the stop (Q-9, C-3). Returns how many entries were cancelled.
     #[zbus(out_args("cancelled"))]
     async fn stop(
         &self,
