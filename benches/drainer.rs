@@ -139,6 +139,8 @@ impl Rig {
             include_operator_kills: false,
             allowed_units: vec![],
             auto_heal: outlive::config::AutoHeal::Off,
+            max_watched: 200,
+            evidence_policy: outlive::queue::runs::EvidencePolicy::Autonomous,
         };
         let mut q = Queue::new(&state, &run, qs, auditor.clone(), Arc::new(SystemClock));
         let facts = Facts::new(Duration::from_secs(3));

@@ -46,10 +46,7 @@ pub fn run_unit(run_id: &str) -> Result<String, String> {
     Ok(name)
 }
 
-/// C-1 b: the run id of a watched existing unit.
-pub fn unit_run_id(unit: &str) -> String {
-    format!("unit:{unit}")
-}
+pub use crate::queue::runs::unit_run_id;
 
 /// C-1: a run id the agent assigns, `r-<ms base36>-<counter>`.
 pub fn assign_run_id(now_ms: u64, counter: u64) -> String {

@@ -243,6 +243,10 @@ mod tests {
     /// C-3 live: the signal sequences systemd 252 sends for each way a unit ends
     /// (`notes/capture-systemd-facts.md` §2), each ended exactly once and classified.
     #[test]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "a table: one row per signal sequence of the facts note"
+    )]
     fn c3_signal_sequences_end_once_and_classify() {
         let cases: Vec<(&str, Vec<Sig>, Option<How>)> = vec![
             (

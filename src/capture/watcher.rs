@@ -1002,8 +1002,7 @@ impl Watcher {
             .filter(|row| row.4 == "running" && !known.contains(row.0.as_str()))
         {
             let unit = row.0.clone();
-            let run_id = super::unit_run_id(&unit);
-            if !crate::queue::entry::valid_run_id(&run_id) {
+            if !crate::queue::entry::valid_run_id(&super::unit_run_id(&unit)) {
                 tracing::debug!(
                     "capture: {unit} matches capture.units but its name cannot be a run id"
                 );
@@ -1013,28 +1012,15 @@ impl Watcher {
                 continue;
             };
             let rec = RunRecord {
-                run_id,
-                unit: unit.clone(),
-                target: Target::Unit { unit: unit.clone() },
-                resume: None,
-                uid: 0,
-                gid: 0,
-                cwd: "/".into(),
-                worktree: None,
-                session: String::new(),
-                evidence: vec![],
-                evidence_policy: crate::queue::runs::EvidencePolicy::parse(&policy)
-                    .unwrap_or_default(),
-                state: RunState::Active,
-                invocation_id: now.invocation_id.clone(),
-                boot_id: self.boot_id.clone(),
-                seen_active_at: crate::clock::wall_ms(),
-                ended_at: None,
-                entry_id: None,
-                entry_status: None,
-                enqueue: String::new(),
                 configured: true,
-                created_at: 0,
+                ..RunRecord::unit_watch(
+                    &unit,
+                    (0, 0),
+                    crate::queue::runs::EvidencePolicy::parse(&policy).unwrap_or_default(),
+                    &now.invocation_id,
+                    &self.boot_id,
+                    crate::clock::wall_ms(),
+                )
             };
             let q = Arc::clone(&self.queue);
             let added = tokio::task::spawn_blocking(move || q.lock().run_add(rec)).await;

@@ -265,7 +265,7 @@ pub struct RunFlags {
     /// Run with this gid (root only) [default: the primary group of --as-uid's user].
     #[arg(long)]
     as_gid: Option<u32>,
-    /// The command, after `--` (argv[0] is looked up in PATH).
+    /// The command, after `--` (its first word is looked up in PATH).
     #[arg(last = true, value_name = "ARGV", required = true)]
     argv: Vec<String>,
 }
@@ -379,6 +379,30 @@ impl From<EnqueueFlags> for queue::EnqueueArgs {
     }
 }
 
+/// The watched-run commands (C-8).
+async fn runs_command(c: Command, user: bool, json: bool) -> Result<(), client::Failure> {
+    let op = match c {
+        Command::Run(f) => return runs::run(user, json, &(*f).into()).await,
+        Command::Runs => return runs::list(user, json).await,
+        Command::Watch {
+            unit,
+            evidence,
+            policy,
+            session,
+        } => runs::Op::Watch {
+            unit,
+            evidence,
+            policy,
+            session,
+        },
+        Command::Unwatch { run_id } => runs::Op::Unwatch(run_id),
+        Command::Evidence { run_id, names } => runs::Op::Evidence(run_id, names),
+        Command::Revive { run_id } => runs::Op::Revive(run_id),
+        _ => unreachable!("only the watched-run commands come here"),
+    };
+    runs::op(user, json, op).await
+}
+
 /// `outlivectl`'s entry point.
 pub fn outlivectl_main() -> i32 {
     let cli = match Outlivectl::try_parse() {
@@ -421,32 +445,12 @@ pub fn outlivectl_main() -> i32 {
             client::block_on(queue::op(user, json, queue::Op::Pause { kind, reason }))
         }
         Command::Resume => client::block_on(queue::op(user, json, queue::Op::Resume)),
-        Command::Run(f) => client::block_on(runs::run(user, json, &(*f).into())),
-        Command::Runs => client::block_on(runs::list(user, json)),
-        Command::Watch {
-            unit,
-            evidence,
-            policy,
-            session,
-        } => client::block_on(runs::op(
-            user,
-            json,
-            runs::Op::Watch {
-                unit,
-                evidence,
-                policy,
-                session,
-            },
-        )),
-        Command::Unwatch { run_id } => {
-            client::block_on(runs::op(user, json, runs::Op::Unwatch(run_id)))
-        }
-        Command::Evidence { run_id, names } => {
-            client::block_on(runs::op(user, json, runs::Op::Evidence(run_id, names)))
-        }
-        Command::Revive { run_id } => {
-            client::block_on(runs::op(user, json, runs::Op::Revive(run_id)))
-        }
+        c @ (Command::Run(_)
+        | Command::Runs
+        | Command::Watch { .. }
+        | Command::Unwatch { .. }
+        | Command::Evidence { .. }
+        | Command::Revive { .. }) => client::block_on(runs_command(c, user, json)),
         Command::Stop { run_id } => {
             client::block_on(queue::op(user, json, queue::Op::Stop(run_id)))
         }

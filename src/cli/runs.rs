@@ -91,7 +91,7 @@ pub(crate) fn split_words(s: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
-/// argv[0] made absolute against `path` (the caller's `PATH`), as `systemd-run` does.
+/// The first word made absolute against `path` (the caller's `PATH`), as `systemd-run` does.
 pub(crate) fn resolve(argv0: &str, path: Option<&str>, cwd: &Path) -> Result<String, String> {
     if argv0.contains('/') {
         let p = if argv0.starts_with('/') {
@@ -128,7 +128,7 @@ fn utf8(flag: &str, p: &Path) -> Result<String, Failure> {
     })
 }
 
-/// Build `Run`'s dictionary: argv[0] of the command and of the resume command resolved
+/// Build `Run`'s dictionary: the first word of the command and of the resume command resolved
 /// against the caller's `PATH`; only `--env` variables are sent (`--env K` copies the caller's
 /// value).
 pub(crate) fn request(

@@ -204,6 +204,43 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The record of a watched existing unit (C-1 b), owned by `(uid, gid)`, active in
+    /// `invocation_id` of `boot_id` now (`now_ms`).
+    pub fn unit_watch(
+        unit: &str,
+        (uid, gid): (u32, u32),
+        evidence_policy: EvidencePolicy,
+        invocation_id: &str,
+        boot_id: &str,
+        now_ms: u64,
+    ) -> RunRecord {
+        RunRecord {
+            run_id: unit_run_id(unit),
+            unit: unit.to_string(),
+            target: Target::Unit {
+                unit: unit.to_string(),
+            },
+            resume: None,
+            uid,
+            gid,
+            cwd: "/".into(),
+            worktree: None,
+            session: String::new(),
+            evidence: vec![],
+            evidence_policy,
+            state: RunState::Active,
+            invocation_id: invocation_id.to_string(),
+            boot_id: boot_id.to_string(),
+            seen_active_at: now_ms,
+            ended_at: None,
+            entry_id: None,
+            entry_status: None,
+            enqueue: String::new(),
+            configured: false,
+            created_at: 0,
+        }
+    }
+
     /// The evidence a capture enqueue carries (C-2): what the run declared, plus
     /// `build-or-autonomous-active` for an autonomous run.
     pub fn capture_evidence(&self) -> Vec<String> {
@@ -240,6 +277,11 @@ impl RunRecord {
             ..Request::default()
         }
     }
+}
+
+/// C-1 b: the run id of a watched existing unit.
+pub fn unit_run_id(unit: &str) -> String {
+    format!("unit:{unit}")
 }
 
 /// How an end is recorded (C-3).
@@ -495,108 +537,62 @@ impl Queue {
         }
         let r = r.clone();
         let how = note.how;
-        let ended = |s: &mut State, at: u64, entry: Option<(&str, &str)>, word: &str| {
-            if let Some(x) = s.runs.iter_mut().find(|x| x.run_id == r.run_id) {
-                x.state = RunState::Ended(how);
-                x.ended_at = Some(at);
-                x.enqueue = word.to_string();
-                if let Some((id, status)) = entry {
-                    x.entry_id = Some(id.to_string());
-                    x.entry_status = Some(status.to_string());
-                }
-            }
-        };
-        let message = format!(
-            "run {} ({}) ended: {}{}",
-            r.run_id,
-            r.unit,
-            how.as_str(),
-            if note.detail.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", note.detail)
-            }
-        );
+        let message = end_message(&r, &note);
         if !how.is_reap() {
-            let ev = if how == How::Unknown {
-                Event::new(
-                    EventKind::RunUnknown,
-                    format!(
-                        "{message}: it ended while outlived was not listening and the service manager no longer \
-                         knows how; it is not revived. If it was reaped, run `outlivectl revive {}`",
-                        r.run_id
-                    ),
-                )
-                .alert(Alert::RunUnknown)
-            } else {
-                Event::new(EventKind::RunEnded, format!("{message}; not revived"))
-                    .priority(priority::INFO)
-            }
-            .field("run_id", &r.run_id)
-            .field("how", how.as_str())
-            .field("unit", &r.unit);
+            let ev = not_a_reap(&r, how, &message);
             self.commit(|s, _| {
-                ended(s, note.at, None, "");
+                mark_ended(s, &r.run_id, &note, None, "");
                 Ok(((), vec![ev]))
             })?;
             return Ok(Ended::Recorded);
         }
-        let req = r.request(how.as_str(), note.at);
         let admission = Admission {
             run_as: (r.uid, r.gid),
             by: 0,
             eligibility: true,
         };
-        let run_id = r.run_id.clone();
-        let reply = self.admit(req, admission, |s, reply| {
+        let reply = self.admit(r.request(how.as_str(), note.at), admission, |s, reply| {
+            let mut status = String::new();
             if let Some(e) = s.entries.iter_mut().find(|e| e.id == reply.id) {
                 e.watched = true;
+                status = e.status.text();
             }
-            let status = s
-                .entries
-                .iter()
-                .find(|e| e.id == reply.id)
-                .map(|e| e.status.text())
-                .unwrap_or_default();
-            ended(s, note.at, Some((&reply.id, &status)), &reply.why);
+            mark_ended(s, &r.run_id, &note, Some((&reply.id, &status)), &reply.why);
         })?;
+        let word = reply.why.clone();
         if reply.admitted {
+            let cap = if word.is_empty() {
+                String::new()
+            } else {
+                format!(" ({word})")
+            };
             self.audit(
                 Event::new(
                     EventKind::RunCaptured,
-                    format!(
-                        "{message}; queued for revival as {}{}",
-                        reply.id,
-                        if reply.why.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({})", reply.why)
-                        }
-                    ),
+                    format!("{message}; queued for revival as {}{cap}", reply.id),
                 )
                 .alert(Alert::RunCaptured)
-                .field("run_id", &run_id)
+                .field("run_id", &r.run_id)
                 .field("how", how.as_str())
                 .field("entry_id", &reply.id)
-                .field("enqueue", &reply.why),
+                .field("enqueue", &word),
             );
             return Ok(Ended::Queued {
                 entry_id: reply.id,
-                why: reply.why,
+                why: word,
             });
         }
         // Refused (insufficient evidence, a duplicate, overflow): recorded with the word.
-        let word = reply.why.clone();
         let ev = Event::new(
             EventKind::RunEnded,
             format!("{message}; not queued: {word}"),
         )
         .priority(priority::NOTICE)
-        .field("run_id", &run_id)
+        .field("run_id", &r.run_id)
         .field("how", how.as_str())
         .field("enqueue", &word);
         self.commit(|s, _| {
-            ended(s, note.at, None, &word);
+            mark_ended(s, &r.run_id, &note, None, &word);
             Ok(((), vec![ev]))
         })?;
         Ok(Ended::Refused(word))
@@ -676,6 +672,64 @@ impl Queue {
             }
             Ok(((), vec![]))
         })
+    }
+}
+
+/// `run R (unit) ended: how (detail)`.
+fn end_message(r: &RunRecord, note: &EndNote) -> String {
+    let detail = if note.detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", note.detail)
+    };
+    format!(
+        "run {} ({}) ended: {}{detail}",
+        r.run_id,
+        r.unit,
+        note.how.as_str()
+    )
+}
+
+/// The event of an end that is not a reap: `unknown` is an alert that stays (C-3 row 9), the
+/// rest are recorded.
+fn not_a_reap(r: &RunRecord, how: How, message: &str) -> Event {
+    if how == How::Unknown {
+        Event::new(
+            EventKind::RunUnknown,
+            format!(
+                "{message}: it ended while outlived was not listening and the service manager no longer \
+                 knows how; it is not revived. If it was reaped, run `outlivectl revive {}`",
+                r.run_id
+            ),
+        )
+        .alert(Alert::RunUnknown)
+    } else {
+        Event::new(EventKind::RunEnded, format!("{message}; not revived")).priority(priority::INFO)
+    }
+    .field("run_id", &r.run_id)
+    .field("how", how.as_str())
+    .field("unit", &r.unit)
+}
+
+/// Mark a record ended (C-2): how, when, the invocation that ended, its entry, the enqueue word.
+fn mark_ended(
+    s: &mut State,
+    run_id: &str,
+    note: &EndNote,
+    entry: Option<(&str, &str)>,
+    word: &str,
+) {
+    if let Some(x) = s.runs.iter_mut().find(|x| x.run_id == run_id) {
+        x.state = RunState::Ended(note.how);
+        x.ended_at = Some(note.at);
+        x.enqueue = word.to_string();
+        if !note.invocation_id.is_empty() {
+            x.invocation_id.clone_from(&note.invocation_id);
+        }
+        if let Some((id, status)) = entry {
+            x.entry_id = Some(id.to_string());
+            x.entry_status = Some(status.to_string());
+        }
     }
 }
 

@@ -313,7 +313,7 @@ impl Runs1 {
 impl Runs1 {
     /// Start a run that outlived watches (C-1): ARGV as the transient unit
     /// `outlive-run-<escaped run_id>.service`, as the caller, in `cwd`. Keys: `run_id` s,
-    /// `exec` as (argv, argv[0] absolute), `env` a{ss}, `cwd` s, `worktree` s, `resume` as (the
+    /// `exec` as (argv, the first an absolute path), `env` a{ss}, `cwd` s, `worktree` s, `resume` as (the
     /// argv used instead of `exec` when the run is revived), `evidence` as, `evidence_policy` s
     /// (`autonomous` or `declared`), `session` s, and for root only `user` u and `group` u.
     /// Replies when the start job has finished.
@@ -469,7 +469,6 @@ impl Runs1 {
             ));
         };
         let (boot, cap) = (self.boot_id.clone(), self.capture.clone());
-        let id = run_id.clone();
         self.mutate(conn, move |q| {
             if !caller.root && !q.settings().allowed_units.iter().any(|g| entry::unit_allowed(g, &unit)) {
                 return Err(QueueError::AccessDenied(format!(
@@ -479,27 +478,16 @@ impl Runs1 {
             }
             let policy = pol.unwrap_or(q.settings().evidence_policy);
             q.run_add(RunRecord {
-                run_id: id,
-                unit: unit.clone(),
-                target: Target::Unit { unit },
-                resume: None,
-                uid: caller.uid,
-                gid: caller.gid,
-                cwd: "/".into(),
-                worktree: None,
                 session,
                 evidence: evidence_in,
-                evidence_policy: policy,
-                state: RunState::Active,
-                invocation_id: now.invocation_id,
-                boot_id: boot,
-                seen_active_at: crate::clock::wall_ms(),
-                ended_at: None,
-                entry_id: None,
-                entry_status: None,
-                enqueue: String::new(),
-                configured: false,
-                created_at: 0,
+                ..RunRecord::unit_watch(
+                    &unit,
+                    (caller.uid, caller.gid),
+                    policy,
+                    &now.invocation_id,
+                    &boot,
+                    crate::clock::wall_ms(),
+                )
             })
         })
         .await?;
