@@ -76,6 +76,8 @@ fn running() -> UnitState {
         result: "success".into(),
         main_pid: 1,
         exec_main_start_us: outlive::clock::wall_ms() * 1000,
+        exec_main_code: 0,
+        exec_main_status: 0,
     }
 }
 

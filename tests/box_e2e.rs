@@ -1333,6 +1333,9 @@ fn box_d6_the_service_manager_is_never_silently_lost() {
             let (code, _, err) = b.sh(&format!("systemctl {verb} dbus.socket dbus.service"));
             assert_eq!(code, 0, "{verb}: {err}");
         };
+        // C-9 (issue 14, item 8): two watched runs that end during the gap.
+        let (gk, gku) = run_in(&b, None, &["--run-id", "gap-kill", "--", "sleep", "1000"]);
+        let (gt, gtu) = run_in(&b, None, &["--run-id", "gap-term", "--", "sleep", "1000"]);
         b.run(&[
             "systemctl",
             "mask",
@@ -1341,6 +1344,9 @@ fn box_d6_the_service_manager_is_never_silently_lost() {
             "dbus.service",
         ]);
         bus("stop");
+        b.run(&["systemctl", "kill", "--signal=KILL", &gku]);
+        let pid = b.show(&gtu, "MainPID");
+        b.run(&["kill", "-TERM", &pid]);
         b.wait_for(
             "STATUS to name manager-unreachable",
             Duration::from_secs(60),
@@ -1369,6 +1375,25 @@ fn box_d6_the_service_manager_is_never_silently_lost() {
         b.wait_for("queue.resume on-confirmed", Duration::from_secs(60), |b| {
             box_row(b, "queue.resume")["effective"] == "on-confirmed"
         });
+        b.wait_for("capture.watch on-confirmed", Duration::from_secs(60), |b| {
+            box_row(b, "capture.watch")["effective"] == "on-confirmed"
+        });
+        assert!(!journal_json(&b, &["OUTLIVE_EVENT=capture-lost"]).is_empty());
+        for run in [&gk, &gt] {
+            let mut entry = String::new();
+            b.wait_for(
+                &format!("{run} classified and queued"),
+                Duration::from_secs(20),
+                |b| {
+                    entry = box_run(b, run)["entry_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    !entry.is_empty()
+                },
+            );
+            assert_eq!(box_entry(&b, &entry)["reason"], "killed", "{run}");
+        }
         b.wait_for("STATUS not DEGRADED", Duration::from_secs(60), |b| {
             !b.show("outlived", "StatusText").starts_with("DEGRADED")
         });
@@ -2105,6 +2130,290 @@ fn box_capture_reaps_are_queued_and_revived_other_ends_are_not() {
             human.contains("ended:crashed") && human.contains("insufficient-evidence"),
             "{human}"
         );
+        assert_state_host_local(&b);
+        b.halt();
+    });
+}
+
+/// The issue's capture configuration for the absent-agent test: observe-only, so that entries
+/// stay as captured.
+const CAPTURE_DRY_CONFIG: &str = "[queue]\ndry_run = true\n\n[drainer]\ninterval_sec = 1\n\
+                                  grace_sec = 2\nrequired_calm_ticks = 2\nbackoff_base_sec = 1\n\
+                                  calm_gate = false\n";
+
+/// C-3 agent absent and C-4 (issue 14, items 4 and 5): runs that end while outlived is stopped
+/// read as they would have live (SIGKILL, SIGTERM, exit 0, exit 3, a watched unit's own
+/// `WatchdogSec=`), except `systemctl stop`, which reads `unknown` with one notice naming
+/// `outlivectl revive`, which then works. Then a host restart: of two runs, the one still running
+/// is queued (`host-shutdown` or `host-restart`) and revived in the next boot with a continuation
+/// that says the host restarted; the one stopped before stays stopped.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn box_capture_while_the_agent_is_away_and_across_a_host_restart() {
+    if !box_available() {
+        return;
+    }
+    unchanged_machine(|| {
+        let stage = Stage::new("capture-absent");
+        stage.state_image(64);
+        stage.file("/etc/outlive/outlive.toml", CAPTURE_DRY_CONFIG);
+        stage.file(
+            "/etc/systemd/system/wd.service",
+            "[Service]\nType=exec\nExecStart=/bin/sleep infinity\nWatchdogSec=3\n",
+        );
+        stage.boot_id("0c1a6f8e-1b9e-4a53-9d55-3a0b7f3e1111");
+        let b = boot_agent(&stage);
+        b.wait_for("capture.watch on-confirmed", Duration::from_secs(15), |b| {
+            box_row(b, "capture.watch")["effective"] == "on-confirmed"
+        });
+        let (_, boot1, _) = b.run(&["cat", "/proc/sys/kernel/random/boot_id"]);
+        assert_eq!(boot1.trim(), "0c1a6f8e-1b9e-4a53-9d55-3a0b7f3e1111");
+        let (k, ku) = run_in(&b, None, &["--run-id", "k", "--", "sleep", "1000"]);
+        let (t, tu) = run_in(&b, None, &["--run-id", "t", "--", "sleep", "1000"]);
+        let (z, _) = run_in(
+            &b,
+            None,
+            &["--run-id", "z", "--", "sh", "-c", "sleep 2; exit 0"],
+        );
+        let (f, _) = run_in(
+            &b,
+            None,
+            &["--run-id", "f", "--", "sh", "-c", "sleep 2; exit 3"],
+        );
+        let (s, su) = run_in(&b, None, &["--run-id", "s", "--", "sleep", "1000"]);
+        b.run(&["systemctl", "start", "wd.service"]);
+        let (code, out, err) = ctl(&b, &["watch", "wd.service"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let w = "unit:wd.service";
+        assert_eq!(box_run(&b, w)["state"], "active");
+
+        // Every end happens while outlived is stopped.
+        b.run(&["systemctl", "stop", "outlived"]);
+        b.run(&["systemctl", "kill", "--signal=KILL", &ku]);
+        let pid = b.show(&tu, "MainPID");
+        b.run(&["kill", "-TERM", &pid]);
+        b.run(&["systemctl", "stop", &su]);
+        b.wait_for(
+            "the runs and the watchdog to end",
+            Duration::from_secs(15),
+            |b| {
+                b.show("wd", "Result") == "watchdog"
+                    && b.show(&ku, "ActiveState") == "failed"
+                    && b.show(&tu, "SubState") == "exited"
+            },
+        );
+        std::thread::sleep(Duration::from_secs(2)); // z and f exit after 2 s
+        b.run(&["systemctl", "start", "outlived"]);
+        for (id, state) in [
+            (&k, "ended:killed"),
+            (&t, "ended:killed"),
+            (&z, "ended:finished"),
+            (&f, "ended:failed"),
+            (&s, "ended:unknown"),
+            (&w.to_string(), "ended:watchdog"),
+        ] {
+            wait_run(&b, id, state, Duration::from_secs(20));
+        }
+        for id in [&k, &t, &w.to_string()] {
+            assert_ne!(box_run(&b, id)["entry_id"], "", "{id} is queued");
+        }
+        for id in [&z, &f, &s] {
+            assert_eq!(box_run(&b, id)["entry_id"], "", "{id} is not queued");
+        }
+        let unknown = journal_json(&b, &["MESSAGE_ID=8fbff45fa25a4b5594c320928dfd5387"]);
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert_eq!(unknown[0]["OUTLIVE_RUN_ID"], s.as_str());
+        assert!(
+            unknown[0]["MESSAGE"]
+                .as_str()
+                .unwrap()
+                .contains("outlivectl revive s"),
+            "{unknown:?}"
+        );
+        let (_, status, _) = ctl(&b, &["status"]);
+        assert!(
+            status.contains("outlivectl revive s"),
+            "the notice stays: {status}"
+        );
+        let (code, out, err) = ctl(&b, &["revive", &s]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_ne!(box_run(&b, &s)["entry_id"], "", "revived by hand");
+
+        // A host restart: one run still running, one stopped before.
+        let (alive, _) = run_in(&b, None, &["--run-id", "alive", "--", "sleep", "1000"]);
+        let (stopped, stu) = run_in(&b, None, &["--run-id", "stopped", "--", "sleep", "1000"]);
+        b.run(&["systemctl", "stop", &stu]);
+        wait_run(&b, &stopped, "ended:stopped", Duration::from_secs(5));
+        b.halt();
+
+        stage.boot_id("0c1a6f8e-1b9e-4a53-9d55-3a0b7f3e2222");
+        stage.file("/etc/outlive/outlive.toml", DRAIN_CONFIG);
+        let b = boot_agent(&stage);
+        let r = box_run(&b, &alive);
+        let how = r["state"].as_str().unwrap_or_default().to_string();
+        assert!(
+            how == "ended:host-shutdown" || how == "ended:host-restart" || how == "active",
+            "{r}"
+        );
+        let entry = {
+            let mut id = String::new();
+            b.wait_for(
+                "the run to be revived after the restart",
+                Duration::from_secs(30),
+                |b| {
+                    let r = box_run(b, &alive);
+                    id = r["entry_id"].as_str().unwrap_or_default().to_string();
+                    !id.is_empty() && r["entry_status"] == "revived"
+                },
+            );
+            id
+        };
+        let e = box_entry(&b, &entry);
+        assert!(
+            e["reason"] == "host-shutdown" || e["reason"] == "host-restart",
+            "{e}"
+        );
+        let (_, cont, _) = b.run(&[
+            "cat",
+            &format!("/var/lib/outlive/continuations/{entry}.txt"),
+        ]);
+        assert!(cont.contains("the host restarted since"), "{cont}");
+        assert_eq!(
+            box_run(&b, &stopped)["state"],
+            "ended:stopped",
+            "the stopped run stays stopped"
+        );
+        assert_eq!(box_run(&b, &stopped)["entry_id"], "");
+        assert_state_host_local(&b);
+        b.halt();
+    });
+}
+
+/// C-1 b, C-5, C-7 (issue 14, items 6 and 7): with `capture.units = ["agent@*.service"]` a
+/// matching unit is watched by itself, and when SIGKILLed it is queued as a unit target and
+/// started again with StartUnit; it cannot be unwatched. `outlivectl watch` is root's, and a
+/// member's only for units in `queue.allowed_units`; `unwatch` is the run's user's or root's. A
+/// run declares its evidence from inside, as its own uid outside `outlive`; a stranger cannot
+/// change it and sees only their own runs.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn box_capture_units_watch_unwatch_and_evidence() {
+    if !box_available() {
+        return;
+    }
+    unchanged_machine(|| {
+        let stage = Stage::new("capture-units");
+        stage.state_image(64);
+        stage.file(
+            "/etc/outlive/outlive.toml",
+            &format!(
+                "{}\n[capture]\nunits = [\"agent@*.service\"]\n",
+                DRAIN_CONFIG.replace(
+                    "[queue]\n",
+                    "[queue]\nallowed_units = [\"member-*.service\"]\n"
+                )
+            ),
+        );
+        for (name, body) in [
+            (
+                "agent@.service",
+                "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n",
+            ),
+            (
+                "member-job.service",
+                "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n",
+            ),
+            (
+                "other-job.service",
+                "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n",
+            ),
+        ] {
+            stage.file(&format!("/etc/systemd/system/{name}"), body);
+        }
+        let b = boot_agent(&stage);
+        let (code, _, err) = b.sh(
+            "useradd --create-home --user-group --groups outlive member && \
+             useradd --create-home --user-group stranger && useradd --create-home --user-group nosy",
+        );
+        assert_eq!(code, 0, "{err}");
+
+        // capture.units: watched by itself, captured, revived with StartUnit.
+        b.run(&["systemctl", "start", "agent@a.service"]);
+        let unit_run = "unit:agent@a.service";
+        wait_run(&b, unit_run, "active", Duration::from_secs(15));
+        b.run(&["systemctl", "kill", "--signal=KILL", "agent@a.service"]);
+        let r = wait_run(&b, unit_run, "ended:killed", Duration::from_secs(5));
+        let entry = r["entry_id"].as_str().unwrap().to_string();
+        let e = wait_entry(&b, &entry, "revived", Duration::from_secs(20));
+        assert_eq!(e["unit"], "agent@a.service", "a unit target: {e}");
+        assert_eq!(b.show("agent@a", "ActiveState"), "active", "started again");
+        wait_run(&b, unit_run, "active", Duration::from_secs(15));
+        let (code, _, err) = ctl(&b, &["unwatch", unit_run]);
+        assert_eq!(code, 1);
+        assert!(err.contains("capture.units"), "{err}");
+
+        // watch and unwatch: who may.
+        b.run(&[
+            "systemctl",
+            "start",
+            "member-job.service",
+            "other-job.service",
+        ]);
+        let (code, _, err) = ctl_as(&b, "member", &["watch", "other-job.service"]);
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("AccessDenied") && err.contains("allowed_units"),
+            "{err}"
+        );
+        let (code, out, err) = ctl_as(&b, "member", &["watch", "member-job.service"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, _, err) = ctl_as(&b, "stranger", &["watch", "member-job.service"]);
+        assert_eq!(code, 1, "{err}");
+        let (code, _, err) = ctl(&b, &["watch", "no-such.service"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("InvalidArgument"), "{err}");
+        let (code, out, err) = ctl(&b, &["watch", "other-job.service"]);
+        assert_eq!(code, 0, "root watches any unit: {out}{err}");
+        let (code, _, _) = ctl_as(&b, "stranger", &["unwatch", "unit:member-job.service"]);
+        assert_eq!(code, 1, "a stranger may not unwatch");
+        let (code, out, err) = ctl_as(&b, "member", &["unwatch", "unit:member-job.service"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(
+            box_run(&b, "unit:member-job.service"),
+            serde_json::Value::Null
+        );
+        assert_eq!(
+            b.show("member-job", "ActiveState"),
+            "active",
+            "it keeps running"
+        );
+
+        // Evidence from inside a run, as its own uid outside `outlive`.
+        let (_, uid, _) = b.run(&["id", "-u", "stranger"]);
+        let script = "outlivectl evidence \"$OUTLIVE_RUN_ID\" uncommitted-worktree-work active-subagent \
+                      > /tmp/evidence.log 2>&1; exec sleep 1000";
+        let (run, _) = run_in(
+            &b,
+            None,
+            &["--as-uid", uid.trim(), "--", "sh", "-c", script],
+        );
+        b.wait_for(
+            "the run to declare its evidence",
+            Duration::from_secs(10),
+            |b| {
+                box_run(b, &run)["evidence"]
+                    == serde_json::json!(["uncommitted-worktree-work", "active-subagent"])
+            },
+        );
+        let (code, _, err) = ctl_as(&b, "nosy", &["evidence", &run, "active-subagent"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("AccessDenied"), "{err}");
+        let (code, out, _) = ctl_as(&b, "nosy", &["--json", "runs"]);
+        assert_eq!(code, 0);
+        assert_eq!(out.trim(), "[]", "a stranger sees only their own runs");
+        let (code, out, _) = ctl_as(&b, "stranger", &["--json", "runs"]);
+        assert_eq!(code, 0);
+        assert!(out.contains(&run), "{out}");
         assert_state_host_local(&b);
         b.halt();
     });

@@ -38,6 +38,12 @@ pub(crate) fn text(e: &Entry) -> String {
         crate::clock::rfc3339_ms(e.reaped_at),
         e.worktree.as_deref().unwrap_or(&e.cwd),
     ));
+    if e.watched {
+        out.push_str(&format!(
+            "\nHow it ended: {}.\n",
+            how_it_ended(&e.reason, e.reaped_at)
+        ));
+    }
     let reason: String = e
         .reason
         .chars()
@@ -56,6 +62,28 @@ pub(crate) fn text(e: &Entry) -> String {
         ));
     }
     out
+}
+
+/// C-6: how a watched run ended, in words, from capture's reason word (C-3, C-4).
+fn how_it_ended(reason: &str, at_ms: u64) -> String {
+    let at = crate::clock::rfc3339_ms(at_ms);
+    match reason {
+        "killed" => {
+            format!("killed by a signal at {at} (an out-of-memory killer, a reaper or a kill)")
+        }
+        "oom-kill" => format!("killed by the out-of-memory killer at {at}"),
+        "watchdog" => format!("stopped by its own watchdog (WatchdogSec=) at {at}"),
+        "timeout" => format!("stopped at its runtime limit (RuntimeMaxSec=) at {at}"),
+        "host-shutdown" => {
+            format!("stopped by the host's shutdown at {at}; the host restarted since")
+        }
+        "host-restart" => format!(
+            "it was running when the host went down, some time between {at} (when it was last seen running) \
+             and this boot; the host restarted since"
+        ),
+        "revived-by-hand" => format!("it ended at {at}, and was queued for revival by hand"),
+        other => format!("{other} at {at}"),
+    }
 }
 
 /// The record's name under `<state>/continuations/`.

@@ -50,6 +50,9 @@ pub struct UnitState {
     pub main_pid: u32,
     /// `ExecMainStartTimestamp`, µs since the epoch (0: never started).
     pub exec_main_start_us: u64,
+    /// `ExecMainCode` (1 exited, 2 killed, 3 dumped; 0 never ran) and `ExecMainStatus`.
+    pub exec_main_code: i32,
+    pub exec_main_status: i32,
 }
 
 /// D-9's verdict on an attempt.
@@ -107,6 +110,27 @@ pub fn attempt_verdict(st: &UnitState, attempt_wall_ms: u64) -> Verdict {
                 format!(", result {}", st.result)
             }
         )),
+    }
+}
+
+/// D-9 for a watched run (C-6): a run that ended within its grace counts as completed only if
+/// it exited 0; killed by a signal (an external SIGTERM reads `Result=success`) or exiting with
+/// any other status, the attempt failed.
+pub fn watched_verdict(st: &UnitState, attempt_wall_ms: u64) -> Verdict {
+    match attempt_verdict(st, attempt_wall_ms) {
+        Verdict::Completed if !(st.exec_main_code == 1 && st.exec_main_status == 0) => {
+            Verdict::Failed(format!(
+                "the run ended within its grace ({} {})",
+                match st.exec_main_code {
+                    1 => "exited with status",
+                    2 => "killed by signal",
+                    3 => "dumped core on signal",
+                    _ => "ended with code",
+                },
+                st.exec_main_status
+            ))
+        }
+        v => v,
     }
 }
 
@@ -522,6 +546,8 @@ impl ServiceManager for Systemd {
             result: get(&s, "Result").unwrap_or_default(),
             main_pid: get(&s, "MainPID").unwrap_or(0),
             exec_main_start_us: get(&s, "ExecMainStartTimestamp").unwrap_or(0),
+            exec_main_code: get(&s, "ExecMainCode").unwrap_or(0),
+            exec_main_status: get(&s, "ExecMainStatus").unwrap_or(0),
         }))
     }
 
@@ -643,7 +669,31 @@ mod tests {
             result: result.into(),
             main_pid: pid,
             exec_main_start_us: start_us,
+            exec_main_code: 1,
+            exec_main_status: 0,
         }
+    }
+
+    /// C-6: a watched run killed within its grace is a failed attempt, never completed.
+    #[test]
+    fn c6_a_watched_run_completes_only_by_exiting_zero() {
+        let began = 1_000_000u64;
+        let after = (began + 5) * 1000;
+        let mut term = st("active", "exited", "success", 0, after);
+        term.exec_main_code = 2;
+        term.exec_main_status = 15;
+        assert_eq!(
+            attempt_verdict(&term, began),
+            Verdict::Completed,
+            "an unwatched entry"
+        );
+        assert!(
+            matches!(watched_verdict(&term, began), Verdict::Failed(w) if w.contains("killed by signal 15"))
+        );
+        let done = st("inactive", "dead", "success", 0, after);
+        assert_eq!(watched_verdict(&done, began), Verdict::Completed);
+        let running = st("active", "running", "success", 12, after);
+        assert_eq!(watched_verdict(&running, began), Verdict::Alive);
     }
 
     #[test]

@@ -86,6 +86,8 @@ impl FakeManager {
                 result: result.into(),
                 main_pid: if sub == "running" { 4242 } else { 0 },
                 exec_main_start_us: start_wall_ms * 1000,
+                exec_main_code: 1,
+                exec_main_status: 0,
             },
         );
     }

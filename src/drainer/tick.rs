@@ -23,7 +23,7 @@ use super::continuation;
 use super::decide::{Action, Decision, Fact, Finish, Step, View, decide};
 use super::gauge::{Gauge, Tier, tier};
 use super::manager::{
-    CALL_TIMEOUT, ServiceManager, StartError, Transient, Verdict, attempt_verdict,
+    CALL_TIMEOUT, ServiceManager, StartError, Transient, Verdict, attempt_verdict, watched_verdict,
 };
 use super::spawn::{self, SpawnSpec};
 use super::validate::{Check, Context, Owner, Paths, validate};
@@ -252,6 +252,8 @@ struct Attempt {
     unit: Option<String>,
     transient: bool,
     child: Option<Child>,
+    /// A watched run's revival (C-6: verified by how it ended).
+    watched: bool,
 }
 
 /// A spawned revival (no service manager): kept to reap it and to count it while alive.
@@ -771,6 +773,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             unit: unit.clone(),
             transient,
             child,
+            watched: e.watched,
         };
         self.attempts.insert(e.id.clone(), attempt);
         let detail = match started {
@@ -993,7 +996,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         match m.unit_state(unit).await {
             Err(_) => None,
             Ok(None) => Some(Verdict::Failed(format!("{unit} no longer exists"))),
-            Ok(Some(st)) => Some(attempt_verdict(&st, a.started_wall)),
+            Ok(Some(st)) => Some(verdict_of(&st, a.started_wall, a.watched)),
         }
     }
 
@@ -1102,6 +1105,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 unit: e.attempt_unit.clone(),
                 transient,
                 child: None,
+                watched: e.watched,
             };
             let v = match (&e.attempt_unit, e.attempt_pid, &self.manager) {
                 (Some(unit), _, Some(m)) => match m.unit_state(unit).await {
@@ -1110,7 +1114,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                         continue;
                     }
                     Ok(None) => Verdict::Failed(format!("{unit} no longer exists (a reboot?)")),
-                    Ok(Some(st)) => attempt_verdict(&st, a.started_wall),
+                    Ok(Some(st)) => verdict_of(&st, a.started_wall, a.watched),
                 },
                 (_, Some((pid, start)), _) => match crate::facts::process::probe(pid) {
                     crate::facts::process::Liveness::Alive { start_time }
@@ -1127,5 +1131,14 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             self.conclude(queue, &e.id, a, v, true).await;
         }
         self.reconciled = all;
+    }
+}
+
+/// D-9's success test, C-6's for a watched run.
+fn verdict_of(st: &crate::drainer::manager::UnitState, began_wall: u64, watched: bool) -> Verdict {
+    if watched {
+        watched_verdict(st, began_wall)
+    } else {
+        attempt_verdict(st, began_wall)
     }
 }

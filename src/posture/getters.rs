@@ -141,3 +141,64 @@ pub(crate) fn state_host_local(facts: &Facts, dir: &Path) -> RuntimeRead {
         Err(e) => RuntimeRead::Errored(e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::watcher::Health;
+
+    fn config() -> Config {
+        Config::defaults(&crate::config::Paths::for_mode(
+            crate::config::Mode::System,
+            0,
+            &|_| None,
+        ))
+    }
+
+    fn read(h: &Health, booted: bool) -> Runtime {
+        match capture_watch(h, booted, &config()) {
+            RuntimeRead::Status(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// C-9: `capture.watch` is confirmed only while subscribed with every record reconciled,
+    /// reads `manager-unreachable` once the subscription has been gone past max(2 × interval,
+    /// 30 s) (120 s with the default interval), and is blind without systemd.
+    #[test]
+    fn c9_capture_watch_reads_the_subscription() {
+        let now = crate::clock::boottime_ms();
+        let live = Health {
+            subscribed: true,
+            reconciled: true,
+            ..Health::default()
+        };
+        let r = read(&live, true);
+        assert!(r.enabled && !r.verdict_unknown, "{r:?}");
+        let catching_up = Health {
+            reconciled: false,
+            ..live.clone()
+        };
+        assert!(read(&catching_up, true).verdict_unknown);
+        let short_gap = Health {
+            subscribed: false,
+            reconciled: false,
+            down_since_ms: Some(now.saturating_sub(5_000)),
+            ..Health::default()
+        };
+        let r = read(&short_gap, true);
+        assert!(r.enabled && r.verdict_unknown, "within the grace: {r:?}");
+        let long_gap = Health {
+            down_since_ms: Some(now.saturating_sub(121_000)),
+            ..short_gap
+        };
+        let r = read(&long_gap, true);
+        assert!(!r.enabled, "{r:?}");
+        assert_eq!(r.reason_code.as_deref(), Some("manager-unreachable"));
+        let r = read(&Health::default(), false);
+        assert!(
+            r.enabled && r.verdict_unknown,
+            "no systemd: on, blind: {r:?}"
+        );
+    }
+}

@@ -77,6 +77,11 @@ fi
 # and carries on).
 mount -n --bind /proc/sys /proc/sys
 mount -n -o remount,bind,ro /proc/sys
+# A host restart (DESIGN §4.3): another boot id, in this mount namespace only (over the
+# read-only /proc/sys bind, which would otherwise hide it).
+if [ -f "$STAGE/boot_id" ]; then
+  mount -n --bind "$STAGE/boot_id" /proc/sys/kernel/random/boot_id
+fi
 
 # A private /dev with just the nodes the tests use.
 mkdir /mnt/dev

@@ -105,6 +105,13 @@ impl Stage {
         assert_eq!(code, 0, "mkfs.ext4: {err}");
     }
 
+    /// The boot id the box's kernel shows (`/proc/sys/kernel/random/boot_id`), to fake a host
+    /// restart (DESIGN §4.3): boot a box, halt it, set another id, boot again on the same state
+    /// image. The machine keeps its own.
+    pub(crate) fn boot_id(&self, id: &str) {
+        std::fs::write(self.dir.join("boot_id"), format!("{id}\n")).unwrap();
+    }
+
     /// Put a file into the state directory before boot (`mtime_ago` seconds old).
     pub(crate) fn state_file(&self, name: &str, contents: &[u8], mtime_ago: u64) {
         let p = self.dir.join("state").join(name);
