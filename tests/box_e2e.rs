@@ -2081,6 +2081,46 @@ fn box_capture_reaps_are_queued_and_revived_other_ends_are_not() {
         b.run(&["kill", "-TERM", &pid]);
         let r = wait_run(&b, &run, "ended:killed", Duration::from_secs(5));
         assert_ne!(r["entry_id"], entry.as_str(), "a second entry: {r}");
+        // Revived a second time, then killed again: the resurrection cap (2 in 24 h) is on the
+        // record.
+        let second = r["entry_id"].as_str().unwrap().to_string();
+        let e = wait_entry(&b, &second, "revived", Duration::from_secs(20));
+        let unit2 = e["attempt_unit"].as_str().unwrap().to_string();
+        b.wait_for(
+            "the record follows the second revival",
+            Duration::from_secs(15),
+            |b| {
+                let r = state_record(b, &run);
+                r["state"] == "active" && r["unit"] == unit2.as_str() && r["invocation_id"] != ""
+            },
+        );
+        b.run(&["systemctl", "kill", "--signal=KILL", &unit2]);
+        let r = wait_run(&b, &run, "ended:killed", Duration::from_secs(5));
+        assert_eq!(r["enqueue"], "resurrection-cap", "{r}");
+        assert_eq!(r["entry_status"], "gave-up:resurrection-cap", "{r}");
+
+        // C-6: a kill within the revival's grace is a failed attempt, not a revival.
+        set_grace(&b, 10);
+        let (g, gu) = run_in(&b, None, &["--run-id", "grace", "--", "sleep", "1000"]);
+        b.run(&["systemctl", "kill", "--signal=KILL", &gu]);
+        let r = wait_run(&b, &g, "ended:killed", Duration::from_secs(5));
+        let ge = r["entry_id"].as_str().unwrap().to_string();
+        let e = wait_entry(&b, &ge, "starting", Duration::from_secs(15));
+        let attempt_unit = e["attempt_unit"].as_str().unwrap().to_string();
+        b.wait_for("the attempt's process", Duration::from_secs(5), |b| {
+            b.show(&attempt_unit, "MainPID") != "0"
+        });
+        let pid = b.show(&attempt_unit, "MainPID");
+        b.run(&["kill", "-TERM", &pid]);
+        b.wait_for("the attempt to fail", Duration::from_secs(20), |b| {
+            box_entry(b, &ge)["history"]
+                .to_string()
+                .contains("within its grace")
+        });
+        let e = box_entry(&b, &ge);
+        assert_ne!(e["status"], "revived", "{e}");
+        assert_eq!(box_run(&b, &g)["state"], "ended:killed", "not active again");
+        set_grace(&b, 2);
 
         // (3) ends that are not reaps: recorded, never queued, units unloaded.
         let (stopped, su) = run_in(&b, None, &["--", "sleep", "1000"]);
@@ -2307,7 +2347,7 @@ fn box_capture_units_watch_unwatch_and_evidence() {
         stage.file(
             "/etc/outlive/outlive.toml",
             &format!(
-                "{}\n[capture]\nunits = [\"agent@*.service\"]\n",
+                "{}\n[capture]\nunits = [\"agent@*.service\", \"oom-*.service\", \"wd-*.service\"]\n",
                 DRAIN_CONFIG.replace(
                     "[queue]\n",
                     "[queue]\nallowed_units = [\"member-*.service\"]\n"
@@ -2326,6 +2366,15 @@ fn box_capture_units_watch_unwatch_and_evidence() {
             (
                 "other-job.service",
                 "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n",
+            ),
+            (
+                "wd-run.service",
+                "[Service]\nType=exec\nExecStart=/bin/sleep infinity\nWatchdogSec=4\n",
+            ),
+            (
+                "oom-eater.service",
+                "[Service]\nType=exec\nMemoryMax=32M\nMemorySwapMax=0\nExecStart=/bin/sh -c 'sleep 3; \
+                 exec python3 -c \"import time; x = bytearray(256 << 20); time.sleep(60)\"'\n",
             ),
         ] {
             stage.file(&format!("/etc/systemd/system/{name}"), body);
@@ -2351,6 +2400,44 @@ fn box_capture_units_watch_unwatch_and_evidence() {
         let (code, _, err) = ctl(&b, &["unwatch", unit_run]);
         assert_eq!(code, 1);
         assert!(err.contains("capture.units"), "{err}");
+
+        // A unit stopped by its own WatchdogSec=, and a real kernel OOM kill: captured live.
+        b.run(&["systemctl", "start", "wd-run.service", "oom-eater.service"]);
+        wait_run(&b, "unit:wd-run.service", "active", Duration::from_secs(15));
+        wait_run(
+            &b,
+            "unit:oom-eater.service",
+            "active",
+            Duration::from_secs(15),
+        );
+        let r = wait_run(
+            &b,
+            "unit:wd-run.service",
+            "ended:watchdog",
+            Duration::from_secs(15),
+        );
+        let wd_entry = r["entry_id"].as_str().unwrap().to_string();
+        let (_, fs, _) = b.run(&["stat", "-f", "-c", "%T", "/sys/fs/cgroup"]);
+        let oom_how = if fs.trim() == "cgroup2fs" {
+            "ended:oom-kill"
+        } else {
+            "ended:killed"
+        };
+        let r = wait_run(
+            &b,
+            "unit:oom-eater.service",
+            oom_how,
+            Duration::from_secs(20),
+        );
+        let oom_entry = r["entry_id"].as_str().unwrap().to_string();
+        assert_eq!(
+            box_entry(&b, &oom_entry)["reason"],
+            oom_how.trim_start_matches("ended:"),
+            "on a {} host",
+            fs.trim()
+        );
+        wait_entry(&b, &wd_entry, "revived", Duration::from_secs(20));
+        wait_entry(&b, &oom_entry, "revived", Duration::from_secs(20));
 
         // watch and unwatch: who may.
         b.run(&[
