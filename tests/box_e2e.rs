@@ -2368,6 +2368,10 @@ fn box_capture_units_watch_unwatch_and_evidence() {
                 "[Service]\nType=exec\nExecStart=/bin/sleep infinity\n",
             ),
             (
+                "restarting.service",
+                "[Service]\nType=exec\nExecStart=/bin/sleep infinity\nRestart=on-failure\nRestartSec=100ms\n",
+            ),
+            (
                 "wd-run.service",
                 "[Service]\nType=exec\nExecStart=/bin/sleep infinity\nWatchdogSec=4\n",
             ),
@@ -2438,6 +2442,28 @@ fn box_capture_units_watch_unwatch_and_evidence() {
         );
         wait_entry(&b, &wd_entry, "revived", Duration::from_secs(20));
         wait_entry(&b, &oom_entry, "revived", Duration::from_secs(20));
+
+        // C-3 row 0: a unit that systemd restarts by itself (Restart=) did not end.
+        b.run(&["systemctl", "start", "restarting.service"]);
+        let (code, out, err) = ctl(&b, &["watch", "restarting.service"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let inv = b.show("restarting", "InvocationID");
+        b.run(&["systemctl", "kill", "--signal=KILL", "restarting.service"]);
+        b.wait_for(
+            "the record to follow the restart",
+            Duration::from_secs(10),
+            |b| {
+                let r = state_record(b, "unit:restarting.service");
+                r["state"] == "active"
+                    && r["invocation_id"] != inv.as_str()
+                    && r["invocation_id"] != ""
+            },
+        );
+        assert_eq!(
+            box_run(&b, "unit:restarting.service")["entry_id"],
+            "",
+            "nothing queued"
+        );
 
         // watch and unwatch: who may.
         b.run(&[

@@ -749,6 +749,26 @@ impl Watcher {
                 let Some(w) = self.trackers.remove(unit) else {
                     return;
                 };
+                // C-3 row 0: a unit with `Restart=` goes `failed`, then at once
+                // `activating (auto-restart)`: it was not an end. The manager has switched
+                // state by the time it answers, so one read tells.
+                if !w.ours
+                    && !facts.stop_requested
+                    && let Ok(Some(now)) = mgr.read(unit).await
+                    && (matches!(now.active_state.as_str(), "activating" | "reloading")
+                        || (now.active_state == "active" && now.sub_state != "exited"))
+                {
+                    self.trackers.insert(
+                        unit.to_string(),
+                        Watched {
+                            // The next invocation is followed (the record takes it).
+                            tracker: Tracker::new(&invocation, now.success_statuses.clone()),
+                            last: (now.active_state, now.sub_state),
+                            ..w
+                        },
+                    );
+                    return;
+                }
                 let how = classify::classify(&facts);
                 let note = EndNote {
                     how,
