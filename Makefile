@@ -45,7 +45,7 @@ PKGDOCS := target/pkg
 
 NEXTEST := $(CARGO) nextest run --features fault-hooks --profile ci
 
-.PHONY: all build build-release test test-fast test-box test-release test-packages lint install \
+.PHONY: all build build-release bench-capture test test-fast test-box test-release test-packages lint install \
 	uninstall install-common install-linux install-macos uninstall-common uninstall-linux \
 	uninstall-macos pkg-docs deb rpm fuzz-build fuzz-smoke fuzz clean
 
@@ -67,6 +67,11 @@ test-box:
 
 # The fault hooks (DESIGN §4.5) exist only with --features fault-hooks: the release build
 # must not contain them.
+# Capture time against its floor and the idle agent with 200 watched runs, in a box (issue 14,
+# item 10; figures in BENCHMARKS.md). Root, systemd, the release build.
+bench-capture: build-release
+	$(NEXTEST) --run-ignored only --no-capture -E 'test(bench_capture_in_a_box)'
+
 test-release:
 	$(CARGO) build --release --locked
 	@if grep -q "fault-wedge-" $(TARGET_DIR)/release/outlived; then \

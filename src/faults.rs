@@ -7,6 +7,9 @@
 //! - `fault-rename-fails-<name>`, `fault-dir-sync-fails-<name>`: a replace of the file `<name>`
 //!   fails at its rename, or after it at the directory fsync (`files`).
 //!
+//! - `fault-boot-id`: the boot id the agent reads instead of the kernel's (a host restart
+//!   where no machine can be rebooted: capture's C-4 without systemd).
+//!
 //! The release build is checked to lack this module (`.ci/run`).
 
 use std::path::PathBuf;
@@ -34,4 +37,10 @@ pub fn persist_fails() -> bool {
 /// Whether a fault file of this name exists.
 pub fn requested(name: &str) -> bool {
     DIR.get().is_some_and(|d| d.join(name).exists())
+}
+
+/// The boot id a test asks for (`fault-boot-id` holding a UUID).
+pub fn boot_id() -> Option<crate::facts::identity::Id128> {
+    let text = std::fs::read_to_string(DIR.get()?.join("fault-boot-id")).ok()?;
+    crate::facts::identity::Id128::parse(&text)
 }

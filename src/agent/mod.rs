@@ -112,6 +112,8 @@ pub(crate) fn main(opts: Options) -> i32 {
     let journal_writer = Arc::new(JournalWriter::new(&config.journal_socket));
     let journal: Arc<dyn AuditSink> = journal_writer.clone();
 
+    #[cfg(feature = "fault-hooks")]
+    crate::faults::init(config.runtime_dir.clone());
     let identity = match facts::identity::identity() {
         Ok(i) => i,
         Err(e) => return fatal(&notifier, &e.to_string(), e.errno(), exit::FAILURE),
@@ -119,8 +121,6 @@ pub(crate) fn main(opts: Options) -> i32 {
     if let Err(e) = ensure_runtime_dir(&config.runtime_dir, mode) {
         return fatal(&notifier, &e, libc::EACCES, exit::FAILURE);
     }
-    #[cfg(feature = "fault-hooks")]
-    crate::faults::init(config.runtime_dir.clone());
     // Until the lock is decided, audit lines go to the runtime directory (L-6).
     let auditor = Arc::new(Auditor::new(
         AuditLog::new(&config.runtime_dir),

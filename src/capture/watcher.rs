@@ -178,6 +178,28 @@ struct Watched {
     ours: bool,
 }
 
+/// The manager's signals, as they arrive (or the error that ended the stream).
+type Signals = mpsc::UnboundedReceiver<zbus::Result<zbus::Message>>;
+
+/// A run the agent spawned itself (C-10): its child, to read its wait status.
+struct Spawned {
+    run_id: String,
+    child: std::process::Child,
+}
+
+/// How often spawned runs are reaped (C-10; only while there are some).
+const REAP_EVERY: Duration = Duration::from_millis(250);
+
+/// A spawned run's invocation: its pid and start time (C-10).
+fn pid_invocation(pid: i64, start: u64) -> String {
+    format!("pid:{pid}:{start}")
+}
+
+fn parse_pid_invocation(s: &str) -> Option<(i64, u64)> {
+    let mut it = s.strip_prefix("pid:")?.split(':');
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
 /// Start jobs waited for, and those that ended before anyone waited.
 #[derive(Default)]
 struct Jobs {
@@ -456,8 +478,14 @@ impl Watcher {
         }
     }
 
-    /// No service manager here: follow the configuration, refuse what needs one.
+    /// No service manager here (C-10): runs are spawned by the agent and tracked by pid and
+    /// start time; while the agent is their parent, the wait status classifies their end.
     async fn idle(&mut self, shutdown: &mut watch::Receiver<bool>) {
+        let mut children: Vec<Spawned> = Vec::new();
+        let mut reap = tokio::time::interval(REAP_EVERY);
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pass = tokio::time::interval(PASS_EVERY);
+        pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -469,10 +497,196 @@ impl Watcher {
                 }
                 c = self.rx.recv() => match c {
                     None => return,
+                    Some(Command::Start { rec, reply }) => {
+                        let _ = reply.send(self.spawn_run(&rec, &mut children).await);
+                    }
+                    Some(Command::Kick) => self.pass_unbooted(&children).await,
                     Some(c) => self.refuse(c),
                 },
+                _ = reap.tick(), if !children.is_empty() => self.reap(&mut children).await,
+                _ = pass.tick() => self.pass_unbooted(&children).await,
             }
         }
+    }
+
+    /// C-10: spawn `rec`'s argv as D-9's spawn path does; the record takes the pid and start
+    /// time as its invocation.
+    async fn spawn_run(
+        &mut self,
+        rec: &RunRecord,
+        children: &mut Vec<Spawned>,
+    ) -> Result<String, StartRunError> {
+        let Target::Exec { exec, env } = &rec.target else {
+            return Err(StartRunError::Failed(
+                "not a run started through outlived".into(),
+            ));
+        };
+        let mut env = env.clone();
+        env.insert("OUTLIVE_RUN_ID".into(), rec.run_id.clone());
+        let spec = crate::drainer::spawn::SpawnSpec {
+            id: rec.run_id.clone(),
+            argv: exec.clone(),
+            cwd: rec.worktree.clone().unwrap_or_else(|| rec.cwd.clone()),
+            uid: rec.uid,
+            gid: rec.gid,
+            env,
+        };
+        let runtime_dir = self.applied.borrow().runtime_dir.clone();
+        let q = Arc::clone(&self.queue);
+        let run_id = rec.run_id.clone();
+        match crate::drainer::spawn::spawn(&spec, &runtime_dir) {
+            Ok((child, pid, start)) => {
+                children.push(Spawned {
+                    run_id: run_id.clone(),
+                    child,
+                });
+                let (inv, boot) = (pid_invocation(pid, start), self.boot_id.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    q.lock().run_active(&run_id, "", &inv, &boot)
+                })
+                .await;
+                Ok(String::new())
+            }
+            Err(e) => {
+                let _ = tokio::task::spawn_blocking(move || q.lock().run_drop(&run_id, None)).await;
+                Err(StartRunError::Failed(format!(
+                    "cannot start {}: {e}",
+                    exec[0]
+                )))
+            }
+        }
+    }
+
+    /// C-10: the wait status of an ended child classifies its end (rows 5–8).
+    async fn reap(&mut self, children: &mut Vec<Spawned>) {
+        let mut ended = vec![];
+        children.retain_mut(|s| match s.child.try_wait() {
+            Ok(Some(status)) => {
+                ended.push((s.run_id.clone(), s.child.id(), status));
+                false
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        });
+        for (run_id, pid, status) in ended {
+            use std::os::unix::process::ExitStatusExt;
+            let facts = match (status.code(), status.signal()) {
+                (Some(c), _) => classify::EndFacts {
+                    code: classify::CLD_EXITED,
+                    status: c,
+                    ..Default::default()
+                },
+                (None, Some(sig)) => classify::EndFacts {
+                    code: if status.core_dumped() {
+                        classify::CLD_DUMPED
+                    } else {
+                        classify::CLD_KILLED
+                    },
+                    status: sig,
+                    ..Default::default()
+                },
+                (None, None) => classify::EndFacts::default(),
+            };
+            let inv = self
+                .queue
+                .view()
+                .runs
+                .as_ref()
+                .ok()
+                .and_then(|rs| {
+                    rs.iter()
+                        .find(|r| r.run_id == run_id)
+                        .map(|r| r.invocation_id.clone())
+                })
+                .unwrap_or_default();
+            let note = EndNote {
+                how: classify::classify(&facts),
+                at: crate::clock::wall_ms(),
+                invocation_id: inv,
+                detail: format!("{}, pid {pid}", classify::describe(&facts)),
+            };
+            self.record_end(None, &run_id, "", note, None).await;
+        }
+    }
+
+    /// C-10, C-4: records of another boot are host restarts; a tracked run whose process is
+    /// gone while the agent is not its parent reads `unknown`; a record a detached revival
+    /// made active again takes that revival's pid.
+    async fn pass_unbooted(&mut self, children: &[Spawned]) {
+        self.follow_config();
+        let view = self.queue.view();
+        let (Ok(runs), Ok(entries)) = (view.runs.clone(), view.entries.clone()) else {
+            return;
+        };
+        for r in runs.iter().filter(|r| r.state == RunState::Active) {
+            if children.iter().any(|c| c.run_id == r.run_id) {
+                continue;
+            }
+            if !r.boot_id.is_empty() && r.boot_id != self.boot_id {
+                if let Reconciled::Ended {
+                    how,
+                    at_ms,
+                    invocation,
+                    ..
+                } = reconcile(r, None, &self.boot_id)
+                {
+                    let note = EndNote {
+                        how,
+                        at: at_ms,
+                        invocation_id: invocation,
+                        detail: "the host restarted while it ran".into(),
+                    };
+                    self.record_end(None, &r.run_id, &r.unit, note, None).await;
+                }
+                continue;
+            }
+            let inv = if r.invocation_id.is_empty() {
+                // Revived by the drainer's spawn: its pid and start time are on the entry.
+                let Some((pid, start)) = r
+                    .entry_id
+                    .as_ref()
+                    .and_then(|id| entries.iter().find(|e| &e.id == id))
+                    .and_then(|e| e.attempt_pid)
+                else {
+                    continue;
+                };
+                let (q, run_id, unit, inv, boot) = (
+                    Arc::clone(&self.queue),
+                    r.run_id.clone(),
+                    r.unit.clone(),
+                    pid_invocation(pid, start),
+                    self.boot_id.clone(),
+                );
+                let adopted = inv.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    q.lock().run_active(&run_id, &unit, &inv, &boot)
+                })
+                .await;
+                adopted
+            } else {
+                r.invocation_id.clone()
+            };
+            let Some((pid, start)) = parse_pid_invocation(&inv) else {
+                continue;
+            };
+            let alive = matches!(
+                crate::facts::process::probe(pid),
+                crate::facts::process::Liveness::Alive { start_time } if start_time.is_none_or(|s| s == start)
+            );
+            if !alive {
+                let note = EndNote {
+                    how: How::Unknown,
+                    at: crate::clock::wall_ms(),
+                    invocation_id: inv,
+                    detail: format!(
+                        "process {pid} is gone, and outlived was not its parent to read how it ended"
+                    ),
+                };
+                self.record_end(None, &r.run_id, &r.unit, note, None).await;
+            }
+        }
+        let (q, boot) = (Arc::clone(&self.queue), self.boot_id.clone());
+        let _ = tokio::task::spawn_blocking(move || q.lock().runs_seen(&boot)).await;
     }
 
     /// Log what capture uses when the applied configuration changed (the one configuration
@@ -531,7 +745,7 @@ impl Watcher {
         }
     }
 
-    async fn subscribe(&mut self) -> Result<(Manager, zbus::MessageStream), String> {
+    async fn subscribe(&mut self) -> Result<(Manager, Signals), String> {
         let conn = tokio::time::timeout(CALL_TIMEOUT, async {
             if self.user {
                 Connection::session().await
@@ -547,7 +761,7 @@ impl Watcher {
             .sender(SD)
             .build()
             .map_err(|e| e.to_string())?;
-        let stream = zbus::MessageStream::for_match_rule(rule, &conn, NonZeroUsize::new(16384))
+        let mut stream = zbus::MessageStream::for_match_rule(rule, &conn, NonZeroUsize::new(64))
             .await
             .map_err(|e| format!("cannot add the match rule: {e}"))?;
         let mgr = Manager { conn };
@@ -569,20 +783,31 @@ impl Watcher {
         // After a gap every record is reconciled (C-3, agent absent).
         self.trackers.clear();
         self.queue_ok = false;
-        Ok((mgr, stream))
+        // A task of its own moves the signals into an unbounded channel at once: zbus's queue
+        // stays small (it is allocated whole), and while this task waits for a reply on the same
+        // connection, a burst of signals (a daemon-reload) never fills it and holds the reply up.
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(m) = stream.next().await {
+                if tx.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok((mgr, rx))
     }
 
     async fn serve(
         &mut self,
         mgr: &Manager,
-        mut stream: zbus::MessageStream,
+        mut stream: Signals,
         shutdown: &mut watch::Receiver<bool>,
     ) {
         let mut pass = tokio::time::interval(PASS_EVERY);
         pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                m = stream.next() => match m {
+                m = stream.recv() => match m {
                     Some(Ok(msg)) => self.signal(mgr, &msg).await,
                     Some(Err(e)) => return self.down(&format!("the bus: {e}")),
                     None => return self.down("the connection to the bus closed"),
@@ -781,7 +1006,7 @@ impl Watcher {
                     detail: classify::describe(&facts),
                 };
                 self.record_end(
-                    mgr,
+                    Some(mgr),
                     &w.run_id,
                     unit,
                     note,
@@ -795,7 +1020,7 @@ impl Watcher {
     /// Record an end through the queue; then unload an ended run unit and tell the bus.
     async fn record_end(
         &mut self,
-        mgr: &Manager,
+        mgr: Option<&Manager>,
         run_id: &str,
         unit: &str,
         note: EndNote,
@@ -810,7 +1035,7 @@ impl Watcher {
         match r {
             Ok(Ended::Stale) => {}
             Ok(_) => {
-                if let Some(last) = unload {
+                if let (Some(last), Some(mgr)) = (unload, mgr) {
                     mgr.unload(unit, last).await;
                 }
                 if let Some(f) = self.on_end.locked().as_ref() {
@@ -946,8 +1171,14 @@ impl Watcher {
                     .as_ref()
                     .map(|u| u.active_state.clone())
                     .unwrap_or_default();
-                self.record_end(mgr, &r.run_id, &r.unit, note, ours.then_some(last.as_str()))
-                    .await;
+                self.record_end(
+                    Some(mgr),
+                    &r.run_id,
+                    &r.unit,
+                    note,
+                    ours.then_some(last.as_str()),
+                )
+                .await;
             }
         }
         true

@@ -273,6 +273,10 @@ pub fn machine_id() -> Result<MachineId, IdentityError> {
 
 /// This boot's id.
 pub fn boot_id() -> Result<Id128, IdentityError> {
+    #[cfg(feature = "fault-hooks")]
+    if let Some(id) = crate::faults::boot_id() {
+        return Ok(id);
+    }
     sys::boot_id()
 }
 

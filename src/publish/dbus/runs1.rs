@@ -295,15 +295,16 @@ impl Runs1 {
         Ok(r?)
     }
 
-    /// C-10: without systemd, runs cannot be started or watched by this version.
+    /// C-10: without systemd there are no units to watch (runs started with `Run` are spawned
+    /// and tracked by pid).
     fn require_manager(&self) -> Result<(), OutliveError> {
         if self.capture.booted {
             Ok(())
         } else {
-            Err(OutliveError::QueueDisabled(
-                "manager-unreachable: systemd is not the service manager here, and this version of outlived \
-                 starts and watches runs only through systemd"
-                    .into(),
+            Err(OutliveError::invalid(
+                "unit",
+                "systemd is not the service manager here: there are no units to watch (`outlivectl run` \
+                 starts runs that outlived tracks by their process)",
             ))
         }
     }
@@ -346,7 +347,6 @@ impl Runs1 {
                 "a user agent runs everything as its own user",
             ));
         }
-        self.require_manager()?;
         let named = match req.user {
             Some(uid) => Some(blocking(move || crate::facts::users::account(uid)).await?),
             None => None,
