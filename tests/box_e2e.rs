@@ -2549,6 +2549,13 @@ fn bench_capture_in_a_box() {
             "/etc/outlive/outlive.toml",
             "[capture]\nmax_watched = 1000\n",
         );
+        if let Ok(env) = std::env::var("BENCH_AGENT_ENV") {
+            // An experiment: an environment for the agent (e.g. MALLOC_ARENA_MAX=1).
+            stage.file(
+                "/etc/systemd/system/outlived.service.d/bench.conf",
+                &format!("[Service]\nEnvironment={env}\n"),
+            );
+        }
         stage.copy(
             "/usr/local/sbin/capture-bench.py",
             &common::repo().join("tests/box/capture-bench.py"),
@@ -2568,6 +2575,8 @@ fn bench_capture_in_a_box() {
         ));
         println!("{out}");
         assert_eq!(code, 0, "{out}{err}");
+        let (_, env, _) = b.sh("tr '\\0' '\\n' < /proc/$(systemctl show -P MainPID outlived)/environ | grep MALLOC || true");
+        println!("agent environment: {}", env.trim());
         b.halt();
     });
 }

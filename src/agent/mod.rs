@@ -83,6 +83,7 @@ fn fatal(notifier: &Notifier, message: &str, errno: i32, status: i32) -> i32 {
 
 /// Run the agent; returns the process exit status.
 pub(crate) fn main(opts: Options) -> i32 {
+    one_malloc_arena();
     let mode = mode(&opts);
     let paths = Paths::from_env(mode);
     let notifier = Arc::new(Notifier::from_env());
@@ -204,6 +205,18 @@ fn attention(
         Box::new(move || poke.notify_one()),
     )));
     (attention, posture_poke)
+}
+
+/// One malloc arena for the whole process. glibc gives every thread that allocates an arena of
+/// its own; the agent's threads (the runtimes, their blocking pools, the bus, the facts
+/// worker) are mostly idle, and each arena kept its high-water mark resident: 1.2 MiB of RSS
+/// with 200 watched runs (BENCHMARKS.md). Contention is no concern at this load.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// The main runtime. Blocking work (a posture evaluation, a save) comes once a tick: the
