@@ -2008,6 +2008,27 @@ fn box_capture_reaps_are_queued_and_revived_other_ends_are_not() {
         assert!(b.show(&unit, "After").contains("outlived.service"));
         let r = box_run(&b, &run);
         assert_eq!(r["state"], "active", "{r}");
+        // The watch record was durable (its event is recorded after the write) before systemd
+        // was asked to start the unit.
+        let watched = journal_json(
+            &b,
+            &[
+                "OUTLIVE_EVENT=run-watched",
+                &format!("OUTLIVE_RUN_ID={run}"),
+            ],
+        );
+        let starting = journal_json(&b, &["_PID=1", &format!("UNIT={unit}")]);
+        let ts = |j: &serde_json::Value| {
+            j["__REALTIME_TIMESTAMP"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        assert!(
+            !watched.is_empty() && !starting.is_empty() && ts(&watched[0]) <= ts(&starting[0]),
+            "{watched:?} {starting:?}"
+        );
         let rec = state_record(&b, &run);
         assert_eq!(
             rec["invocation_id"].as_str().unwrap(),

@@ -29,7 +29,7 @@ use super::classify;
 use super::reconcile::{Reconciled, UnitNow, reconcile};
 use super::track::{ServiceSignal, Step, Tracker, UnitSignal};
 use crate::audit::{AuditSink, Event, EventKind, priority};
-use crate::drainer::manager::Transient;
+use crate::drainer::manager::{Transient, UnitRow};
 use crate::queue::SharedQueue;
 use crate::queue::entry::Target;
 use crate::queue::runs::{EndNote, Ended, How, RunRecord, RunState};
@@ -1211,19 +1211,7 @@ impl Watcher {
             return;
         }
         let pats: Vec<&str> = globs.iter().map(String::as_str).collect();
-        type Row = (
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            OwnedObjectPath,
-            u32,
-            String,
-            OwnedObjectPath,
-        );
-        let units: Vec<Row> = match mgr
+        let units: Vec<UnitRow> = match mgr
             .call(
                 SD_PATH,
                 MANAGER,
@@ -1233,7 +1221,7 @@ impl Watcher {
             .await
             .and_then(|m| {
                 m.body()
-                    .deserialize::<Vec<Row>>()
+                    .deserialize::<Vec<UnitRow>>()
                     .map_err(|e| e.to_string())
             }) {
             Ok(u) => u,

@@ -109,9 +109,10 @@ fn callers() -> Vec<(String, String)> {
             "Everyone".into(),
             format!(
                 "may read: host facts, properties, List, GetGuards, the attention item, and \
-                 ClassifyPath (the mount table only: their paths are not touched). Others' runs \
-                 show kinds, ids, states and counts only: no path, argv, environment, session or \
-                 notice text. Unprivileged callers get {READS_PER_SEC} calls a second per uid, \
+                 ClassifyPath (the mount table only: their paths are not touched), and ListRuns \
+                 (their own watched runs only). Others' runs show kinds, ids, states and counts \
+                 only: no path, argv, environment, session or notice text. A run's own user may \
+                 declare its evidence (SetEvidence). Unprivileged callers get {READS_PER_SEC} calls a second per uid, \
                  {READ_BURST} at once, on every method; ReportGuard options may have at most 8 \
                  entries and {MAX_REPORT_OPTIONS_BYTES} bytes."
             ),
@@ -120,7 +121,10 @@ fn callers() -> Vec<(String, String)> {
             "Members of outlive".into(),
             format!(
                 "may also change the queue (enqueue their own runs, cancel, requeue, pause, \
-                 resume, stop, drain, report quota, acknowledge notices): {MUTATIONS_PER_SEC} \
+                 resume, stop, drain, report quota, acknowledge notices) and start watched runs \
+                 (outlivectl run, as themselves) and watch units from queue.allowed_units; \
+                 stopping a watched run that is active is for its own user and root only; only \
+                 root and members receive RunEnded: {MUTATIONS_PER_SEC} \
                  changes a second per uid, {MUTATION_BURST} at once. Their runs run as them, unit \
                  targets only from queue.allowed_units; ClassifyPath and the checks of their runs' \
                  paths use their own credentials, so a path they cannot reach reads denied or \

@@ -224,6 +224,21 @@ pub struct UnitUser {
     pub dynamic: bool,
 }
 
+/// One row of `ListUnits`/`ListUnitsByPatterns`: name, description, load state, active state,
+/// sub state, followed unit, object path, job id, job type, job path.
+pub type UnitRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    OwnedObjectPath,
+    u32,
+    String,
+    OwnedObjectPath,
+);
+
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Manager",
     default_service = "org.freedesktop.systemd1",
@@ -246,20 +261,7 @@ trait Systemd1Manager {
         &self,
         states: &[&str],
         patterns: &[&str],
-    ) -> zbus::Result<
-        Vec<(
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            OwnedObjectPath,
-            u32,
-            String,
-            OwnedObjectPath,
-        )>,
-    >;
+    ) -> zbus::Result<Vec<UnitRow>>;
 }
 
 /// systemd over D-Bus. Cheap to clone: clones share one connection and its state.

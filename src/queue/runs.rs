@@ -208,18 +208,43 @@ impl RunRecord {
     /// `invocation_id` of `boot_id` now (`now_ms`).
     pub fn unit_watch(
         unit: &str,
-        (uid, gid): (u32, u32),
+        owner: (u32, u32),
         evidence_policy: EvidencePolicy,
         invocation_id: &str,
         boot_id: &str,
         now_ms: u64,
     ) -> RunRecord {
-        RunRecord {
-            run_id: unit_run_id(unit),
+        let target = Target::Unit {
             unit: unit.to_string(),
-            target: Target::Unit {
-                unit: unit.to_string(),
-            },
+        };
+        let mut r = RunRecord::active(
+            &unit_run_id(unit),
+            unit,
+            target,
+            owner,
+            evidence_policy,
+            boot_id,
+            now_ms,
+        );
+        r.invocation_id = invocation_id.to_string();
+        r
+    }
+
+    /// A new active record of `run_id` in `unit` (C-2), owned by `(uid, gid)`, seen in `boot_id`
+    /// now (`now_ms`); its invocation is read when its start is seen.
+    pub fn active(
+        run_id: &str,
+        unit: &str,
+        target: Target,
+        (uid, gid): (u32, u32),
+        evidence_policy: EvidencePolicy,
+        boot_id: &str,
+        now_ms: u64,
+    ) -> RunRecord {
+        RunRecord {
+            run_id: run_id.to_string(),
+            unit: unit.to_string(),
+            target,
             resume: None,
             uid,
             gid,
@@ -229,7 +254,7 @@ impl RunRecord {
             evidence: vec![],
             evidence_policy,
             state: RunState::Active,
-            invocation_id: invocation_id.to_string(),
+            invocation_id: String::new(),
             boot_id: boot_id.to_string(),
             seen_active_at: now_ms,
             ended_at: None,

@@ -121,29 +121,48 @@ impl ResumeQueue1 {
         hdr: &Header<'_>,
         kind: Kind,
     ) -> Result<(Pass, Caller), OutliveError> {
-        let pass = self.gate.enter(conn, hdr, kind).await?;
-        let c = pass.caller;
-        let caller = Caller {
-            uid: c.uid,
-            gid: c.gid.unwrap_or(c.uid),
-            root: c.is_root(),
-            may_mutate: c.may_mutate(&self.gate.policy()),
-        };
-        Ok((pass, caller))
+        queue_caller(&self.gate, conn, hdr, kind).await
     }
 
-    /// A queue operation, which may write and fsync the state: on the blocking pool, never on
-    /// the dispatch thread; then PropertiesChanged for what changed.
     async fn mutate<T: Send + 'static>(
         &self,
         conn: &Connection,
         f: impl FnOnce(&mut crate::queue::Queue) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, OutliveError> {
-        let q = Arc::clone(&self.queue);
-        let r = blocking(move || f(&mut q.lock())).await?;
-        self.publisher.sync(conn).await;
-        Ok(r?)
+        apply(&self.queue, &self.publisher, conn, f).await
     }
+}
+
+/// Admit a call (the gate) and say who calls, as the queue sees it (`ResumeQueue1`, `Runs1`).
+pub(super) async fn queue_caller(
+    gate: &Arc<Gate>,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    kind: Kind,
+) -> Result<(Pass, Caller), OutliveError> {
+    let pass = gate.enter(conn, hdr, kind).await?;
+    let c = pass.caller;
+    let caller = Caller {
+        uid: c.uid,
+        gid: c.gid.unwrap_or(c.uid),
+        root: c.is_root(),
+        may_mutate: c.may_mutate(&gate.policy()),
+    };
+    Ok((pass, caller))
+}
+
+/// A queue operation, which may write and fsync the state: on the blocking pool, never on the
+/// dispatch thread; then PropertiesChanged for what changed.
+pub(super) async fn apply<T: Send + 'static>(
+    queue: &SharedQueue,
+    publisher: &Publisher,
+    conn: &Connection,
+    f: impl FnOnce(&mut crate::queue::Queue) -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, OutliveError> {
+    let q = Arc::clone(queue);
+    let r = blocking(move || f(&mut q.lock())).await?;
+    publisher.sync(conn).await;
+    Ok(r?)
 }
 
 /// One entry as `List` shows it: the Q-1 fields, the target flattened as in `Enqueue`

@@ -22,7 +22,7 @@ use super::variant::to_dict;
 use crate::capture::watcher::{Capture, StartRunError};
 use crate::queue::entry::{self, Target, clamp_evidence};
 use crate::queue::rules::Request;
-use crate::queue::runs::{EvidencePolicy, RunRecord, RunState};
+use crate::queue::runs::{EvidencePolicy, RunRecord};
 use crate::queue::{Caller, QueueError, SharedQueue};
 
 /// The object path.
@@ -273,15 +273,7 @@ impl Runs1 {
         hdr: &Header<'_>,
         kind: Kind,
     ) -> Result<(super::gate::Pass, Caller), OutliveError> {
-        let pass = self.gate.enter(conn, hdr, kind).await?;
-        let c = pass.caller;
-        let caller = Caller {
-            uid: c.uid,
-            gid: c.gid.unwrap_or(c.uid),
-            root: c.is_root(),
-            may_mutate: c.may_mutate(&self.gate.policy()),
-        };
-        Ok((pass, caller))
+        super::queue1::queue_caller(&self.gate, conn, hdr, kind).await
     }
 
     async fn mutate<T: Send + 'static>(
@@ -289,10 +281,7 @@ impl Runs1 {
         conn: &Connection,
         f: impl FnOnce(&mut crate::queue::Queue) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, OutliveError> {
-        let q = Arc::clone(&self.queue);
-        let r = blocking(move || f(&mut q.lock())).await?;
-        self.publisher.sync(conn).await;
-        Ok(r?)
+        super::queue1::apply(&self.queue, &self.publisher, conn, f).await
     }
 
     /// C-10: without systemd there are no units to watch (runs started with `Run` are spawned
@@ -378,30 +367,23 @@ impl Runs1 {
             }
         };
         let rec = RunRecord {
-            run_id: run_id.clone(),
-            unit,
-            target: Target::Exec {
-                exec: req.exec,
-                env: req.env,
-            },
             resume: req.resume,
-            uid,
-            gid,
             cwd: req.cwd.unwrap_or_else(|| "/".into()),
             worktree: req.worktree,
             session: req.session,
             evidence: req.evidence,
-            evidence_policy: policy,
-            state: RunState::Active,
-            invocation_id: String::new(),
-            boot_id: self.boot_id.clone(),
-            seen_active_at: crate::clock::wall_ms(),
-            ended_at: None,
-            entry_id: None,
-            entry_status: None,
-            enqueue: String::new(),
-            configured: false,
-            created_at: 0,
+            ..RunRecord::active(
+                &run_id,
+                &unit,
+                Target::Exec {
+                    exec: req.exec,
+                    env: req.env,
+                },
+                (uid, gid),
+                policy,
+                &self.boot_id,
+                crate::clock::wall_ms(),
+            )
         };
         let durable = rec.clone();
         self.mutate(conn, move |q| q.run_add(durable)).await?;
