@@ -2217,6 +2217,14 @@ fn box_capture_while_the_agent_is_away_and_across_a_host_restart() {
     unchanged_machine(|| {
         let stage = Stage::new("capture-absent");
         stage.state_image(64);
+        // The shipped unit's ProtectKernelTunables= gives the agent a /proc/sys of its own, in
+        // which the box's faked boot id is not seen: the agent reads it through its fault hook
+        // (the debug build's `fault-boot-id`), written by a privileged ExecStartPre that sees
+        // the box's.
+        stage.file(
+            "/etc/systemd/system/outlived.service.d/boot-id.conf",
+            "[Service]\nExecStartPre=+/bin/sh -c 'cat /proc/sys/kernel/random/boot_id > /run/outlive/fault-boot-id'\n",
+        );
         stage.file("/etc/outlive/outlive.toml", CAPTURE_DRY_CONFIG);
         stage.file(
             "/etc/systemd/system/wd.service",
@@ -2305,6 +2313,11 @@ fn box_capture_while_the_agent_is_away_and_across_a_host_restart() {
         let (stopped, stu) = run_in(&b, None, &["--run-id", "stopped", "--", "sleep", "1000"]);
         b.run(&["systemctl", "stop", &stu]);
         wait_run(&b, &stopped, "ended:stopped", Duration::from_secs(5));
+        assert_eq!(
+            state_record(&b, &alive)["boot_id"],
+            "0c1a6f8e1b9e4a539d553a0b7f3e1111",
+            "the agent sees the box's boot id"
+        );
         b.halt();
 
         stage.boot_id("0c1a6f8e-1b9e-4a53-9d55-3a0b7f3e2222");
@@ -2312,10 +2325,10 @@ fn box_capture_while_the_agent_is_away_and_across_a_host_restart() {
         let b = boot_agent(&stage);
         let r = box_run(&b, &alive);
         let how = r["state"].as_str().unwrap_or_default().to_string();
-        assert!(
-            how == "ended:host-shutdown" || how == "ended:host-restart" || how == "active",
-            "{r}"
-        );
+        if !(how == "ended:host-shutdown" || how == "ended:host-restart" || how == "active") {
+            let (_, log, _) = b.run(&["journalctl", "--no-pager", "-u", "outlived"]);
+            panic!("{r}\n{log}");
+        }
         let entry = {
             let mut id = String::new();
             b.wait_for(

@@ -44,8 +44,10 @@ const SERVICE_IFACE: &str = "org.freedesktop.systemd1.Service";
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `Run` waits for the start job.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// Housekeeping: adopt, reconcile, `capture.units`, `seen_active_at`.
-const PASS_EVERY: Duration = Duration::from_secs(5);
+/// Housekeeping: adopt, reconcile, `capture.units`, `seen_active_at`, and a sign of life from
+/// the manager (a lost connection ends the signal stream at once). Records that change (a
+/// `Run`, a revival) are looked at when they change, not at the next pass.
+const PASS_EVERY: Duration = Duration::from_secs(60);
 const BACKOFF_MIN_MS: u64 = 1_000;
 const BACKOFF_MAX_MS: u64 = 30_000;
 
@@ -166,6 +168,9 @@ pub struct Watcher {
     backoff_ms: u64,
     /// What capture last said it uses (`capture.units`, `capture.evidence_policy`).
     uses: Option<(Vec<String>, String)>,
+    /// Wall ms this watcher was made: a record made since without an invocation is a start in
+    /// flight, not one a previous agent never started.
+    started_at: u64,
 }
 
 /// One tracked unit.
@@ -243,6 +248,7 @@ pub fn new(
             queue_ok: false,
             backoff_ms: 0,
             uses: None,
+            started_at: crate::clock::wall_ms(),
         },
         on_end,
     )
@@ -486,6 +492,7 @@ impl Watcher {
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pass = tokio::time::interval(PASS_EVERY);
         pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let queue = Arc::clone(&self.queue);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -504,6 +511,7 @@ impl Watcher {
                     Some(c) => self.refuse(c),
                 },
                 _ = reap.tick(), if !children.is_empty() => self.reap(&mut children).await,
+                () = queue.runs_changed().notified() => self.pass_unbooted(&children).await,
                 _ = pass.tick() => self.pass_unbooted(&children).await,
             }
         }
@@ -805,6 +813,7 @@ impl Watcher {
     ) {
         let mut pass = tokio::time::interval(PASS_EVERY);
         pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let queue = Arc::clone(&self.queue);
         loop {
             tokio::select! {
                 m = stream.recv() => match m {
@@ -816,6 +825,7 @@ impl Watcher {
                     None => return,
                     Some(c) => self.command(mgr, c).await,
                 },
+                () = queue.runs_changed().notified() => self.pass(mgr).await,
                 _ = pass.tick() => {
                     if mgr.conn.is_closed() {
                         return self.down("the connection to the bus closed");
@@ -925,6 +935,14 @@ impl Watcher {
                 if let Some(w) = self.trackers.get_mut(&unit) {
                     let step = w.tracker.job_removed();
                     self.step(mgr, &unit, step).await;
+                } else if self.uses.as_ref().is_some_and(|(globs, _)| {
+                    globs
+                        .iter()
+                        .any(|g| crate::queue::entry::glob_match(g, &unit))
+                }) {
+                    // A unit `capture.units` matches finished a job (it started): watch it now,
+                    // not at the next pass.
+                    self.pass(mgr).await;
                 }
             }
             "UnitRemoved" if !self.reloading => {
@@ -1127,6 +1145,11 @@ impl Watcher {
                     })
                     .await;
                 }
+            }
+            Reconciled::NeverStarted if r.created_at >= self.started_at => {
+                // Made by a `Run` of this process whose start is in flight: its start is
+                // watched (the record was written before the start was asked for).
+                self.track(r, "", ours, None);
             }
             Reconciled::NeverStarted => {
                 let q = Arc::clone(&self.queue);

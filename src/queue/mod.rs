@@ -207,6 +207,8 @@ pub struct View {
 pub struct Shared {
     inner: std::sync::Mutex<Queue>,
     view: std::sync::RwLock<Arc<View>>,
+    /// Told when the published watch records change (capture looks at them then).
+    runs_changed: tokio::sync::Notify,
 }
 
 /// The handle the agent's parts hold.
@@ -219,7 +221,14 @@ impl Shared {
         Arc::new(Shared {
             inner: std::sync::Mutex::new(q),
             view,
+            runs_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Notified when the watch records in the published view change (C-2: capture follows a
+    /// record a revival made active again without waiting for its next pass).
+    pub fn runs_changed(&self) -> &tokio::sync::Notify {
+        &self.runs_changed
     }
 
     /// Take the queue (a panic elsewhere does not make it unusable: its state only changes
@@ -265,7 +274,14 @@ impl Drop for Guard<'_> {
     fn drop(&mut self) {
         if self.dirty {
             let v = Arc::new(self.g.view());
-            *self.shared.view.writing() = v;
+            let old = std::mem::replace(&mut *self.shared.view.writing(), Arc::clone(&v));
+            let changed = match (&old.runs, &v.runs) {
+                (Ok(a), Ok(b)) => a != b,
+                (a, b) => a.is_ok() != b.is_ok(),
+            };
+            if changed {
+                self.shared.runs_changed.notify_one();
+            }
         }
     }
 }
