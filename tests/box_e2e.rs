@@ -2046,7 +2046,15 @@ fn box_capture_reaps_are_queued_and_revived_other_ends_are_not() {
             "{err}"
         );
 
-        // (2) systemctl kill -s KILL: captured as `killed` within a second, then revived.
+        // (2) systemctl kill -s KILL: captured as `killed` within a second, then revived. A
+        // subscriber (root) sees RunEnded(run_id, "killed").
+        let (code, _, err) = b.sh(
+            "systemd-run --quiet --unit=run-ended-monitor -p StandardOutput=file:/root/run-ended.json \
+             busctl monitor --json=short --match \
+             \"type='signal',sender='org.outlive.Agent1',interface='org.outlive.Runs1',member='RunEnded'\"",
+        );
+        assert_eq!(code, 0, "{err}");
+        std::thread::sleep(Duration::from_millis(500));
         b.run(&["systemctl", "kill", "--signal=KILL", &unit]);
         let t0 = std::time::Instant::now();
         let r = wait_run(&b, &run, "ended:killed", Duration::from_secs(5));
@@ -2072,6 +2080,13 @@ fn box_capture_reaps_are_queued_and_revived_other_ends_are_not() {
             captured.iter().any(|j| j["OUTLIVE_RUN_ID"] == run.as_str()),
             "{captured:?}"
         );
+        b.wait_for("RunEnded at a subscriber", Duration::from_secs(5), |b| {
+            let (_, seen, _) = b.run(&["cat", "/root/run-ended.json"]);
+            seen.contains("\"RunEnded\"")
+                && seen.contains(&format!("\"{run}\""))
+                && seen.contains("\"killed\"")
+        });
+        b.run(&["systemctl", "stop", "run-ended-monitor"]);
         b.wait_for(
             "the killed run unit unloaded",
             Duration::from_secs(5),
