@@ -3,8 +3,7 @@
 //! (`--json`).
 
 use super::client::{self, Failure, failure};
-use super::render::{clean, emit, say, table};
-use crate::clock::rfc3339_ms;
+use super::render::{clean, emit, say, table, ts};
 use crate::publish::dbus::{AGENT_PATH, GUARDS_PATH, QUEUE_PATH};
 
 /// States that are anomalies by themselves (G-7; `off` only when diverged from default).
@@ -55,13 +54,6 @@ pub(crate) fn hint(row: &serde_json::Value) -> String {
         ("on-dry-run", _) => "dry run: it reports but does not act".into(),
         _ => String::new(),
     }
-}
-
-fn ts(v: &serde_json::Value) -> String {
-    v.as_u64()
-        .filter(|&t| t > 0)
-        .map(|t| rfc3339_ms(t)[..19].replace('T', " "))
-        .unwrap_or_else(|| "-".into())
 }
 
 async fn rows(conn: &zbus::Connection) -> Result<Vec<serde_json::Value>, Failure> {

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use zbus::wire::Variant;
 
 use super::client::{self, Failure, failure};
-use super::render::{clean, emit, say, table};
-use crate::clock::{parse_rfc3339_ms, rfc3339_ms};
+use super::render::{clean, emit, print_json, say, table, ts};
+use crate::clock::parse_rfc3339_ms;
 use crate::publish::dbus::QUEUE_PATH;
 
 /// Plain words for Q-4's refusal words and the other replies of `Enqueue`.
@@ -163,10 +163,6 @@ pub(crate) fn request(a: &EnqueueArgs) -> Result<HashMap<&'static str, Variant<'
     Ok(d)
 }
 
-fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
 /// `outlivectl enqueue`.
 pub(crate) async fn enqueue(user: bool, json: bool, a: &EnqueueArgs) -> Result<(), Failure> {
     let d = request(a)?;
@@ -193,13 +189,6 @@ pub(crate) async fn enqueue(user: bool, json: bool, a: &EnqueueArgs) -> Result<(
             message: String::new(),
         })
     }
-}
-
-fn ts(v: &serde_json::Value) -> String {
-    v.as_u64()
-        .filter(|&t| t > 0)
-        .map(|t| rfc3339_ms(t)[..19].replace('T', " "))
-        .unwrap_or_else(|| "-".into())
 }
 
 /// `outlivectl queue`.

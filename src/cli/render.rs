@@ -18,6 +18,19 @@ pub(crate) fn clean_lines(s: &str) -> String {
     crate::audit::escape_controls(s, true)
 }
 
+/// A timestamp (wall ms) for a table: `2026-11-30 09:02:19`, `-` for none.
+pub(crate) fn ts(v: &serde_json::Value) -> String {
+    v.as_u64()
+        .filter(|&t| t > 0)
+        .map(|t| crate::clock::rfc3339_ms(t)[..19].replace('T', " "))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Print JSON for scripts (`--json`).
+pub(crate) fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
 /// Print a line for a person ([`clean_lines`]).
 pub(crate) fn say(text: &str) {
     println!("{}", clean_lines(text));

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use zbus::wire::Variant;
 
 use super::client::{self, Failure, failure};
-use super::render::{clean, say, table};
-use crate::clock::rfc3339_ms;
+use super::render::{clean, print_json, say, table, ts};
 
 /// The arguments of `outlivectl run`.
 #[derive(Debug, Clone, Default)]
@@ -197,10 +196,6 @@ pub(crate) fn request(
     Ok(d)
 }
 
-fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
 /// `outlivectl run`.
 pub(crate) async fn run(user: bool, json: bool, a: &RunArgs) -> Result<(), Failure> {
     let path = std::env::var("PATH").ok();
@@ -226,13 +221,6 @@ pub(crate) async fn run(user: bool, json: bool, a: &RunArgs) -> Result<(), Failu
         }
     }
     Ok(())
-}
-
-fn ts(v: &serde_json::Value) -> String {
-    v.as_u64()
-        .filter(|&t| t > 0)
-        .map(|t| rfc3339_ms(t)[..19].replace('T', " "))
-        .unwrap_or_else(|| "-".into())
 }
 
 /// `outlivectl runs`: one row per record.
