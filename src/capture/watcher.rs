@@ -88,8 +88,6 @@ enum Command {
     },
     /// Stop a run's unit (`Stop(run_id)`, Q-9): its end reads `stopped`.
     Stop { unit: String },
-    /// Look at the records again now.
-    Kick,
 }
 
 /// The handle the bus and the agent hold.
@@ -138,11 +136,6 @@ impl Capture {
         let _ = self.tx.send(Command::Stop {
             unit: unit.to_string(),
         });
-    }
-
-    /// Look at the records now (a record was added or changed).
-    pub fn kick(&self) {
-        let _ = self.tx.send(Command::Kick);
     }
 }
 
@@ -507,7 +500,6 @@ impl Watcher {
                     Some(Command::Start { rec, reply }) => {
                         let _ = reply.send(self.spawn_run(&rec, &mut children).await);
                     }
-                    Some(Command::Kick) => self.pass_unbooted(&children).await,
                     Some(c) => self.refuse(c),
                 },
                 _ = reap.tick(), if !children.is_empty() => self.reap(&mut children).await,
@@ -725,7 +717,7 @@ impl Watcher {
             Command::Read { reply, .. } => {
                 let _ = reply.send(Err(why));
             }
-            Command::Stop { .. } | Command::Kick => {}
+            Command::Stop { .. } => {}
         }
     }
 
@@ -875,7 +867,6 @@ impl Watcher {
                     tracing::warn!("cannot stop {unit}: {e}");
                 }
             }
-            Command::Kick => self.pass(mgr).await,
         }
     }
 

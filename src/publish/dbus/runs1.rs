@@ -450,7 +450,7 @@ impl Runs1 {
                 format!("{unit} is not loaded and active"),
             ));
         };
-        let (boot, cap) = (self.boot_id.clone(), self.capture.clone());
+        let boot = self.boot_id.clone();
         self.mutate(conn, move |q| {
             if !caller.root && !q.settings().allowed_units.iter().any(|g| entry::unit_allowed(g, &unit)) {
                 return Err(QueueError::AccessDenied(format!(
@@ -473,7 +473,6 @@ impl Runs1 {
             })
         })
         .await?;
-        cap.kick();
         Ok(run_id)
     }
 
@@ -488,7 +487,6 @@ impl Runs1 {
         let (_pass, caller) = self.enter(conn, &hdr, Kind::Mutate).await?;
         self.mutate(conn, move |q| q.run_unwatch(&caller, &run_id).map(|_| ()))
             .await?;
-        self.capture.kick();
         Ok(())
     }
 
