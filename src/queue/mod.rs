@@ -273,10 +273,11 @@ impl std::ops::DerefMut for Guard<'_> {
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
         if self.dirty {
-            let v = Arc::new(self.g.view());
-            let old = std::mem::replace(&mut *self.shared.view.writing(), Arc::clone(&v));
+            let old = self.shared.view();
+            let v = Arc::new(self.g.view_since(Some(&old)));
+            *self.shared.view.writing() = Arc::clone(&v);
             let changed = match (&old.runs, &v.runs) {
-                (Ok(a), Ok(b)) => a != b,
+                (Ok(a), Ok(b)) => !Arc::ptr_eq(a, b) && a != b,
                 (a, b) => a.is_ok() != b.is_ok(),
             };
             if changed {
@@ -557,14 +558,22 @@ impl Queue {
 
     /// What [`Shared`] publishes.
     pub fn view(&self) -> View {
+        self.view_since(None)
+    }
+
+    /// What [`Shared`] publishes, reusing what `old` published where nothing changed: an idle
+    /// agent republishes after every heartbeat, and copies nothing then.
+    fn view_since(&self, old: Option<&View>) -> View {
+        let entries = match old.map(|v| &v.entries) {
+            Some(Ok(e)) if **e == self.state.entries => Arc::clone(e),
+            _ => Arc::new(self.state.entries.clone()),
+        };
         View {
             snapshot: self.snapshot(),
-            entries: self
-                .require_enabled()
-                .map(|()| Arc::new(self.state.entries.clone())),
+            entries: self.require_enabled().map(|()| entries),
             runs: self
                 .require_enabled()
-                .map(|()| Arc::new(self.state.runs.clone())),
+                .map(|()| Arc::clone(&self.state.runs)),
         }
     }
 

@@ -417,11 +417,12 @@ impl Queue {
             .field("unit", &rec.unit)
             .field("uid", rec.uid);
         self.commit(move |s, ctx| {
-            s.runs.retain(|r| r.run_id != rec.run_id);
-            prune(&mut s.runs, ctx.wall, max.saturating_sub(1));
+            let runs = s.runs_mut();
+            runs.retain(|r| r.run_id != rec.run_id);
+            prune(runs, ctx.wall, max.saturating_sub(1));
             let mut rec = rec;
             rec.created_at = ctx.wall;
-            s.runs.push(rec);
+            runs.push(rec);
             Ok(((), vec![ev]))
         })
     }
@@ -451,7 +452,7 @@ impl Queue {
             boot_id.to_string(),
         );
         self.commit(move |s, ctx| {
-            if let Some(r) = s.runs.iter_mut().find(|r| r.run_id == run_id) {
+            if let Some(r) = s.runs_mut().iter_mut().find(|r| r.run_id == run_id) {
                 r.state = RunState::Active;
                 r.unit = unit;
                 r.invocation_id = inv;
@@ -470,7 +471,7 @@ impl Queue {
         self.record_of(run_id)?;
         let run_id = run_id.to_string();
         self.commit(move |s, _| {
-            s.runs.retain(|r| r.run_id != run_id);
+            s.runs_mut().retain(|r| r.run_id != run_id);
             Ok(((), ev.into_iter().collect()))
         })
     }
@@ -538,7 +539,7 @@ impl Queue {
         .field("run_id", &run_id)
         .field("evidence", evidence.join(","));
         self.commit(move |s, _| {
-            if let Some(r) = s.runs.iter_mut().find(|r| r.run_id == run_id) {
+            if let Some(r) = s.runs_mut().iter_mut().find(|r| r.run_id == run_id) {
                 r.evidence = evidence;
             }
             Ok(((), vec![ev]))
@@ -651,7 +652,7 @@ impl Queue {
             if let Some(e) = s.entries.iter_mut().find(|e| e.id == reply.id) {
                 e.watched = true;
             }
-            if let Some(x) = s.runs.iter_mut().find(|x| x.run_id == r.run_id) {
+            if let Some(x) = s.runs_mut().iter_mut().find(|x| x.run_id == r.run_id) {
                 x.entry_id = Some(reply.id.clone());
                 x.enqueue = reply.why.clone();
             }
@@ -689,7 +690,7 @@ impl Queue {
         let boot = boot_id.to_string();
         self.commit(move |s, ctx| {
             for r in s
-                .runs
+                .runs_mut()
                 .iter_mut()
                 .filter(|r| r.state == RunState::Active && r.boot_id == boot)
             {
@@ -744,7 +745,7 @@ fn mark_ended(
     entry: Option<(&str, &str)>,
     word: &str,
 ) {
-    if let Some(x) = s.runs.iter_mut().find(|x| x.run_id == run_id) {
+    if let Some(x) = s.runs_mut().iter_mut().find(|x| x.run_id == run_id) {
         x.state = RunState::Ended(note.how);
         x.ended_at = Some(note.at);
         x.enqueue = word.to_string();
@@ -783,9 +784,21 @@ pub(super) fn prune(runs: &mut Vec<RunRecord>, now: u64, keep: usize) {
 /// is active again on the revival's unit (its invocation is read by capture when it adopts
 /// it). Applied to every state written.
 pub(super) fn mirror(s: &mut State, boot_id: Option<&str>) {
-    for r in &mut s.runs {
+    let entry_of = |r: &RunRecord| {
+        let id = r.entry_id.as_ref()?;
+        s.entries.iter().find(|e| &e.id == id)
+    };
+    // Most commits change no record: the records stay shared with the published view.
+    let stale = |r: &RunRecord| {
+        entry_of(r).is_some_and(|e| r.entry_status.as_deref() != Some(e.status.text().as_str()))
+    };
+    if !s.runs.iter().any(stale) {
+        return;
+    }
+    let entries = &s.entries;
+    for r in Arc::make_mut(&mut s.runs) {
         let Some(id) = &r.entry_id else { continue };
-        let Some(e) = s.entries.iter().find(|e| &e.id == id) else {
+        let Some(e) = entries.iter().find(|e| &e.id == id) else {
             continue;
         };
         let status = e.status.text();

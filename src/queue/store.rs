@@ -16,6 +16,7 @@
 //! Either way new ids stay above every id found in the file (Q-1: ids are never reused).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -56,9 +57,10 @@ pub struct State {
     pub ledger: Ledger,
     #[serde(default)]
     pub stops: Vec<RunStop>,
-    /// Watch records (C-2).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub runs: Vec<super::runs::RunRecord>,
+    /// Watch records (C-2). Shared with the published view until a commit changes them (an
+    /// idle agent with hundreds of watched runs keeps one copy, and republishing copies none).
+    #[serde(default, skip_serializing_if = "no_runs")]
+    pub runs: Arc<Vec<super::runs::RunRecord>>,
     /// Wall ms of the last global stop (`StopAll`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_stop: Option<u64>,
@@ -69,7 +71,16 @@ pub struct State {
     pub dry_run_since: Option<u64>,
 }
 
+fn no_runs(runs: &Arc<Vec<super::runs::RunRecord>>) -> bool {
+    runs.is_empty()
+}
+
 impl State {
+    /// The watch records, to change (copied first while the published view shares them).
+    pub fn runs_mut(&mut self) -> &mut Vec<super::runs::RunRecord> {
+        Arc::make_mut(&mut self.runs)
+    }
+
     /// An empty state.
     pub fn empty() -> State {
         State {
@@ -253,7 +264,7 @@ pub fn salvage(bytes: &[u8], now_ms: u64) -> Result<Salvaged, String> {
                         format!("a second record of run {}", r.run_id),
                         x,
                     ),
-                    Ok(r) => st.runs.push(r),
+                    Ok(r) => st.runs_mut().push(r),
                     Err(e) => put_aside("runs", Some(i.to_string()), e.to_string(), x),
                 }
             }
