@@ -185,7 +185,8 @@ struct Spawned {
     child: std::process::Child,
 }
 
-/// How often spawned runs are reaped (C-10; only while there are some).
+/// How often spawned runs are reaped when SIGCHLD cannot be followed (C-10; only while there
+/// are some). With SIGCHLD, an idle agent with spawned runs does not wake for them.
 const REAP_EVERY: Duration = Duration::from_millis(250);
 
 /// A spawned run's invocation: its pid and start time (C-10).
@@ -247,18 +248,48 @@ pub fn new(
     )
 }
 
+const UNIT_PATHS: &str = "/org/freedesktop/systemd1/unit/";
+
 /// A unit's object path (`/org/freedesktop/systemd1/unit/<name, bus-escaped>`).
 pub fn unit_path(unit: &str) -> String {
-    let mut out = format!("{SD_PATH}/unit/");
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(UNIT_PATHS.len() + unit.len() * 2);
+    out.push_str(UNIT_PATHS);
     for b in unit.bytes() {
         if b.is_ascii_alphanumeric() {
             out.push(b as char);
         } else {
-            out.push_str(&format!("_{b:02x}"));
+            let _ = write!(out, "_{b:02x}");
         }
     }
     out
 }
+
+/// The unit an object path names (the inverse of [`unit_path`]); None for any other path.
+/// A signal is matched to its tracker by this, without escaping every watched unit's name.
+pub fn path_unit(path: &str) -> Option<String> {
+    let escaped = path.strip_prefix(UNIT_PATHS)?.as_bytes();
+    let mut out = Vec::with_capacity(escaped.len());
+    let mut i = 0;
+    while i < escaped.len() {
+        match escaped[i] {
+            b'_' => {
+                let hex = std::str::from_utf8(escaped.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() => {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Properties as a reply or a signal carries them, borrowed from the message.
+type Props<'m> = HashMap<&'m str, Value<'m>>;
 
 fn invocation_hex(v: &Value<'_>) -> Option<String> {
     let Value::Array(a) = v else { return None };
@@ -303,8 +334,8 @@ fn u64_of(v: &Value<'_>) -> Option<u64> {
     }
 }
 
-fn unit_signal(props: &HashMap<String, OwnedVariant>) -> UnitSignal {
-    let get = |k: &str| props.get(k).map(|v| &**v);
+fn unit_signal(props: &Props<'_>) -> UnitSignal {
+    let get = |k: &str| props.get(k);
     UnitSignal {
         active_state: get("ActiveState").and_then(str_of),
         sub_state: get("SubState").and_then(str_of),
@@ -313,8 +344,8 @@ fn unit_signal(props: &HashMap<String, OwnedVariant>) -> UnitSignal {
     }
 }
 
-fn service_signal(props: &HashMap<String, OwnedVariant>) -> ServiceSignal {
-    let get = |k: &str| props.get(k).map(|v| &**v);
+fn service_signal(props: &Props<'_>) -> ServiceSignal {
+    let get = |k: &str| props.get(k);
     ServiceSignal {
         result: get("Result").and_then(str_of),
         code: get("ExecMainCode").and_then(i32_of),
@@ -323,9 +354,9 @@ fn service_signal(props: &HashMap<String, OwnedVariant>) -> ServiceSignal {
     }
 }
 
-fn success_statuses(props: &HashMap<String, OwnedVariant>) -> Vec<i32> {
+fn success_statuses(props: &Props<'_>) -> Vec<i32> {
     // `SuccessExitStatus` is `(aiai)`: statuses, then signals.
-    match props.get("SuccessExitStatus").map(|v| &**v) {
+    match props.get("SuccessExitStatus") {
         Some(Value::Structure(s)) => match s.fields().first() {
             Some(Value::Array(a)) => a.iter().filter_map(i32_of).collect(),
             _ => vec![],
@@ -366,15 +397,10 @@ impl Manager {
         }
     }
 
-    async fn get_all(
-        &self,
-        path: &str,
-        iface: &str,
-    ) -> Result<HashMap<String, OwnedVariant>, String> {
-        let m = self
-            .call(path, "org.freedesktop.DBus.Properties", "GetAll", &(iface,))
-            .await?;
-        m.body().deserialize().map_err(|e| e.to_string())
+    /// `GetAll` of one interface: the reply (its body reads as [`Props`]).
+    async fn get_all(&self, path: &str, iface: &str) -> Result<zbus::Message, String> {
+        self.call(path, "org.freedesktop.DBus.Properties", "GetAll", &(iface,))
+            .await
     }
 
     /// A unit's state (None: not loaded). `Err` when the manager did not answer.
@@ -386,9 +412,15 @@ impl Manager {
         };
         let u = self.get_all(path.as_str(), UNIT_IFACE).await?;
         let s = if unit.ends_with(".service") {
-            self.get_all(path.as_str(), SERVICE_IFACE).await?
+            Some(self.get_all(path.as_str(), SERVICE_IFACE).await?)
         } else {
-            HashMap::new()
+            None
+        };
+        let (ub, sb) = (u.body(), s.as_ref().map(zbus::Message::body));
+        let u: Props<'_> = ub.deserialize().map_err(|e| e.to_string())?;
+        let s: Props<'_> = match &sb {
+            Some(b) => b.deserialize().map_err(|e| e.to_string())?,
+            None => HashMap::new(),
         };
         let us = unit_signal(&u);
         let ss = service_signal(&s);
@@ -481,6 +513,8 @@ impl Watcher {
     /// start time; while the agent is their parent, the wait status classifies their end.
     async fn idle(&mut self, shutdown: &mut watch::Receiver<bool>) {
         let mut children: Vec<Spawned> = Vec::new();
+        let mut sigchld =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
         let mut reap = tokio::time::interval(REAP_EVERY);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pass = tokio::time::interval(PASS_EVERY);
@@ -502,9 +536,21 @@ impl Watcher {
                     }
                     Some(c) => self.refuse(c),
                 },
-                _ = reap.tick(), if !children.is_empty() => self.reap(&mut children).await,
+                () = async {
+                    match &mut sigchld {
+                        Some(s) => {
+                            s.recv().await;
+                        }
+                        None => {
+                            reap.tick().await;
+                        }
+                    }
+                }, if !children.is_empty() => self.reap(&mut children).await,
                 () = queue.runs_changed().notified() => self.pass_unbooted(&children).await,
-                _ = pass.tick() => self.pass_unbooted(&children).await,
+                _ = pass.tick() => {
+                    self.reap(&mut children).await;
+                    self.pass_unbooted(&children).await;
+                }
             }
         }
     }
@@ -877,16 +923,14 @@ impl Watcher {
         };
         match member.as_str() {
             "PropertiesChanged" => {
-                let Some(path) = h.path().map(|p| p.to_string()) else {
+                let Some(unit) = h.path().and_then(|p| path_unit(p.as_str())) else {
                     return;
                 };
-                let Some(unit) = self.trackers.keys().find(|u| unit_path(u) == path).cloned()
-                else {
+                if !self.trackers.contains_key(&unit) {
                     return;
-                };
-                let Ok((iface, changed, _)) =
-                    msg.body()
-                        .deserialize::<(String, HashMap<String, OwnedVariant>, Vec<String>)>()
+                }
+                let body = msg.body();
+                let Ok((iface, changed, _)) = body.deserialize::<(&str, Props<'_>, Vec<&str>)>()
                 else {
                     return;
                 };
@@ -1431,5 +1475,22 @@ mod tests {
             unit_path("outlive-run-a\\x2d1.service"),
             "/org/freedesktop/systemd1/unit/outlive_2drun_2da_5cx2d1_2eservice"
         );
+        for unit in [
+            "outlive-run-a\\x2d1.service",
+            "agent@x:y.service",
+            "a.b_c-d.service",
+            "plain",
+        ] {
+            assert_eq!(path_unit(&unit_path(unit)).as_deref(), Some(unit));
+        }
+        for other in [
+            "/org/freedesktop/systemd1",
+            "/org/freedesktop/systemd1/job/12",
+            "/org/freedesktop/systemd1/unit/bad_zz",
+            "/org/freedesktop/systemd1/unit/cut_2",
+            "/org/freedesktop/systemd1/unit/a.b",
+        ] {
+            assert_eq!(path_unit(other), None, "{other}");
+        }
     }
 }
