@@ -1149,6 +1149,7 @@ fn d6_not_authorized_is_checked_again_at_the_attempt() {
         global_stop: None,
         manager: None,
         tracked_alive: false,
+        run_unit: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -1169,6 +1170,69 @@ fn d6_not_authorized_is_checked_again_at_the_attempt() {
         &r.paths,
     ));
     assert_eq!(got, Check::Pass);
+}
+
+/// C-11: a captured entry is `already-running` while the unit its watch record is on now is
+/// active (the run would run twice); once that unit is gone, the same entry is revived.
+#[test]
+fn c11_already_running_looks_at_the_records_current_unit() {
+    use crate::queue::runs::{EndNote, EvidencePolicy, How, RunRecord};
+    let mut r = Rig::new();
+    r.outcomes(2);
+    // A watched exec run on `unit`, killed and captured: its entry's id.
+    let captured = |r: &mut Rig, run: &str, unit: &str| {
+        let rec = RunRecord {
+            target: Target::Exec {
+                exec: vec!["/bin/true".into()],
+                env: BTreeMap::new(),
+            },
+            unit: unit.into(),
+            run_id: run.into(),
+            cwd: "/".into(),
+            ..RunRecord::unit_watch(
+                unit,
+                (0, 0),
+                EvidencePolicy::Autonomous,
+                "inv-1",
+                "boot",
+                r.clock().wall_ms(),
+            )
+        };
+        r.q().run_add(rec).unwrap();
+        let note = EndNote {
+            how: How::Killed,
+            at: r.clock().wall_ms(),
+            invocation_id: "inv-1".into(),
+            detail: "killed by SIGKILL".into(),
+        };
+        r.q().run_end(run, note).unwrap();
+        let id = r
+            .q()
+            .state()
+            .entries
+            .iter()
+            .find(|e| e.run_id.as_deref() == Some(run))
+            .map(|e| e.id.clone())
+            .expect("the capture queued the run");
+        assert!(r.entry(&id).watched);
+        id
+    };
+    // Its unit active again (another copy of the run): already-running.
+    let unit = "outlive-run-w.service";
+    let id = captured(&mut r, "w", unit);
+    r.manager.loadable(unit, Behaviour::Runs);
+    r.manager.set_state(unit, "active", "running", "success", 1);
+    r.tick();
+    assert_eq!(r.status(&id), Status::Invalidated("already-running".into()));
+    let ev = r.f.events("invalidated");
+    assert!(
+        ev.iter().any(|e| format!("{e:?}").contains(unit)),
+        "the report names the run's unit: {ev:?}"
+    );
+    // Its unit gone (capture unloads it): revived.
+    let v = captured(&mut r, "v", "outlive-run-v.service");
+    assert_eq!(r.tick().outcome, Outcome::Revived);
+    assert_eq!(r.status(&v), Status::Starting);
 }
 
 #[test]

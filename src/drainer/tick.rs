@@ -273,6 +273,8 @@ struct Gathered {
     candidates: Option<Vec<Entry>>,
     stops: Vec<crate::queue::store::RunStop>,
     global_stop: Option<u64>,
+    /// The current unit of each candidate's watch record (C-11), by run id.
+    run_units: Vec<(String, String)>,
     revived_alive: Option<Result<usize, String>>,
     checks: Vec<(String, Check)>,
     checking: Option<std::time::Instant>,
@@ -496,6 +498,17 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                 );
                 g.stops = state.stops.clone();
                 g.global_stop = state.global_stop;
+                g.run_units = g
+                    .candidates
+                    .iter()
+                    .flatten()
+                    .filter(|e| e.watched)
+                    .filter_map(|e| {
+                        let run = e.run_id.as_ref()?;
+                        let r = state.runs.iter().find(|r| &r.run_id == run)?;
+                        Some((run.clone(), r.unit.clone()))
+                    })
+                    .collect();
             }
             Fact::RevivedAlive => g.revived_alive = Some(self.revived_alive(queue).await),
             Fact::Check(id) => {
@@ -506,7 +519,14 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
                     .and_then(|c| c.iter().find(|e| e.id == id))
                     .cloned();
                 let check = match entry {
-                    Some(e) => self.check(&e, &g.stops, g.global_stop).await,
+                    Some(e) => {
+                        let run_unit = g
+                            .run_units
+                            .iter()
+                            .find(|(run, _)| e.run_id.as_ref() == Some(run))
+                            .map(|(_, unit)| unit.as_str());
+                        self.check(&e, &g.stops, g.global_stop, run_unit).await
+                    }
                     None => Check::Undecided("the entry is no longer a candidate".into()),
                 };
                 // Each undecided check may have waited out a timeout.
@@ -524,6 +544,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
         e: &Entry,
         stops: &[crate::queue::store::RunStop],
         global_stop: Option<u64>,
+        run_unit: Option<&str>,
     ) -> Check {
         let tracked_alive = self.tracked_alive(&e.key());
         let owner = if e.uid == nix::unistd::geteuid().as_raw() {
@@ -538,6 +559,7 @@ impl<M: ServiceManager, P: Paths> Drainer<M, P> {
             global_stop,
             manager: self.manager.as_ref(),
             tracked_alive,
+            run_unit,
         };
         validate(e, &cx, &self.paths).await
     }

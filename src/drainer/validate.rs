@@ -195,6 +195,9 @@ pub struct Context<'a, M> {
     pub manager: Option<&'a M>,
     /// Whether a spawned process of the entry's key is alive (no service manager).
     pub tracked_alive: bool,
+    /// The unit the run's watch record is on now, for a captured entry (C-11: a revival of an
+    /// earlier capture, say): reviving while it is active would run the run twice.
+    pub run_unit: Option<&'a str>,
 }
 
 fn undecided(u: Undecided) -> Check {
@@ -287,6 +290,29 @@ pub async fn validate<M: ServiceManager, P: Paths>(
                 return Check::Invalid("already-running", format!("{} is alive", alive.join(", ")));
             }
             Ok(_) => {}
+        }
+        if let Some(unit) = cx.run_unit
+            && !matches!(&e.target, Target::Unit { unit: t } if t == unit)
+        {
+            match m.unit_state(unit).await {
+                Err(u) => return undecided(u),
+                Ok(Some(st))
+                    if matches!(
+                        st.active_state.as_str(),
+                        "active" | "activating" | "reloading"
+                    ) =>
+                {
+                    return Check::Invalid(
+                        "already-running",
+                        format!(
+                            "{unit}, where run {} is watched, is {}",
+                            e.run_id.as_deref().unwrap_or(""),
+                            st.active_state
+                        ),
+                    );
+                }
+                Ok(_) => {}
+            }
         }
     }
     // 4. A stop in the same millisecond as the enqueue counts: the stop was recorded after it
