@@ -55,6 +55,33 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident KiB per mapping (the binary, each library, the heap, the rest anonymous), largest
+/// first: what the resident set is made of.
+fn rss_by_mapping(pid: u32) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut by: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut name = String::new();
+    for l in s.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.first()
+            .is_some_and(|a| a.contains('-') && !a.ends_with(':'))
+        {
+            name = f
+                .get(5)
+                .map_or("[anon]", |n| n.rsplit('/').next().unwrap_or(n))
+                .to_string();
+        } else if f.first() == Some(&"Rss:") {
+            *by.entry(name.clone()).or_default() += f[1].parse::<u64>().unwrap_or(0);
+        }
+    }
+    let mut v: Vec<(String, u64)> = by.into_iter().filter(|(_, k)| *k > 0).collect();
+    v.sort_by_key(|(_, k)| std::cmp::Reverse(*k));
+    v.iter()
+        .map(|(n, k)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -152,6 +179,7 @@ fn main() {
         status_kib(pid, "VmHWM:"),
         status_kib(bus.id(), "VmRSS:")
     );
+    println!("  by mapping (KiB): {}", rss_by_mapping(pid));
     let secs: u64 = std::env::var("OUTLIVE_BENCH_IDLE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -191,6 +219,116 @@ fn main() {
         100.0 / hz / el
     );
     stop(agent);
+
+    watched_idle(
+        &address,
+        &base.path().join("idle-watched"),
+        &notify,
+        &wait_ready,
+        hz,
+    );
     let _ = bus.kill();
     let _ = bus.wait();
+}
+
+/// The idle targets with watched runs (issue 14, item 10): an agent under the shipped unit's
+/// watchdog with OUTLIVE_BENCH_WATCHED (default 200) runs started by `outlivectl run`, left
+/// idle. Off systemd the agent spawns the runs and follows them itself (SPEC C-10); under
+/// systemd each is a unit and the figure comes from `make bench-capture` instead.
+fn watched_idle(
+    address: &str,
+    dir: &std::path::Path,
+    notify: &str,
+    wait_ready: &dyn Fn(&UnixDatagram),
+    hz: f64,
+) {
+    if std::path::Path::new("/run/systemd/system").exists() {
+        println!(
+            "idle with watched runs: measured in a box (`make bench-capture`) on a host booted with systemd"
+        );
+        return;
+    }
+    let n: usize = std::env::var("OUTLIVE_BENCH_WATCHED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    std::fs::create_dir_all(dir).unwrap();
+    let agent = spawn_agent(
+        dir,
+        address,
+        &format!(
+            "[queue]\nenabled = true\n[capture]\nmax_watched = {}\n",
+            n.max(1)
+        ),
+        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "30000000")],
+    );
+    let unused = UnixDatagram::unbound().unwrap();
+    wait_ready(&unused);
+    let pid = agent.id();
+    let ctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_outlivectl"))
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", address)
+            .current_dir(dir)
+            .output()
+            .expect("outlivectl")
+    };
+    for i in 0..n {
+        let out = ctl(&[
+            "run",
+            "--run-id",
+            &format!("idle-{i}"),
+            "--",
+            "sleep",
+            "100000",
+        ]);
+        assert!(
+            out.status.success(),
+            "outlivectl run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let active = String::from_utf8_lossy(&ctl(&["--json", "runs"]).stdout)
+        .matches("\"active\"")
+        .count();
+    assert_eq!(active, n, "every run is watched");
+    // The runs are the agent's children (C-10), whichever of its threads spawned them.
+    let mut pids: Vec<i32> = vec![];
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        pids.extend(c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    }
+    assert_eq!(pids.len(), n, "the runs are the agent's children");
+    std::thread::sleep(Duration::from_secs(5));
+    println!(
+        "idle memory with {n} watched runs, 5 s after the last start: outlived VmRSS {} KiB \
+         (target ≤ 6 MiB = 6144 KiB)",
+        status_kib(pid, "VmRSS:")
+    );
+    println!("  by mapping (KiB): {}", rss_by_mapping(pid));
+    let secs: u64 = std::env::var("OUTLIVE_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let (c0, t0) = (cpu_ticks(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let (c1, el) = (cpu_ticks(pid), t0.elapsed().as_secs_f64());
+    let used = (c1 - c0) as f64 / hz;
+    println!(
+        "idle CPU with {n} watched runs over {el:.0} s: {used:.2} s of CPU = {:.4} % of one CPU \
+         (target ≤ 0.01 %; resolution {:.4} %); VmRSS after it {} KiB",
+        100.0 * used / el,
+        100.0 / hz / el,
+        status_kib(pid, "VmRSS:")
+    );
+    stop(agent);
+    for p in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }

@@ -2614,7 +2614,12 @@ fn bench_capture_in_a_box() {
             box_row(b, "capture.watch")["effective"] == "on-confirmed"
         });
         let mut env = String::new();
-        for k in ["BENCH_KILLS", "BENCH_WATCHED", "BENCH_IDLE_SECS"] {
+        for k in [
+            "BENCH_KILLS",
+            "BENCH_WATCHED",
+            "BENCH_IDLE_SECS",
+            "BENCH_MALLOC_STATS",
+        ] {
             if let Ok(v) = std::env::var(k) {
                 env.push_str(&format!("{k}={v} "));
             }
@@ -2623,6 +2628,7 @@ fn bench_capture_in_a_box() {
             "chmod 755 /usr/local/sbin/capture-bench.py && {env}/usr/local/sbin/capture-bench.py"
         ));
         println!("{out}");
+        eprintln!("{err}");
         assert_eq!(code, 0, "{out}{err}");
         let (_, env, _) = b.sh("tr '\\0' '\\n' < /proc/$(systemctl show -P MainPID outlived)/environ | grep MALLOC || true");
         println!("agent environment: {}", env.trim());
