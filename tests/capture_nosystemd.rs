@@ -3,7 +3,7 @@
 //! run as the drainer's spawn path does and tracks it by pid and start time; a SIGKILL of that
 //! process is read from its wait status, queued and revived detached. A changed boot id (the
 //! `fault-boot-id` hook: no machine can be rebooted in a test) makes the run that was alive a
-//! `host-restart`.
+//! `host-restart`. The same as an operator runs it: a user agent under `dbus-run-session`.
 
 mod common;
 
@@ -161,6 +161,104 @@ fn c10_a_spawned_run_is_captured_revived_detached_and_a_new_boot_is_a_host_resta
             .as_str()
             .is_some_and(|x| x != id && entry(&a, x)["reason"] == "host-restart")
     });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(revived),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Item 9 as an operator would run it: a user agent under `dbus-run-session -- outlived
+/// --user` (its session bus is the only bus), and `outlivectl --user run` in that session.
+#[test]
+fn c10_a_user_agent_under_dbus_run_session_captures_and_revives_its_runs() {
+    if !(require_tools(&["dbus-run-session", "dbus-daemon"])
+        && common::require(
+            !std::path::Path::new("/run/systemd/system").exists(),
+            "a host not booted with systemd",
+        ))
+    {
+        return;
+    }
+    // dbus-run-session's own bus, at an address the test can give outlivectl.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("session-bus");
+    let conf = dir.path().join("session.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "<busconfig><type>session</type><listen>unix:path={}</listen><auth>EXTERNAL</auth>\
+             <policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/>\
+             <allow eavesdrop=\"true\"/><allow own=\"*\"/></policy></busconfig>",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let address = format!("unix:path={}", socket.display());
+    let (n, j) = (TestSocket::notify(), TestSocket::journal());
+    let a = Agent::start(AgentSpec {
+        args: vec!["--user".into()],
+        wrapper: vec![
+            "dbus-run-session".into(),
+            format!("--config-file={}", conf.display()),
+            "--".into(),
+        ],
+        notify: Some(n.path.clone()),
+        journal: Some(j.path.clone()),
+        toml: CONFIG.into(),
+        ..AgentSpec::default()
+    });
+    let ctl = |args: &[&str]| {
+        run(Command::new(outlivectl())
+            .arg("--user")
+            .args(args)
+            .current_dir("/")
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .env("DBUS_SESSION_BUS_ADDRESS", &address))
+    };
+    // The session dbus-daemon inherits NOTIFY_SOCKET and says READY=1 itself: the agent is
+    // ready when it owns its name.
+    wait("org.outlive.Agent1 on the session bus", T, || {
+        ctl(&["status"]).0 == 0
+    });
+    let (code, out, err) = ctl(&[
+        "--json", "run", "--run-id", "user-run", "--", "sleep", "1000",
+    ]);
+    assert_eq!(code, 0, "{out}{err}\nagent: {}", a.stderr());
+    let mut r = serde_json::Value::Null;
+    wait("the run's pid on its record", T, || {
+        r = record(&a, "user-run");
+        r["invocation_id"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("pid:"))
+    });
+    let pid = pid_of(&r);
+    let (code, out, _) = ctl(&["--json", "runs"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("\"user-run\"") && out.contains("\"active\""),
+        "{out}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait("the kill to be captured", T, || {
+        r = record(&a, "user-run");
+        r["entry_id"].is_string()
+    });
+    assert_eq!(r["state"], "ended:killed", "{r}");
+    let id = r["entry_id"].as_str().unwrap().to_string();
+    assert_eq!(entry(&a, &id)["reason"], "killed");
+    let mut e = serde_json::Value::Null;
+    wait("the revival", Duration::from_secs(30), || {
+        e = entry(&a, &id);
+        e["status"] == "revived"
+    });
+    let revived = e["attempt_pid"][0].as_i64().unwrap() as i32;
+    let (_, sid, _) = run(Command::new("ps").args(["-o", "sid=", "-p", &revived.to_string()]));
+    assert_eq!(sid.trim(), revived.to_string(), "revived detached");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(revived),
         nix::sys::signal::Signal::SIGKILL,
