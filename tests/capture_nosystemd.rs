@@ -61,6 +61,43 @@ fn pid_of(r: &serde_json::Value) -> i32 {
         .unwrap()
 }
 
+/// SIGKILL `pid`, the process of `run_id`: captured from its wait status within a second as
+/// `killed`, queued, and revived detached (a session of its own). The entry and the revived pid.
+fn kill_is_captured_and_revived_detached(a: &Agent, run_id: &str, pid: i32) -> (String, i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut r = serde_json::Value::Null;
+    wait("the kill to be captured", T, || {
+        r = record(a, run_id);
+        r["entry_id"].is_string()
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "captured in {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(r["state"], "ended:killed", "{r}");
+    let id = r["entry_id"].as_str().unwrap().to_string();
+    assert_eq!(entry(a, &id)["reason"], "killed");
+    let mut e = serde_json::Value::Null;
+    wait("the revival", Duration::from_secs(30), || {
+        e = entry(a, &id);
+        e["status"] == "revived"
+    });
+    let revived = e["attempt_pid"][0].as_i64().unwrap() as i32;
+    let (_, sid, _) = run(Command::new("ps").args(["-o", "sid=", "-p", &revived.to_string()]));
+    assert_eq!(
+        sid.trim(),
+        revived.to_string(),
+        "detached: a session of its own"
+    );
+    (id, revived)
+}
+
 const CONFIG: &str = "[queue]\ndry_run = false\n\n[drainer]\ninterval_sec = 1\ngrace_sec = 1\n\
                       required_calm_ticks = 1\nbackoff_base_sec = 1\ncalm_gate = false\n";
 
@@ -102,35 +139,7 @@ fn c10_a_spawned_run_is_captured_revived_detached_and_a_new_boot_is_a_host_resta
     assert!(env.contains("OUTLIVE_RUN_ID=nosd"), "{env}");
 
     // kill -9: read from the wait status, queued, revived detached.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let t0 = Instant::now();
-    wait("the kill to be captured", T, || {
-        r = record(&a, "nosd");
-        r["state"] == "ended:killed" || r["entry_id"].is_string()
-    });
-    assert!(
-        t0.elapsed() < Duration::from_secs(1),
-        "captured in {:?}",
-        t0.elapsed()
-    );
-    let id = r["entry_id"].as_str().unwrap().to_string();
-    assert_eq!(entry(&a, &id)["reason"], "killed");
-    let mut e = serde_json::Value::Null;
-    wait("the revival", Duration::from_secs(30), || {
-        e = entry(&a, &id);
-        e["status"] == "revived"
-    });
-    let revived = e["attempt_pid"][0].as_i64().unwrap() as i32;
-    let (_, sid, _) = run(Command::new("ps").args(["-o", "sid=", "-p", &revived.to_string()]));
-    assert_eq!(
-        sid.trim(),
-        revived.to_string(),
-        "detached: a session of its own"
-    );
+    let (id, revived) = kill_is_captured_and_revived_detached(&a, "nosd", pid);
     wait("the record to follow the revival", T, || {
         r = record(&a, "nosd");
         r["state"] == "active"
@@ -239,26 +248,7 @@ fn c10_a_user_agent_under_dbus_run_session_captures_and_revives_its_runs() {
         "{out}"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    wait("the kill to be captured", T, || {
-        r = record(&a, "user-run");
-        r["entry_id"].is_string()
-    });
-    assert_eq!(r["state"], "ended:killed", "{r}");
-    let id = r["entry_id"].as_str().unwrap().to_string();
-    assert_eq!(entry(&a, &id)["reason"], "killed");
-    let mut e = serde_json::Value::Null;
-    wait("the revival", Duration::from_secs(30), || {
-        e = entry(&a, &id);
-        e["status"] == "revived"
-    });
-    let revived = e["attempt_pid"][0].as_i64().unwrap() as i32;
-    let (_, sid, _) = run(Command::new("ps").args(["-o", "sid=", "-p", &revived.to_string()]));
-    assert_eq!(sid.trim(), revived.to_string(), "revived detached");
+    let (_, revived) = kill_is_captured_and_revived_detached(&a, "user-run", pid);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(revived),
         nix::sys::signal::Signal::SIGKILL,
