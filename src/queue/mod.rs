@@ -564,13 +564,14 @@ impl Queue {
     /// What [`Shared`] publishes, reusing what `old` published where nothing changed: an idle
     /// agent republishes after every heartbeat, and copies nothing then.
     fn view_since(&self, old: Option<&View>) -> View {
-        let entries = match old.map(|v| &v.entries) {
-            Some(Ok(e)) if **e == self.state.entries => Arc::clone(e),
-            _ => Arc::new(self.state.entries.clone()),
-        };
         View {
             snapshot: self.snapshot(),
-            entries: self.require_enabled().map(|()| entries),
+            entries: self
+                .require_enabled()
+                .map(|()| match old.map(|v| &v.entries) {
+                    Some(Ok(e)) if **e == self.state.entries => Arc::clone(e),
+                    _ => Arc::new(self.state.entries.clone()),
+                }),
             runs: self
                 .require_enabled()
                 .map(|()| Arc::clone(&self.state.runs)),

@@ -1040,3 +1040,31 @@ fn set_mtime(p: &std::path::Path, secs: i64) {
         .set_modified(t)
         .unwrap();
 }
+
+/// An idle agent republishes the view after every heartbeat: what did not change is shared,
+/// not copied (the watch records and the entries); a change publishes new ones.
+#[test]
+fn a_republish_without_a_change_copies_nothing() {
+    let f = Fixture::new();
+    let q = Shared::new(f.queue());
+    admit(&mut q.lock(), req("a"));
+    let before = q.view();
+    {
+        let mut g = q.lock();
+        let _: &mut Queue = &mut g;
+    }
+    let after = q.view();
+    assert!(!Arc::ptr_eq(&before, &after), "republished");
+    let (Ok(e1), Ok(e2)) = (&before.entries, &after.entries) else {
+        panic!("the queue is enabled");
+    };
+    assert!(Arc::ptr_eq(e1, e2), "the entries are shared");
+    let (Ok(r1), Ok(r2)) = (&before.runs, &after.runs) else {
+        panic!("the queue is enabled");
+    };
+    assert!(Arc::ptr_eq(r1, r2), "the watch records are shared");
+    admit(&mut q.lock(), req("b"));
+    let changed = q.view();
+    assert_eq!(changed.entries.as_ref().unwrap().len(), 2);
+    assert!(!Arc::ptr_eq(e2, changed.entries.as_ref().unwrap()));
+}
