@@ -157,7 +157,7 @@ fn c10_a_spawned_run_is_captured_revived_detached_and_a_new_boot_is_a_host_resta
     )
     .unwrap();
     let (n2, j2) = (TestSocket::notify(), TestSocket::journal());
-    let _b = Agent::start(AgentSpec {
+    let b = Agent::start(AgentSpec {
         state_dir: Some(a.state_dir.clone()),
         runtime_dir: Some(a.runtime_dir.clone()),
         toml: CONFIG.into(),
@@ -170,6 +170,14 @@ fn c10_a_spawned_run_is_captured_revived_detached_and_a_new_boot_is_a_host_resta
             .as_str()
             .is_some_and(|x| x != id && entry(&a, x)["reason"] == "host-restart")
     });
+    // The host-restart entry is revived by the new agent in its turn.
+    wait("the host-restart revival", Duration::from_secs(30), || {
+        let r = record(&a, "nosd");
+        r["entry_id"]
+            .as_str()
+            .is_some_and(|x| entry(&a, x)["status"] == "revived")
+    });
+    b.kill_children();
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(revived),
         nix::sys::signal::Signal::SIGKILL,

@@ -434,6 +434,25 @@ impl Agent {
             .unwrap_or(pid)
     }
 
+    /// SIGKILL the processes the agent spawned and still parents (runs started without a
+    /// service manager, SPEC C-10, and their revivals): they run in sessions of their own, so
+    /// ending the agent's process group does not end them.
+    pub(crate) fn kill_children(&self) {
+        let pid = self.pid();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        for t in tasks.flatten() {
+            let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for child in c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
     /// Wait for the agent to exit; its exit code (or 128+signal).
     pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let end = Instant::now() + timeout;
