@@ -61,6 +61,18 @@ fn pid_of(r: &serde_json::Value) -> i32 {
         .unwrap()
 }
 
+/// `run_id`'s record once it is tracked by its process (invocation `pid:<pid>:<start>`).
+fn tracked(a: &Agent, run_id: &str) -> serde_json::Value {
+    let mut r = serde_json::Value::Null;
+    wait("the run's pid on its record", T, || {
+        r = record(a, run_id);
+        r["invocation_id"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("pid:"))
+    });
+    r
+}
+
 /// SIGKILL `pid`, the process of `run_id`: captured from its wait status within a second as
 /// `killed`, queued, and revived detached (a session of its own). The entry and the revived pid.
 fn kill_is_captured_and_revived_detached(a: &Agent, run_id: &str, pid: i32) -> (String, i32) {
@@ -124,13 +136,7 @@ fn c10_a_spawned_run_is_captured_revived_detached_and_a_new_boot_is_a_host_resta
     assert_eq!(code, 0, "{out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["run_id"], "nosd");
-    let mut r = serde_json::Value::Null;
-    wait("the run's pid on its record", T, || {
-        r = record(&a, "nosd");
-        r["invocation_id"]
-            .as_str()
-            .is_some_and(|i| i.starts_with("pid:"))
-    });
+    let mut r = tracked(&a, "nosd");
     assert_eq!(r["state"], "active", "{r}");
     let pid = pid_of(&r);
     let (_, env, _) = run(Command::new("sh")
@@ -241,13 +247,7 @@ fn c10_a_user_agent_under_dbus_run_session_captures_and_revives_its_runs() {
         "--json", "run", "--run-id", "user-run", "--", "sleep", "1000",
     ]);
     assert_eq!(code, 0, "{out}{err}\nagent: {}", a.stderr());
-    let mut r = serde_json::Value::Null;
-    wait("the run's pid on its record", T, || {
-        r = record(&a, "user-run");
-        r["invocation_id"]
-            .as_str()
-            .is_some_and(|i| i.starts_with("pid:"))
-    });
+    let r = tracked(&a, "user-run");
     let pid = pid_of(&r);
     let (code, out, _) = ctl(&["--json", "runs"]);
     assert_eq!(code, 0);
